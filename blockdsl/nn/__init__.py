@@ -1,0 +1,1 @@
+"""Plain PyTorch primitives: they take plain arguments and know nothing of the DSL."""
