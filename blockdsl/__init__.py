@@ -1,3 +1,72 @@
-"""blockdsl: compose, compile and search transformer block architectures."""
+"""blockdsl: compose, compile and search transformer block architectures.
+
+    import blockdsl
+    spec = blockdsl.load("specs/gpt2-small.block")    # IR (pydantic, no torch)
+    plan = blockdsl.resolve(spec)                      # concrete layer instances
+    rep = blockdsl.report(plan)                        # params / FLOPs, no torch
+    model = blockdsl.build(plan)                       # torch nn.Module
+
+Every function also accepts a path or .block text where it needs a spec. Importing this
+package does not import torch; only `build` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blockdsl.errors import BlockError
+from blockdsl.ir import Module
+from blockdsl.parse import load_module
+from blockdsl.resolve import Plan
+from blockdsl.resolve import resolve as _resolve
+
+if TYPE_CHECKING:
+    from blockdsl.graph import Report
+    from blockdsl.nn.model import BlockModel
 
 __version__ = "0.1.0"
+__all__ = ["BlockError", "load", "resolve", "report", "build", "check", "__version__"]
+
+
+
+
+def load(source: str | Path) -> Module:
+    """Parse a .block file (path) or .block text into the IR, includes resolved."""
+    return load_module(source)
+
+
+def resolve(
+    spec: str | Path | Module | Plan,
+    model: str | None = None,
+    assignment: dict[str, Any] | None = None,
+) -> Plan:
+    """Resolve a spec's model (default: the last one the file defines) to a Plan."""
+    if isinstance(spec, Plan):
+        return spec
+    module = spec if isinstance(spec, Module) else load_module(spec)
+    return _resolve(module, model, assignment)
+
+
+def check(spec: str | Path | Module | Plan, model: str | None = None) -> Plan:
+    """Parse, resolve and validate; raises `BlockError` with a located message."""
+    return resolve(spec, model)
+
+
+def report(spec: str | Path | Module | Plan, model: str | None = None) -> Report:
+    """Parameter and FLOP accounting from the Plan alone (no torch)."""
+    from blockdsl.graph import report as _report
+
+    return _report(resolve(spec, model))
+
+
+def build(
+    spec: str | Path | Module | Plan,
+    model: str | None = None,
+    device: Any = None,
+    precision: str = "fp32",
+) -> BlockModel:
+    """Lower a spec to a torch module (`BlockModel`), on CUDA when present by default."""
+    from blockdsl.lower import build_from_plan
+
+    return build_from_plan(resolve(spec, model), device=device, precision=precision)

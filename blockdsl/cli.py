@@ -1,0 +1,268 @@
+"""`blockdsl` command line: thin argument parsing and rendering over the library.
+
+`check` never imports torch (instant); `compile` builds only when asked to (`--smoke`,
+`--tune`). Errors in a spec print as `file:line:col` with the line, a caret and a hint,
+and exit 1; never a traceback (set BLOCKDSL_DEBUG=1 to see one for internal errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from blockdsl.errors import BlockError
+
+# Subcommands that live in their own module: each has register(subparsers) and run(args).
+_PLUGINS = ("blockdsl.cli_train", "blockdsl.cli_search")
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _load_plan(args: argparse.Namespace):
+    from blockdsl.parse import load_module
+    from blockdsl.resolve import resolve
+
+    return resolve(load_module(Path(args.file)), args.model)
+
+
+# ---------------------------------------------------------------- check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from blockdsl.graph import report
+
+    plan = _load_plan(args)
+    rep = report(plan)
+    shared = f", {len(rep.sharing)} shared groups" if rep.sharing else ""
+    choices = f", {len(plan.choices)} search choices" if plan.choices else ""
+    print(
+        f"ok: {args.file}: model {plan.name}: {rep.layers} sublayers in {rep.units} blocks{shared}"
+        f"{choices}; {rep.stored_params:,} stored params, {rep.active_params_per_token:,} active/token, "
+        f"{_fmt(rep.flops_per_token)} FLOPs/token at seq {rep.seq}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------- compile
+
+
+def _summary_table(rep, plan) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"{plan.name}  ({plan.file})", title_justify="left", show_lines=False)
+    for col, just in (("#", "right"), ("layer", "left"), ("primitive", "left"),
+                      ("norm", "left"), ("parameter group", "left"), ("params", "right"),
+                      ("active", "right"), ("FLOPs/token", "right")):
+        t.add_column(col, justify=just)
+    for r, layer in zip(rep.rows, plan.layers):
+        group = r.group.removeprefix("share:")
+        if r.applications > 1:
+            group = f"{group} (×{r.applications}, {'owns' if r.owner else 'shares'})"
+        norm = layer.placement + (f"/{layer.norms[0].kind}" if layer.norms else "")
+        t.add_row(
+            str(r.index), f"{r.block}[{r.repeat}].{r.label}", r.prim, norm, group,
+            f"{r.params:,}" if r.owner else "—", f"{int(r.active):,}" if r.owner else "—",
+            _fmt(r.flops),
+        )
+    return t
+
+
+def _totals_table(rep) -> Any:
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None)
+    t.add_column(justify="left")
+    t.add_column(justify="right")
+    t.add_row("stored parameters", f"{rep.stored_params:,}  ({_fmt(rep.stored_params)})")
+    t.add_row("active parameters / token",
+              f"{rep.active_params_per_token:,}  ({_fmt(rep.active_params_per_token)})")
+    f = rep.flops_per_token
+    t.add_row(f"FLOPs / token (forward, seq {rep.seq})", f"{f:,.0f}  ({_fmt(f)})")
+    t.add_row("sublayers / blocks", f"{rep.layers} / {rep.units}")
+    for k, v in rep.breakdown.items():
+        if v:
+            t.add_row(f"  {k}", f"{v:,}")
+    return t
+
+
+def _smoke(plan, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from blockdsl.lower import build_from_plan
+
+    torch.manual_seed(0)
+    model = build_from_plan(plan, device=args.device, precision="fp32")
+    dev = next(model.parameters()).device
+    n_params = sum(p.numel() for p in model.parameters())
+    b = args.batch
+    if plan.task == "lm":
+        seq = min(args.seq or plan.seq, plan.seq)
+        x = torch.randint(0, plan.vocab, (b, seq), device=dev)
+        y = torch.randint(0, plan.vocab, (b, seq), device=dev)
+    else:
+        _, sa = plan.stem
+        x = torch.randn(b, sa["channels"], sa["image"], sa["image"], device=dev)
+        y = torch.randint(0, plan.head[1]["classes"], (b,), device=dev)
+    model.train()
+    times = []
+    finite = True
+    for _ in range(2):  # the first step pays one-off allocation; report the second
+        t0 = time.perf_counter()
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, -2).float(), y.flatten())
+        total = loss + sum(out.aux.values(), torch.zeros((), device=dev))
+        model.zero_grad(set_to_none=True)
+        total.backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        finite &= bool(torch.isfinite(total)) and all(
+            bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
+        )
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    return {
+        "device": str(dev),
+        "batch": b,
+        "input_shape": list(x.shape),
+        "module_params": n_params,
+        "step_seconds": times[-1],
+        "loss": float(loss),
+        "aux": {k: float(v) for k, v in out.aux.items()},
+        "finite": finite,
+        "params_without_grad": no_grad,
+    }
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from blockdsl.graph import report, to_graph
+    from blockdsl.picture import to_svg
+    from blockdsl.render import render
+
+    plan = _load_plan(args)
+    rep = report(plan)
+    summary = rep.to_json()
+    out_dir = Path(args.out) / plan.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "resolved.block").write_text(render(plan), encoding="utf-8")
+    fam = {layer.index: layer.family for layer in plan.layers}
+    (out_dir / "graph.svg").write_text(to_svg(rep, fam), encoding="utf-8")
+    g = to_graph(plan)
+    summary["graph"] = {"nodes": g.number_of_nodes(), "edges": g.number_of_edges()}
+    if args.tune:
+        from blockdsl.tune import tune_plan
+
+        summary["tuning"] = tune_plan(plan, device=args.device, precision=args.precision,
+                                      verbose=not args.json)
+    if args.smoke:
+        smoke = _smoke(plan, args)
+        summary["smoke"] = smoke
+    summary["artifacts"] = {
+        "resolved_spec": str(out_dir / "resolved.block"),
+        "summary": str(out_dir / "summary.json"),
+        "graph": str(out_dir / "graph.svg"),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        from rich.console import Console
+
+        con = Console()
+        con.print(_summary_table(rep, plan))
+        con.print(_totals_table(rep))
+        if rep.sharing:
+            con.print(f"sharing: {len(rep.sharing)} groups used more than once: "
+                      + ", ".join(f"{k.removeprefix('share:')}×{v}" for k, v in
+                                  list(rep.sharing.items())[:8])
+                      + (" ..." if len(rep.sharing) > 8 else ""))
+        if args.smoke:
+            s = summary["smoke"]
+            status = "[green]finite[/]" if s["finite"] else "[red]NaN/inf found[/]"
+            con.print(f"smoke: forward+backward on {s['input_shape']} ({s['device']}): "
+                      f"{s['step_seconds'] * 1000:.1f} ms/step, loss {s['loss']:.4f}, {status}; "
+                      f"module has {s['module_params']:,} params"
+                      + ("" if s["module_params"] == rep.stored_params else
+                         f" [red](report says {rep.stored_params:,})[/]"))
+        con.print(f"artifacts in {out_dir}/: resolved.block, summary.json, graph.svg")
+    if args.smoke and not summary["smoke"]["finite"]:
+        return 3
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blockdsl", description="Compose, compile and search transformer block architectures."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check", help="parse, resolve and validate a spec (instant, no torch)")
+    c.add_argument("file")
+    c.add_argument("--model", help="model to check (default: the file's last model)")
+    c.set_defaults(func=cmd_check)
+
+    c = sub.add_parser("compile", help="summarise a spec, write artifacts, optionally build and run it")
+    c.add_argument("file")
+    c.add_argument("--model", help="model to compile (default: the file's last model)")
+    c.add_argument("--out", default="out", help="artifact folder (default: out/)")
+    c.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    c.add_argument("--smoke", action="store_true",
+                   help="build the module and run one forward+backward pass on random input")
+    c.add_argument("--tune", action="store_true",
+                   help="time each implementation choice on this spec's shapes and cache the fastest")
+    c.add_argument("--batch", type=int, default=2, help="batch size for --smoke (default 2)")
+    c.add_argument("--seq", type=int, default=None, help="sequence length for --smoke (default: the model's)")
+    c.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    c.add_argument("--precision", default="fp32", choices=["fp32", "fp32-medium", "bf16"],
+                   help="precision to tune for (default fp32)")
+    c.set_defaults(func=cmd_compile)
+
+    for name in _PLUGINS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `check` and `compile` on a spec must not pay for the training/search modules'
+    # imports; those register lazily (their modules import torch only when run).
+    args = make_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BlockError as err:
+        print(err.format(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+        if os.environ.get("BLOCKDSL_DEBUG"):
+            raise
+        msg = getattr(err, "cli_message", None) or f"{type(err).__name__}: {err}"
+        print(f"error: {msg}", file=sys.stderr)
+        if not getattr(err, "cli_message", None):
+            print("  (an internal error; set BLOCKDSL_DEBUG=1 for a traceback and report it)",
+                  file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The Plan as a graph, and the parameter/FLOP accounting computed from it alone.
+
+Conventions (also in the README):
+- stored parameters: every parameter tensor counted once, however many layers use it;
+- active parameters per token: stored, except that a routed layer counts only the
+  experts one token uses (k for top-k and sigma-MoE, the capacity factor on average for
+  expert choice) plus its router; embeddings count in full;
+- FLOPs per token: forward, multiply-add = 2, every application of a shared layer
+  counted (see `primitives.py` for the attention term).
+No torch: `blockdsl check` and summaries stay instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from blockdsl.primitives import (
+    PRIMITIVES,
+    Ctx,
+    altup_flops,
+    altup_params,
+    head_flops,
+    head_params,
+    norm_params,
+    stem_flops,
+    stem_params,
+)
+from blockdsl.resolve import Plan
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+
+@dataclass
+class Row:
+    index: int
+    unit: int
+    block: str
+    repeat: int
+    label: str
+    prim: str
+    group: str
+    applications: int
+    owner: bool  # first use of its parameter group: the row that "owns" the parameters
+    params: int  # parameters of the group (primitive + its norms owned here)
+    active: float
+    flops: float
+
+
+@dataclass
+class Report:
+    name: str
+    file: str
+    task: str
+    d: int
+    seq: int
+    layers: int
+    units: int
+    stored_params: int
+    active_params_per_token: int
+    flops_per_token: float
+    breakdown: dict[str, int]
+    rows: list[Row] = field(default_factory=list)
+    sharing: dict[str, int] = field(default_factory=dict)  # group -> applications (>1 only)
+    assignment: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["flops_per_token"] = float(self.flops_per_token)
+        out["conventions"] = {
+            "stored_params": "each parameter counted once, shared groups once",
+            "active_params_per_token": "stored minus experts a token does not use",
+            "flops_per_token": f"forward, multiply-add=2, attention at sequence length {self.seq}",
+        }
+        return out
+
+
+def ctx_for(plan: Plan) -> Ctx:
+    return Ctx(d=plan.d, seq=plan.seq, causal=plan.task == "lm", rope=False)
+
+
+def io_width(plan: Plan) -> int:
+    """Width of the embedding, final norm and head: K·d under wide AltUp, else d."""
+    if plan.altup and plan.altup["mode"] == "wide":
+        return plan.d * plan.altup["k"]
+    return plan.d
+
+
+def report(plan: Plan) -> Report:
+    ctx = ctx_for(plan)
+    w = io_width(plan)
+    stem_kind, stem_args = plan.stem
+    head_kind, head_args = plan.head
+    breakdown = {
+        "stem": stem_params(stem_kind, stem_args, w),
+        "head": head_params(head_kind, head_args, w, plan.vocab),
+        "final_norm": norm_params(plan.final_norm.kind, plan.final_norm.args, w)
+        if plan.final_norm
+        else 0,
+        "altup": altup_params(plan.altup["k"], plan.n_units) if plan.altup else 0,
+        "attn": 0,
+        "ffn": 0,
+        "moe": 0,
+        "norms": 0,
+    }
+    apps: dict[str, int] = {}
+    for layer in plan.layers:
+        apps[layer.key] = apps.get(layer.key, 0) + 1
+        for n in layer.norms:
+            apps[n.key] = apps.get(n.key, 0) + 1
+    seen: set[str] = set()
+    rows: list[Row] = []
+    active = 0.0
+    flops = stem_flops(stem_kind, stem_args, w) + head_flops(
+        head_kind, head_args, w, plan.vocab, plan.seq
+    )
+    if plan.altup:
+        flops += altup_flops(plan.altup["k"], plan.d) * plan.n_units
+    for layer in plan.layers:
+        prim = PRIMITIVES[layer.prim]
+        owner = layer.key not in seen
+        p = prim.params(ctx, layer.args) if owner else 0
+        a = prim.active(ctx, layer.args) if owner else 0.0
+        seen.add(layer.key)
+        breakdown[layer.family] += p
+        n_p = 0
+        for n in layer.norms:
+            if n.key not in seen:
+                seen.add(n.key)
+                n_p += norm_params(n.kind, n.args, plan.d)
+        breakdown["norms"] += n_p
+        f = prim.flops(ctx, layer.args)
+        flops += f
+        active += a + n_p
+        rows.append(
+            Row(
+                index=layer.index, unit=layer.unit, block=layer.block, repeat=layer.repeat,
+                label=layer.label, prim=layer.prim, group=layer.key,
+                applications=apps[layer.key], owner=owner, params=p + n_p,
+                active=a + n_p, flops=f,
+            )
+        )
+    stored = sum(breakdown.values())
+    active += breakdown["stem"] + breakdown["head"] + breakdown["final_norm"] + breakdown["altup"]
+    return Report(
+        name=plan.name,
+        file=plan.file,
+        task=plan.task,
+        d=plan.d,
+        seq=plan.seq,
+        layers=len(plan.layers),
+        units=plan.n_units,
+        stored_params=stored,
+        active_params_per_token=int(round(active)),
+        flops_per_token=flops,
+        breakdown=breakdown,
+        rows=rows,
+        sharing={k: v for k, v in apps.items() if v > 1},
+        assignment=dict(plan.assignment),
+    )
+
+
+def to_graph(plan: Plan) -> nx.DiGraph:
+    """Nodes: stem, each layer instance, final norm, head; edges: the data flow.
+
+    Node attributes carry the primitive and the parameter group, so instances that share
+    weights are the nodes with equal `group`.
+    """
+    import networkx as nx  # only here: `check` must not pay for its import
+
+    g = nx.DiGraph(name=plan.name)
+    g.add_node("stem", kind=plan.stem[0], group="stem")
+    prev = "stem"
+    for layer in plan.layers:
+        node = f"L{layer.index}"
+        g.add_node(
+            node,
+            kind=layer.prim,
+            family=layer.family,
+            label=f"{layer.block}[{layer.repeat}].{layer.label}",
+            group=layer.key,
+            norms=",".join(n.key for n in layer.norms),
+            placement=layer.placement,
+            unit=layer.unit,
+        )
+        g.add_edge(prev, node)
+        prev = node
+    if plan.final_norm:
+        g.add_node("final_norm", kind=plan.final_norm.kind, group="final_norm")
+        g.add_edge(prev, "final_norm")
+        prev = "final_norm"
+    g.add_node("head", kind=plan.head[0], group="head")
+    g.add_edge(prev, "head")
+    return g

@@ -1,0 +1,120 @@
+"""Multi-head self-attention with grouped-query heads, optional RoPE and MoEUT's peri-norm input.
+
+One fused QKV projection (one matmul instead of three) and one output projection: this
+layout is what the torch-free parameter counter assumes, so it must not change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blockdsl.nn.rope import apply_rope
+
+IMPLS = ("sdpa", "manual")
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention over x [B, T, d].
+
+    Parameters: qkv (d x (heads + 2 kv_heads) head_dim [+ bias]) and out
+    (heads head_dim x d [+ bias]). `kv_heads` < `heads` is grouped-query attention: query
+    head h reads key/value head h // (heads // kv_heads). `impl` is a plain attribute so the
+    lowering can switch kernels after measuring; both give the same function.
+    """
+
+    def __init__(
+        self,
+        d: int,
+        heads: int,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        causal: bool = False,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        rope_fraction: float = 1.0,
+        impl: str = "sdpa",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        if heads <= 0 or kv_heads <= 0:
+            raise ValueError(f"heads ({heads}) and kv_heads ({kv_heads}) must be positive")
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
+        if head_dim is None:
+            if d % heads:
+                raise ValueError(f"d={d} is not divisible by heads={heads}; give head_dim")
+            head_dim = d // heads
+        if impl not in IMPLS:
+            raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+        self.d, self.heads, self.kv_heads, self.head_dim = d, heads, kv_heads, head_dim
+        self.causal = causal
+        self.rope, self.rope_base, self.rope_fraction = rope, rope_base, rope_fraction
+        self.impl = impl
+        self.dropout = dropout
+        self.qkv = nn.Linear(d, (heads + 2 * kv_heads) * head_dim, bias=bias)
+        self.out = nn.Linear(heads * head_dim, d, bias=bias)
+
+    def _project(self, x: Tensor, x_norm: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Q, K, V as [B, T, n, dh]; with `x_norm`, Q and K read x_norm and V reads x.
+
+        MoEUT's peri-norm normalises only what feeds the attention scores; slicing the
+        fused weight keeps one parameter tensor for both paths.
+        """
+        q_dim = self.heads * self.head_dim
+        kv_dim = self.kv_heads * self.head_dim
+        if x_norm is None:
+            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            qk_dim = q_dim + kv_dim
+            qk = F.linear(x_norm, w[:qk_dim], None if b is None else b[:qk_dim])
+            v = F.linear(x, w[qk_dim:], None if b is None else b[qk_dim:])
+            q, k = qk.split([q_dim, kv_dim], dim=-1)
+        shape = x.shape[:-1]
+        return (
+            q.reshape(*shape, self.heads, self.head_dim),
+            k.reshape(*shape, self.kv_heads, self.head_dim),
+            v.reshape(*shape, self.kv_heads, self.head_dim),
+        )
+
+    def forward(self, x: Tensor, x_norm: Tensor | None = None) -> Tensor:
+        q, k, v = (t.transpose(1, 2) for t in self._project(x, x_norm))  # [B, n, T, dh]
+        if self.rope:
+            q = apply_rope(q, self.rope_base, self.rope_fraction)
+            k = apply_rope(k, self.rope_base, self.rope_fraction)
+        p = self.dropout if self.training else 0.0
+        if self.impl == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                dropout_p=p,
+                is_causal=self.causal,
+                enable_gqa=self.kv_heads != self.heads,
+            )
+        elif self.impl == "manual":
+            y = self._manual(q, k, v, p)
+        else:
+            raise ValueError(f"unknown attention impl {self.impl!r}; expected one of {IMPLS}")
+        y = y.transpose(1, 2).reshape(*x.shape[:-1], self.heads * self.head_dim)
+        return F.dropout(self.out(y), p, self.training)
+
+    def _manual(self, q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
+        """Explicit softmax(QK^T / sqrt(dh)) V with an fp32 softmax: the reference path."""
+        groups = self.heads // self.kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
+        if self.causal:
+            t, s = scores.shape[-2:]
+            keep = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        probs = F.dropout(scores.softmax(dim=-1), p, self.training).to(v.dtype)
+        return torch.matmul(probs, v)

@@ -1,0 +1,90 @@
+"""Residual sublayers with norm placement, and the whole model: stem, stack, head.
+
+Sharing is module reuse: the same primitive object may sit inside many `Residual`s,
+while each `Residual` owns its own norms unless the lowering hands it shared ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from blockdsl.nn import aux
+from blockdsl.nn.altup import AltUp, narrow, widen
+from blockdsl.nn.output import ModelOutput
+
+PLACEMENTS = ("pre", "post", "sandwich", "peri", "none")
+
+
+class Residual(nn.Module):
+    """x -> x + f(x) with the norm placed as asked.
+
+    pre: x + f(N(x)); post: N(x + f(x)); sandwich: x + N2(f(N1(x)));
+    peri (MoEUT): x + f(x, x_norm=N(x)) — the norm feeds only the projections that
+    precede a softmax/sigmoid (Q, K, routers) and the values read raw x; none: x + f(x).
+    """
+
+    def __init__(self, fn: nn.Module, placement: str, norms: Sequence[nn.Module] = ()):
+        super().__init__()
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown norm placement {placement!r}; expected {PLACEMENTS}")
+        need = {"pre": 1, "post": 1, "sandwich": 2, "none": 0, "peri": len(norms)}[placement]
+        if len(norms) != need:
+            raise ValueError(f"placement {placement!r} needs {need} norm(s), got {len(norms)}")
+        self.fn = fn
+        self.placement = placement
+        self.norms = nn.ModuleList(norms)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.placement
+        if p == "pre":
+            return x + self.fn(self.norms[0](x))
+        if p == "post":
+            return self.norms[0](x + self.fn(x))
+        if p == "sandwich":
+            return x + self.norms[1](self.fn(self.norms[0](x)))
+        if p == "peri" and len(self.norms):
+            return x + self.fn(x, x_norm=self.norms[0](x))
+        return x + self.fn(x)
+
+
+class BlockModel(nn.Module):
+    """Stem -> block applications (optionally inside AltUp) -> final norm -> head.
+
+    `forward` opens one aux-loss collector, so `ModelOutput.aux` holds every routed
+    layer's weighted auxiliary losses for this pass, pooled as each regulariser needs.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        units: Sequence[nn.Module],
+        final_norm: nn.Module | None,
+        head: nn.Module,
+        task: str,
+        altup: dict | None = None,
+    ):
+        super().__init__()
+        self.stem = stem
+        self.task = task
+        self.altup_mode = altup["mode"] if altup else None
+        if altup:
+            self.altup = AltUp(list(units), K=altup["k"], selection=altup["selection"])
+            self.units = None
+        else:
+            self.altup = None
+            self.units = nn.ModuleList(units)
+        self.final_norm = final_norm if final_norm is not None else nn.Identity()
+        self.head = head
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        with aux.collect() as col:
+            h = self.stem(x)
+            if self.altup is not None:
+                h = narrow(self.altup(widen(h, self.altup.K, self.altup_mode)), self.altup_mode)
+            else:
+                for unit in self.units:
+                    h = unit(h)
+            logits = self.head(self.final_norm(h))
+            return ModelOutput(logits=logits, aux=col.finalize())

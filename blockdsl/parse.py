@@ -1,0 +1,402 @@
+"""Text to IR: the lark grammar, a Transformer that builds IR nodes, and includes."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+
+from blockdsl import ir
+from blockdsl.errors import BlockError, register_source
+
+_GRAMMAR = Path(__file__).with_name("grammar.lark")
+
+# Friendlier names for lark's terminal names in "expected ..." hints.
+_TOKEN_NAMES = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a quoted string",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "EQUAL": "'='",
+    "COMMA": "','",
+    "COLON": "':'",
+    "VBAR": "'|'",
+    "DOT": "'.'",
+    "$END": "end of file",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(
+        _GRAMMAR.read_text(encoding="utf-8"),
+        parser="lalr",
+        propagate_positions=True,
+        maybe_placeholders=False,
+        cache=True,  # LALR tables cached on disk: keeps `blockdsl check` instant
+    )
+
+
+def _span(file: str, meta: Any) -> ir.Span:
+    return ir.Span(
+        file=file,
+        line=getattr(meta, "line", 1) or 1,
+        col=getattr(meta, "column", 1) or 1,
+        end_line=getattr(meta, "end_line", 1) or 1,
+        end_col=getattr(meta, "end_column", 1) or 1,
+    )
+
+
+def _tok_span(file: str, tok: Token) -> ir.Span:
+    return ir.Span(
+        file=file,
+        line=tok.line or 1,
+        col=tok.column or 1,
+        end_line=tok.end_line or tok.line or 1,
+        end_col=tok.end_column or (tok.column or 1) + len(tok),
+    )
+
+
+def _number(text: str) -> int | float:
+    text = text.replace("_", "")
+    if any(c in text for c in ".eE"):
+        value = float(text)
+        # 1e6 is an integer count in this language; keep it an int when exact.
+        if ("e" in text or "E" in text) and "." not in text and value.is_integer():
+            return int(value)
+        return value
+    return int(text)
+
+
+@v_args(meta=True)
+class _Build(Transformer):
+    """Tree -> IR nodes. Positions come from `meta` (propagate_positions)."""
+
+    def __init__(self, file: str):
+        super().__init__(visit_tokens=False)
+        self.file = file
+
+    def sp(self, meta: Any) -> ir.Span:
+        return _span(self.file, meta)
+
+    # ------------------------------------------------------------ expressions
+    def number(self, meta, c):
+        return ir.Num(value=_number(str(c[0])), span=self.sp(meta))
+
+    def string(self, meta, c):
+        return ir.Str(value=str(c[0])[1:-1], span=self.sp(meta))
+
+    def true(self, meta, c):
+        return ir.Bool(value=True, span=self.sp(meta))
+
+    def false(self, meta, c):
+        return ir.Bool(value=False, span=self.sp(meta))
+
+    def name(self, meta, c):
+        return ir.Name(id=str(c[0]), span=self.sp(meta))
+
+    def func(self, meta, c):
+        return ir.Func(name=str(c[0]), args=tuple(c[1:]), span=self.sp(meta))
+
+    def neg(self, meta, c):
+        return ir.Neg(operand=c[0], span=self.sp(meta))
+
+    def _bin(op: str):  # noqa: N805 - a factory evaluated in the class body
+        def f(self, meta, c):
+            return ir.BinOp(op=op, left=c[0], right=c[1], span=self.sp(meta))
+
+        return f
+
+    add, sub, mul, div = _bin("+"), _bin("-"), _bin("*"), _bin("/")
+    floordiv, mod, pow = _bin("//"), _bin("%"), _bin("**")
+
+    def option_value(self, meta, c):
+        return ir.ChoiceOption(value=c[0], span=self.sp(meta))
+
+    def option_range(self, meta, c):
+        log = any(isinstance(x, Token) and x.type == "LOG" for x in c)
+        exprs = [x for x in c if not isinstance(x, Token)]
+        step = exprs[2] if len(exprs) > 2 else None
+        return ir.ChoiceOption(lo=exprs[0], hi=exprs[1], step=step, log=log, span=self.sp(meta))
+
+    def choice(self, meta, c):
+        return ir.Choice(options=tuple(c), span=self.sp(meta))
+
+    # ------------------------------------------------------------ calls
+    def arg(self, meta, c):
+        return ir.Arg(name=str(c[0]), value=c[1], span=self.sp(meta))
+
+    def call(self, meta, c):
+        return ir.Call(name=str(c[0]), args=tuple(c[1:]), span=self.sp(meta))
+
+    def call_choice(self, meta, c):
+        return ("choice", tuple(c), self.sp(meta))
+
+    def assign(self, meta, c):
+        return ir.Assign(name=str(c[0]), value=c[1], span=self.sp(meta))
+
+    # ------------------------------------------------------------ blocks
+    def norm_opt(self, meta, c):
+        return (
+            "norm",
+            ir.NormOpt(
+                placement=str(c[0]), kind=str(c[1]) if len(c) > 1 else None, span=self.sp(meta)
+            ),
+        )
+
+    def share_opt(self, meta, c):
+        return ("share", str(c[0]))
+
+    def norm_share_opt(self, meta, c):
+        return ("norm_share", str(c[0]))
+
+    def _options(self, opts: list, meta: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in opts:
+            if key in out:
+                raise BlockError(
+                    f"option '{key}' is given twice",
+                    self.sp(meta),
+                    "give each of norm=, share=, norm_share= at most once per line",
+                )
+            out[key] = value
+        return out
+
+    def sublayer(self, meta, c):
+        label = str(c[0])
+        prim = c[1]
+        opts = self._options(c[2:], meta)
+        if isinstance(prim, tuple):  # a choice between calls
+            _, calls, cspan = prim
+            return ir.Sublayer(label=label, prims=calls, span=self.sp(meta), choice_span=cspan, **opts)
+        return ir.Sublayer(label=label, prims=(prim,), span=self.sp(meta), **opts)
+
+    def slots(self, meta, c):
+        _, calls, _cspan = c[1]
+        opts = self._options(c[2:], meta)
+        return ir.Slots(count=c[0], prims=calls, span=self.sp(meta), **opts)
+
+    def block(self, meta, c):
+        return ir.Block(name=str(c[0]), items=tuple(c[1:]), span=self.sp(meta))
+
+    # ------------------------------------------------------------ layout
+    def index(self, meta, c):
+        return ir.Index(
+            start=c[0],
+            stop=c[1] if len(c) > 1 else None,
+            step=c[2] if len(c) > 2 else None,
+            span=self.sp(meta),
+        )
+
+    def override(self, meta, c):
+        indices = [x for x in c if isinstance(x, ir.Index)]
+        rest = [x for x in c if not isinstance(x, ir.Index)]
+        target = str(rest[0])
+        field = str(rest[1]) if len(rest) == 3 else None
+        return ir.Override(
+            indices=tuple(indices), target=target, field=field, value=rest[-1], span=self.sp(meta)
+        )
+
+    def overrides(self, meta, c):
+        return ("overrides", tuple(c))
+
+    def groups_opt(self, meta, c):
+        return ("groups", c[0])
+
+    def order_opt(self, meta, c):
+        return ("order", str(c[0]))
+
+    def repeat(self, meta, c):
+        kw: dict[str, Any] = {}
+        for item in c[2:]:
+            key, value = item
+            if key in kw:
+                raise BlockError(f"'{key}' is given twice", self.sp(meta))
+            kw[key] = value
+        return ir.Repeat(count=c[0], block=str(c[1]), span=self.sp(meta), **kw)
+
+    def letter_def(self, meta, c):
+        return ir.LetterDef(letter=str(c[0]), call=c[1], span=self.sp(meta))
+
+    def pattern(self, meta, c):
+        letters = tuple(x for x in c[1:] if isinstance(x, ir.LetterDef))
+        opts = self._options([x for x in c[1:] if isinstance(x, tuple)], meta)
+        return ir.Pattern(text=str(c[0])[1:-1], letters=letters, span=self.sp(meta), **opts)
+
+    # ------------------------------------------------------------ model items
+    def _kw(key: str):  # noqa: N805
+        def f(self, meta, c):
+            return (key, c[0], self.sp(meta))
+
+        return f
+
+    stem, head, norm_default, final_norm, altup, budget = (
+        _kw("stem"), _kw("head"), _kw("norm"), _kw("final_norm"), _kw("altup"), _kw("budget")
+    )
+
+    def baseline(self, meta, c):
+        return ("baseline", str(c[0]), self.sp(meta))
+
+    def minimize(self, meta, c):
+        return ir.Objective(direction="minimize", metric=str(c[0]), span=self.sp(meta))
+
+    def maximize(self, meta, c):
+        return ir.Objective(direction="maximize", metric=str(c[0]), span=self.sp(meta))
+
+    def constraint(self, meta, c):
+        return ir.Constraint(metric=str(c[0]), op=str(c[1]), bound=c[2], span=self.sp(meta))
+
+    def extends(self, meta, c):
+        return ("extends", str(c[0]), self.sp(meta))
+
+    def _model(self, meta, c, is_space: bool):
+        name = str(c[0])
+        fields: dict[str, Any] = {
+            "assigns": [], "blocks": [], "layout": [], "objectives": [], "constraints": []
+        }
+        for item in c[1:]:
+            if isinstance(item, ir.Assign):
+                fields["assigns"].append(item)
+            elif isinstance(item, ir.Block):
+                fields["blocks"].append(item)
+            elif isinstance(item, (ir.Repeat, ir.Pattern)):
+                fields["layout"].append(item)
+            elif isinstance(item, ir.Objective):
+                fields["objectives"].append(item)
+            elif isinstance(item, ir.Constraint):
+                fields["constraints"].append(item)
+            else:
+                key, value, span = item
+                if key in fields:
+                    raise BlockError(
+                        f"'{key}' is given twice in {'space' if is_space else 'model'} '{name}'",
+                        span,
+                        "keep one; a derived model overrides with `extends`",
+                    )
+                fields[key] = value
+        for key in ("assigns", "blocks", "layout", "objectives", "constraints"):
+            fields[key] = tuple(fields[key])
+        return ir.Model(name=name, is_space=is_space, span=self.sp(meta), **fields)
+
+    def model(self, meta, c):
+        return self._model(meta, c, False)
+
+    def space(self, meta, c):
+        return self._model(meta, c, True)
+
+    def include(self, meta, c):
+        return ir.Include(path=str(c[0])[1:-1], span=self.sp(meta))
+
+    def start(self, meta, c):
+        return list(c)
+
+
+def _expected_hint(err: UnexpectedInput) -> str | None:
+    expected = getattr(err, "expected", None) or getattr(err, "allowed", None)
+    if not expected:
+        return None
+    names = sorted({_TOKEN_NAMES.get(t, t.lower().strip('"') if t.isupper() else t) for t in expected})
+    names = [n if n.startswith(("'", "a ", "end")) else f"'{n}'" for n in names]
+    if len(names) > 8:
+        names = names[:8] + ["..."]
+    return "expected " + ", ".join(names)
+
+
+def parse_text(text: str, file: str = "<text>") -> list[Any]:
+    """Parse one file's text into a list of top-level IR items (includes unresolved)."""
+    register_source(file, text)
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as err:
+        line, col = err.line if err.line > 0 else 1, err.column if err.column > 0 else 1
+        if isinstance(err, UnexpectedCharacters):
+            ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
+            msg = f"unexpected character {ch!r}"
+            width = 1
+        elif isinstance(err, UnexpectedEOF):
+            lines = text.splitlines() or [""]
+            line, col = len(lines), len(lines[-1]) + 1
+            msg, width = "unexpected end of file", 1
+        else:
+            tok = getattr(err, "token", None)
+            shown = str(tok) if tok is not None and str(tok) else "end of file"
+            msg, width = f"unexpected {shown!r}", max(1, len(str(tok or " ")))
+            if tok is not None and tok.type == "$END":
+                lines = text.splitlines() or [""]
+                line, col = len(lines), len(lines[-1]) + 1
+                msg = "unexpected end of file (an unclosed '{' or '('?)"
+        span = ir.Span(file=file, line=line, col=col, end_line=line, end_col=col + width)
+        raise BlockError(msg, span, _expected_hint(err)) from None
+    try:
+        return _Build(file).transform(tree)
+    except VisitError as err:
+        if isinstance(err.orig_exc, BlockError):
+            raise err.orig_exc from None
+        raise
+
+
+def load_module(source: str | Path, *, _stack: tuple[str, ...] = ()) -> ir.Module:
+    """Parse a file (or text) and everything it includes into one flat `Module`.
+
+    `source` is a path, or .block text when it contains a newline or a '{'.
+    Includes are resolved relative to the including file; a cycle or a missing file is
+    a located error at the include line.
+    """
+    if isinstance(source, Path) or ("\n" not in source and "{" not in source):
+        path = Path(source)
+        if not path.exists():
+            raise BlockError(f"no such file: {path}", None, "check the path")
+        file, text, base = str(path), path.read_text(encoding="utf-8"), path.parent
+    else:
+        file, text, base = "<text>", source, Path.cwd()
+    items = parse_text(text, file)
+
+    assigns: list[ir.Assign] = []
+    blocks: list[ir.Block] = []
+    models: list[ir.Model] = []
+    includes: list[ir.Include] = []
+    own: list[str] = []
+    stack = _stack + (str(Path(file).resolve()) if file != "<text>" else file,)
+    for item in items:
+        if isinstance(item, ir.Include):
+            target = (base / item.path).resolve()
+            if str(target) in stack:
+                chain = " -> ".join(Path(p).name for p in stack + (str(target),))
+                raise BlockError(
+                    f"include cycle: {chain}", item.span, "a file may not include itself, even indirectly"
+                )
+            if not target.exists():
+                raise BlockError(
+                    f"included file not found: {item.path}",
+                    item.span,
+                    f"paths are relative to the including file's folder ({base})",
+                )
+            sub = load_module(target, _stack=stack)
+            includes.append(item)
+            includes.extend(sub.includes)
+            assigns.extend(sub.assigns)
+            blocks.extend(sub.blocks)
+            models.extend(sub.models)
+        elif isinstance(item, ir.Assign):
+            assigns.append(item)
+        elif isinstance(item, ir.Block):
+            blocks.append(item)
+        elif isinstance(item, ir.Model):
+            models.append(item)
+            own.append(item.name)
+    return ir.Module(
+        file=file,
+        assigns=tuple(assigns),
+        blocks=tuple(blocks),
+        models=tuple(models),
+        includes=tuple(includes),
+        own_models=tuple(own),
+    )
+
+

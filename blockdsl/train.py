@@ -1,0 +1,875 @@
+"""The training loop: one library function, `train`, that the CLI and the search both call.
+
+Design choices, each for a reason:
+- The batch of optimizer step s is a pure function of (seed, s) and is the *global* batch;
+  ranks and accumulation micro-steps slice it. So a resumed run, a 2-process run and a
+  run with gradient accumulation all see the same examples as the straight single run,
+  and `batch_size` means the same thing whatever the memory knobs.
+- Gradients are averaged across ranks with one flat all-reduce per step instead of
+  wrapping in DistributedDataParallel: routed models (MoE, expert choice) can leave a
+  parameter unused in a step, which DDP's reducer only tolerates with an extra graph walk
+  every step, and `ModelOutput` needs no special handling.
+- The learning-rate schedule is a function of progress in [0, 1], the larger of
+  step/total-steps and train-seconds/budget-seconds, so a wall-clock budget (fixed-time
+  trials, where faster models take more steps) still ends its cosine at the budget.
+  Budget seconds count training steps only, not evaluation or checkpoint writing.
+- Weight decay applies to every parameter with ndim >= 2, embeddings included: they are
+  matrices, and a tied embedding is also the output projection (as in nanoGPT). Norm
+  gains and biases are not decayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blockdsl import data as data_mod
+from blockdsl.data import DataError, TaskData
+
+PRECISIONS = ("fp32", "fp32-medium", "bf16")
+CKPT_PREFIX = "ckpt-"
+LATEST = "latest"
+
+EvalCallback = Callable[[int, dict[str, float]], "bool | None"]
+"""`on_eval(step, metrics) -> bool | None`: called on rank 0 after each evaluation.
+
+`metrics` holds `val_loss` (and `val_bpb` for byte-level text, `val_acc` for classifiers),
+plus `train_loss`, `tokens`, `train_seconds`. Return True to stop training after this
+step; an exception (e.g. optuna.TrialPruned) stops training on every rank and is re-raised.
+"""
+
+
+class TrainError(Exception):
+    """A problem the user can fix (data, spec/data mismatch, output folder, checkpoint)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model. Budgets: the first one hit stops."""
+
+    data: str | Path | None = None  # file/folder; None = default corpus or digits
+    steps: int | None = None
+    tokens: int | None = None  # tokens for LMs, images for classifiers
+    seconds: float | None = None  # training time, excluding evaluation and checkpoints
+    batch_size: int = 16  # global sequences/images per optimizer step
+    seq_len: int | None = None  # None = the model's seq_len; may only be shorter
+    accum: int = 1  # micro-steps the per-rank share of a batch is split into
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20  # steps of linear warm-up
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    precision: str = "bf16"
+    eval_every: int = 50
+    eval_batches: int | None = 8  # None = the whole validation split
+    log_every: int = 10
+    seed: int = 0
+    out: str | Path | None = None  # run folder: metrics, plot, checkpoints; None writes nothing
+    ckpt_every: int | None = None  # steps; a checkpoint is also written at the end and on Ctrl-C
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from out/latest if it exists
+    device: str = "auto"
+    quiet: bool = False
+    progress: bool | None = None  # None = on when stderr is a TTY and not quiet
+    flops_per_token: float | None = None  # forward FLOPs per token (LM) or image, for MFU
+
+
+@dataclass
+class TrainResult:
+    """What a run achieved; `losses` has one train loss per step run by this call."""
+
+    steps: int
+    tokens: int
+    train_seconds: float
+    wall_seconds: float
+    train_loss: float
+    val: dict[str, float]
+    first_val: dict[str, float]
+    losses: list[float]
+    evals: list[tuple[int, dict[str, float]]]
+    tokens_per_s: float
+    stopped_by: str  # "budget", "callback", "interrupt"
+    flops_per_s: float | None = None
+    peak_flops_per_s: float | None = None
+    mfu: float | None = None
+    checkpoint: Path | None = None
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+    aux: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices): call before building a model to fix init."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decay for ndim >= 2 (matrices, embeddings), none for gains/biases.
+
+    `model.parameters()` already yields a shared parameter once, so sharing needs no care.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over `cfg.warmup` steps, then cosine from lr to lr*min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    low = cfg.lr * cfg.min_lr_ratio
+    p = min(max(progress, 0.0), 1.0)
+    return low + 0.5 * (1.0 + math.cos(math.pi * p)) * (cfg.lr - low)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise TrainError(f"unknown device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """Set float32 matmul precision for the run and restore the caller's afterwards."""
+    prev = torch.get_float32_matmul_precision()
+    if precision == "fp32-medium":
+        torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast (fp32 master weights) or nothing."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_rate(device: torch.device, precision: str, cache: Path | None = None) -> float:
+    """Measured dense-matmul FLOP/s of this machine at a precision (cached): the MFU peak.
+
+    Measured rather than looked up because CPU peaks depend on cores, AVX-512/AMX and
+    thread count, which no table knows.
+    """
+    threads = torch.get_num_threads()
+    key = f"{_device_name(device)}|{precision}|torch {torch.__version__}|threads {threads}"
+    path = (cache or data_mod.cache_dir()) / "matmul_rate.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key in table:
+        return float(table[key])
+    n = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    with precision_context(precision, device), autocast(precision, device):
+        for _ in range(2):
+            a @ b
+        _sync(device)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.3 or reps < 3:
+            a @ b
+            reps += 1
+        _sync(device)
+        dt = time.perf_counter() - t0
+    rate = 2 * n**3 * reps / dt
+    table[key] = rate
+    with contextlib.suppress(OSError):
+        data_mod.atomic_write_bytes(path, json.dumps(table, indent=1).encode())
+    return rate
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Dist:
+    """Rank and world of this process; a process group is set up when torchrun launched us."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @classmethod
+    def setup(cls, device_name: str) -> _Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(device=resolve_device(device_name))
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(device_name)
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        owns = False
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            owns = True
+        return cls(dist.get_rank(), dist.get_world_size(), device, owns)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def broadcast_module(self, model: nn.Module) -> None:
+        """Start every rank from rank 0's weights, however the model was initialised."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for t in list(model.parameters()) + list(model.buffers()):
+                    dist.broadcast(t.data, 0)
+
+    def average_grads(self, params: list[nn.Parameter]) -> None:
+        """One flat all-reduce of all gradients (a missing gradient counts as zero)."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        self.all_reduce_sum(flat).div_(self.world)
+        for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(new)
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    """Write out/ckpt-<step>/ atomically, then point out/latest at it; prune old ones.
+
+    Weights go through `safetensors.torch.save_model`, which stores a shared (tied)
+    parameter once; optimizer, schedule, RNG and data position go in train_state.pt;
+    meta.json records the files' sha256 so a damaged checkpoint is named, not half-loaded.
+    """
+    from safetensors.torch import save_model
+
+    final = out / f"{CKPT_PREFIX}{step:08d}"
+    if not final.exists():
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            payload = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), **state}
+            torch.save(payload, tmp / "train_state.pt")
+            meta = {
+                "step": step,
+                "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    data_mod.atomic_write_bytes(out / LATEST, final.name.encode())
+    ckpts = sorted(p for p in out.glob(f"{CKPT_PREFIX}*") if p.is_dir())
+    for old in ckpts[: max(0, len(ckpts) - keep)]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The folder out/latest names, or None when there is no checkpoint yet."""
+    pointer = out / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    return out / name
+
+
+def load_checkpoint(path: Path, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Verify and load a checkpoint folder; any damage becomes a one-line TrainError."""
+    from safetensors.torch import load_model
+
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        for name, digest in meta["files"].items():
+            if _sha256(path / name) != digest:
+                raise ValueError(f"{name} does not match its recorded sha256")
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"weights do not fit this model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]})"
+            )
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except TrainError:
+        raise
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainError(f"checkpoint {path} is corrupt or incompatible: {reason}") from None
+    return state
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class _RunFiles:
+    """The run folder (rank 0 only): metrics.jsonl, loss.png and checkpoints."""
+
+    def __init__(self, out: Path | None, resume_step: int | None) -> None:
+        self.out = out
+        self.metrics_path = out / "metrics.jsonl" if out else None
+        if self.metrics_path is None:
+            self._fh = None
+            return
+        lines: list[str] = []
+        if resume_step is not None and self.metrics_path.is_file():
+            # keep the history up to the checkpoint; later lines belong to the lost tail
+            for line in self.metrics_path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        lines.append(line)
+        data_mod.atomic_write_bytes(
+            self.metrics_path, "".join(line + "\n" for line in lines).encode()
+        )
+        self._fh = self.metrics_path.open("a", buffering=1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._fh is not None:
+            self._fh.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+    def history(self) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        train: list[tuple[int, float]] = []
+        val: list[tuple[int, float]] = []
+        if self.metrics_path is None or not self.metrics_path.is_file():
+            return train, val
+        for line in self.metrics_path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("kind") == "train":
+                train.append((r["step"], r["loss"]))
+            elif r.get("kind") == "eval":
+                val.append((r["step"], r["val_loss"]))
+        return train, val
+
+
+def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path,
+                title: str) -> Path:
+    """Loss curve PNG via the Agg canvas directly: no pyplot global state is touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation", lw=1.5, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"cannot write to output folder {out}: {e.strerror or e}") from None
+
+
+class _Interrupt:
+    """First Ctrl-C asks to stop after the current step (and checkpoint); a second one kills."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._prev: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._prev)
+
+
+class _Progress:
+    """A rich progress bar on stderr (loss, throughput, ETA), or nothing."""
+
+    def __init__(self, enabled: bool, total: float | None, unit: str) -> None:
+        self.bar = None
+        self.console = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            TextColumn("step {task.fields[step]}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} " + unit + "/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.task = self.bar.add_task("train", total=total, step=0, loss="-", rate="-")
+        self.bar.start()
+
+    def update(self, completed: float, **fields: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=completed, **fields)
+
+    def log(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _task_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], precision: str,
+             device: torch.device, dist: _Dist | None = None,
+             byte_level: bool = False) -> dict[str, float]:
+    """Mean validation loss (and bits per byte or accuracy); batches are sharded by rank."""
+    dist = dist or _Dist(device=device)
+    was_training = model.training
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64)  # loss sum, count, correct
+    with autocast(precision, device):
+        for i, (x, y) in enumerate(batches):
+            if i % dist.world != dist.rank:
+                continue
+            x, y = x.to(device), y.to(device)
+            logits = model(x).logits.float().flatten(0, -2)
+            t = y.flatten()
+            stats[0] += F.cross_entropy(logits, t, reduction="sum").item()
+            stats[1] += t.numel()
+            stats[2] += (logits.argmax(-1) == t).sum().item()
+    model.train(was_training)
+    stats = dist.all_reduce_sum(stats)
+    loss = float(stats[0] / stats[1])
+    metrics = {"val_loss": loss}
+    if byte_level:
+        metrics["val_bpb"] = loss / math.log(2)
+    if getattr(model, "task", None) == "classify":
+        metrics["val_acc"] = float(stats[2] / stats[1])
+    return metrics
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.precision not in PRECISIONS:
+        raise TrainError(f"precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for name in ("steps", "tokens", "seconds", "eval_every", "log_every", "ckpt_every"):
+        v = getattr(cfg, name)
+        if v is not None and v <= 0:
+            raise TrainError(f"{name} must be positive, got {v}")
+    if cfg.batch_size < 1 or cfg.accum < 1:
+        raise TrainError(f"batch_size ({cfg.batch_size}) and accum ({cfg.accum}) must be >= 1")
+    if cfg.warmup < 0:
+        raise TrainError(f"warmup must be >= 0, got {cfg.warmup}")
+
+
+def train(model: nn.Module, config: TrainConfig | None = None, *,
+          dataset: TaskData | None = None, on_eval: EvalCallback | None = None) -> TrainResult:
+    """Train `model` (a blockdsl module: `model(x).logits`, `.aux`, `.task`) in place.
+
+    `dataset` lets a caller (the search) load data once for many runs; by default it is
+    loaded from `config.data` and checked against the model. Launched by torchrun, every
+    rank calls this and takes its shard of each global batch; only rank 0 writes files.
+    Raises TrainError for anything the user can fix.
+    """
+    cfg = config or TrainConfig()
+    _validate(cfg)
+    if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
+        cfg = TrainConfig(**{**asdict(cfg), "steps": 200})
+    dist = _Dist.setup(cfg.device)
+    try:
+        with precision_context(cfg.precision, dist.device), _Interrupt() as interrupt:
+            return _train(model, cfg, dist, dataset, on_eval, interrupt)
+    finally:
+        dist.close()
+
+
+def _train(model: nn.Module, cfg: TrainConfig, dist: _Dist, dataset: TaskData | None,
+           on_eval: EvalCallback | None, interrupt: _Interrupt) -> TrainResult:
+    wall0 = time.perf_counter()
+    device = dist.device
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainError("this GPU has no bf16 support; use precision fp32 or fp32-medium")
+    try:
+        ds = dataset or data_mod.load_for_model(model, cfg.data, cfg.seq_len)
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    if getattr(model, "task", None) != ds.task:
+        raise TrainError(f"model task {getattr(model, 'task', None)!r} does not fit "
+                         f"{ds.task!r} data {ds.name}")
+    shards = dist.world * cfg.accum
+    if cfg.batch_size % shards:
+        raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over "
+                         f"{dist.world} process(es) x accum {cfg.accum}")
+    per_step = cfg.batch_size * ds.units_per_sample
+    total_steps = cfg.steps
+    if cfg.tokens is not None:
+        by_tokens = math.ceil(cfg.tokens / per_step)
+        total_steps = by_tokens if total_steps is None else min(total_steps, by_tokens)
+    byte_level = getattr(ds, "vocab_size", None) == data_mod.BYTE_VOCAB
+
+    out = Path(cfg.out).expanduser() if cfg.out is not None else None
+    ckpt = latest_checkpoint(out) if out is not None else None
+    if out is not None and dist.main:
+        _check_out(out)
+        if ckpt is not None and not cfg.resume:
+            raise TrainError(f"{out} already holds a checkpoint ({ckpt.name}); resume it "
+                             "or choose another output folder")
+
+    model.to(device)
+    seed_everything(cfg.seed)
+    dist.broadcast_module(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+    step, tokens, train_time = 0, 0, 0.0
+    resumed = cfg.resume and ckpt is not None
+    if resumed:
+        assert ckpt is not None
+        state = load_checkpoint(ckpt, model, opt)
+        saved = state["config"]
+        for name in ("seed", "batch_size"):
+            if saved[name] != getattr(cfg, name):
+                raise TrainError(f"checkpoint {ckpt} was made with {name} {saved[name]}, "
+                                 f"not {getattr(cfg, name)}: the data order would change")
+        step, tokens, train_time = state["step"], state["tokens"], state["train_time"]
+        _set_rng_state(state["rng"])
+    start_time = train_time
+
+    files = _RunFiles(out if dist.main else None, step if resumed else None)
+    peak = None
+    if cfg.flops_per_token and dist.main:
+        peak = matmul_rate(device, cfg.precision) * dist.world
+    verbose = dist.main and not cfg.quiet
+    show_bar = cfg.progress if cfg.progress is not None else (verbose and sys.stderr.isatty())
+    unit = "tok" if ds.task == "lm" else "img"
+    bar_total = float(total_steps) if total_steps is not None else cfg.seconds
+    bar = _Progress(bool(show_bar) and dist.main, bar_total, unit)
+
+    def say(text: str) -> None:
+        if bar.bar is not None:
+            bar.log(text)
+        elif verbose:
+            print(text, file=sys.stderr, flush=True)
+
+    val_batches = ds.val_batches(cfg.batch_size, cfg.eval_batches)
+    losses: list[Tensor] = []
+    evals: list[tuple[int, dict[str, float]]] = []
+    aux_steps: dict[str, list[Tensor]] = {}
+    window_time = 0.0
+    stopped_by = "budget"
+    pending_error: BaseException | None = None
+    last_ckpt: Path | None = None
+    last_eval_step = -1
+    micro = cfg.batch_size // shards
+
+    def progress_of(s: int, t: float) -> float:
+        p = 0.0
+        if total_steps is not None:
+            p = max(p, (s - cfg.warmup) / max(1, total_steps - cfg.warmup))
+        if cfg.seconds is not None:
+            p = max(p, t / cfg.seconds)
+        return p
+
+    def run_eval() -> bool:
+        """Evaluate, log, call back; True when the callback asks to stop."""
+        nonlocal pending_error, last_eval_step
+        metrics = evaluate(model, val_batches, cfg.precision, device, dist, byte_level)
+        last_eval_step = step
+        if losses:
+            metrics["train_loss"] = float(torch.stack(losses[-cfg.log_every:]).mean())
+        metrics.update(tokens=float(tokens), train_seconds=train_time)
+        evals.append((step, metrics))
+        files.log({"kind": "eval", "step": step, **metrics})
+        extra = "".join(f"  {k} {metrics[k]:.4f}" for k in ("val_bpb", "val_acc") if k in metrics)
+        say(f"step {step:>6}  val_loss {metrics['val_loss']:.4f}{extra}")
+        stop = 0.0
+        if on_eval is not None and dist.main:
+            try:
+                stop = 1.0 if on_eval(step, dict(metrics)) else 0.0
+            except BaseException as e:  # noqa: BLE001 - re-raised after every rank stops
+                pending_error, stop = e, 1.0
+        return bool(dist.all_reduce_sum(torch.tensor([stop]))[0] > 0)
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt
+        if out is None or not dist.main:
+            return
+        state = {
+            "step": step, "tokens": tokens, "train_time": train_time,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        }
+        try:
+            last_ckpt = save_checkpoint(out, step, model, opt, state, cfg.keep_checkpoints)
+        except OSError as e:
+            raise TrainError(f"cannot write checkpoint in {out}: {e.strerror or e}") from None
+
+    try:
+        model.train()
+        if not resumed and run_eval():
+            stopped_by = "callback"
+        while stopped_by == "budget":
+            if total_steps is not None and step >= total_steps:
+                break
+            if cfg.seconds is not None and train_time >= cfg.seconds:
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, progress_of(step, train_time), cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = ds.train_batch(step, cfg.batch_size, cfg.seed)
+            lo = dist.rank * cfg.batch_size // dist.world
+            step_loss = torch.zeros((), device=device)
+            step_aux: dict[str, Tensor] = {}
+            for m in range(cfg.accum):
+                xb = x[lo + m * micro: lo + (m + 1) * micro].to(device, non_blocking=True)
+                yb = y[lo + m * micro: lo + (m + 1) * micro].to(device, non_blocking=True)
+                with autocast(cfg.precision, device):
+                    out_ = model(xb)
+                    task_loss = _task_loss(out_.logits, yb)
+                    loss = task_loss + sum(out_.aux.values())
+                (loss / cfg.accum).backward()
+                step_loss += task_loss.detach() / cfg.accum
+                for k, v in out_.aux.items():
+                    step_aux[k] = step_aux.get(k, 0.0) + v.detach().float() / cfg.accum
+            dist.average_grads(params)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                         if cfg.grad_clip > 0 else None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            step += 1
+            tokens += per_step
+            dt = time.perf_counter() - t0
+            # one small all-reduce keeps loss, stop request and clock identical on all ranks
+            keys = sorted(step_aux)
+            shared = torch.stack(
+                [step_loss.float().cpu()] + [step_aux[k].cpu() for k in keys]
+                + [torch.tensor(float(interrupt.requested)), torch.tensor(dt)]
+            ).double()
+            shared = dist.all_reduce_sum(shared) / dist.world
+            step_loss_t = shared[0].float()
+            train_time += float(shared[-1])
+            losses.append(step_loss_t)
+            window_time += float(shared[-1])
+            for i, k in enumerate(keys):
+                aux_steps.setdefault(k, []).append(shared[1 + i].float())
+            if shared[-2] > 0:
+                stopped_by = "interrupt"
+            bar.update(train_time if cfg.seconds is not None and total_steps is None else step,
+                       step=step, loss=f"{float(step_loss_t):.4f}",
+                       rate=f"{per_step / max(float(shared[-1]), 1e-9):,.0f}")
+            if step % cfg.log_every == 0:
+                n_win = min(cfg.log_every, len(losses))
+                rec: dict[str, Any] = {
+                    "kind": "train", "step": step,
+                    "loss": float(torch.stack(losses[-n_win:]).mean()), "lr": lr,
+                    "tokens": tokens, "tokens_per_s": n_win * per_step / max(window_time, 1e-9),
+                    "train_seconds": train_time,
+                }
+                if grad_norm is not None:
+                    rec["grad_norm"] = float(grad_norm)
+                for k, vals in aux_steps.items():
+                    rec[f"aux/{k}"] = float(torch.stack(vals[-n_win:]).mean())
+                files.log(rec)
+                window_time = 0.0
+            if step % cfg.eval_every == 0 and run_eval() and stopped_by == "budget":
+                stopped_by = "callback"
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                checkpoint()
+        if pending_error is None:
+            if last_eval_step != step:
+                run_eval()
+            checkpoint()
+    finally:
+        bar.close()
+    if pending_error is not None:
+        files.close()
+        raise pending_error
+
+    final = evals[-1][1] if evals else {}
+    first = evals[0][1] if evals else {}
+    # throughput of this call's steps only, so a resumed run reports its own speed
+    run_time = train_time - start_time
+    tok_s = len(losses) * per_step / run_time if losses and run_time > 0 else 0.0
+    flops = 3 * cfg.flops_per_token * tok_s if cfg.flops_per_token else None
+    losses_f = [float(v) for v in losses]
+    result = TrainResult(
+        steps=step, tokens=tokens, train_seconds=train_time,
+        wall_seconds=time.perf_counter() - wall0,
+        train_loss=float(np.mean(losses_f[-cfg.log_every:])) if losses_f else float("nan"),
+        val=final, first_val=first, losses=losses_f, evals=evals, tokens_per_s=tok_s,
+        stopped_by=stopped_by, flops_per_s=flops, peak_flops_per_s=peak,
+        mfu=flops / peak if flops and peak else None, checkpoint=last_ckpt,
+        metrics_path=files.metrics_path,
+        aux={k: float(torch.stack(v[-cfg.log_every:]).mean()) for k, v in aux_steps.items()},
+    )
+    if dist.main and out is not None:
+        files.log({"kind": "summary", "step": step, **_summary(result)})
+        files.close()
+        train_hist, val_hist = files.history()
+        name = getattr(ds, "name", "data")
+        result.plot_path = plot_losses(train_hist, val_hist, out / "loss.png",
+                                       f"{type(model).__name__} on {Path(str(name)).name}")
+    files.close()
+    return result
+
+
+def _summary(r: TrainResult) -> dict[str, Any]:
+    """The JSON-friendly part of a result (the metrics file's last line)."""
+    return {
+        "tokens": r.tokens, "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
+        "train_loss": r.train_loss, **r.val, "first_val_loss": r.first_val.get("val_loss"),
+        "tokens_per_s": r.tokens_per_s, "flops_per_s": r.flops_per_s,
+        "peak_flops_per_s": r.peak_flops_per_s, "mfu": r.mfu, "stopped_by": r.stopped_by,
+    }
