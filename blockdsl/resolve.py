@@ -403,6 +403,24 @@ def _merge(module: ir.Module, name: str, span: ir.Span | None) -> dict[str, Any]
     return merged
 
 
+def merged(module: ir.Module, name: str) -> dict[str, Any]:
+    """A model's (or space's) statements with its `extends` chain applied.
+
+    Keys: assigns, blocks, stem, head, norm, final_norm, altup, layout, and for spaces
+    objectives, constraints, baseline, budget (absent keys were never given).
+    """
+    return _merge(module, name, None)
+
+
+def eval_expr(e: ir.Expr, variables: dict[str, Any]) -> Any:
+    """Evaluate an expression with numeric `variables` bound (e.g. `1.0 * baseline`)."""
+    assigns = {
+        k: ir.Assign(name=k, value=ir.Num(value=v, span=e.span), span=e.span)
+        for k, v in variables.items()
+    }
+    return _Scope(assigns, first_option, {}).eval(e, "")
+
+
 # ---------------------------------------------------------------- resolve
 
 

@@ -600,6 +600,30 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], precision: 
     return metrics
 
 
+def accumulate_gradients(model: nn.Module, x: Tensor, y: Tensor, accum: int, precision: str,
+                         device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+    """Add the gradient of the mean loss over (x, y) to `.grad`, in `accum` equal micro-batches.
+
+    Each micro-loss is divided by `accum`, so the sum equals the full batch's mean loss and
+    its gradient. Returns the detached task loss and each aux loss, averaged the same way.
+    """
+    micro = len(x) // accum
+    step_loss = torch.zeros((), device=device)
+    step_aux: dict[str, Tensor] = {}
+    for m in range(accum):
+        xb = x[m * micro: (m + 1) * micro].to(device, non_blocking=True)
+        yb = y[m * micro: (m + 1) * micro].to(device, non_blocking=True)
+        with autocast(precision, device):
+            out = model(xb)
+            task_loss = _task_loss(out.logits, yb)
+            loss = task_loss + sum(out.aux.values())
+        (loss / accum).backward()
+        step_loss += task_loss.detach() / accum
+        for k, v in out.aux.items():
+            step_aux[k] = step_aux.get(k, 0.0) + v.detach().float() / accum
+    return step_loss, step_aux
+
+
 def _validate(cfg: TrainConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -711,7 +735,6 @@ def _train(model: nn.Module, cfg: TrainConfig, dist: _Dist, dataset: TaskData | 
     pending_error: BaseException | None = None
     last_ckpt: Path | None = None
     last_eval_step = -1
-    micro = cfg.batch_size // shards
 
     def progress_of(s: int, t: float) -> float:
         p = 0.0
@@ -768,20 +791,12 @@ def _train(model: nn.Module, cfg: TrainConfig, dist: _Dist, dataset: TaskData | 
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = ds.train_batch(step, cfg.batch_size, cfg.seed)
-            lo = dist.rank * cfg.batch_size // dist.world
-            step_loss = torch.zeros((), device=device)
-            step_aux: dict[str, Tensor] = {}
-            for m in range(cfg.accum):
-                xb = x[lo + m * micro: lo + (m + 1) * micro].to(device, non_blocking=True)
-                yb = y[lo + m * micro: lo + (m + 1) * micro].to(device, non_blocking=True)
-                with autocast(cfg.precision, device):
-                    out_ = model(xb)
-                    task_loss = _task_loss(out_.logits, yb)
-                    loss = task_loss + sum(out_.aux.values())
-                (loss / cfg.accum).backward()
-                step_loss += task_loss.detach() / cfg.accum
-                for k, v in out_.aux.items():
-                    step_aux[k] = step_aux.get(k, 0.0) + v.detach().float() / cfg.accum
+            per_rank = cfg.batch_size // dist.world
+            lo = dist.rank * per_rank
+            step_loss, step_aux = accumulate_gradients(
+                model, x[lo: lo + per_rank], y[lo: lo + per_rank], cfg.accum, cfg.precision,
+                device,
+            )
             dist.average_grads(params)
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                          if cfg.grad_clip > 0 else None)

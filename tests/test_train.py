@@ -1,0 +1,298 @@
+"""The training loop on real text (the stdlib corpus) and real digits: no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from blockdsl.nn.output import ModelOutput
+from blockdsl.train import (
+    TrainConfig,
+    TrainError,
+    accumulate_gradients,
+    latest_checkpoint,
+    lr_at,
+    param_groups,
+    seed_everything,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TinyGPT(nn.Module):
+    """A conforming stand-in for a compiled spec: tied embeddings, dropout, optional aux."""
+
+    task = "lm"
+
+    def __init__(self, vocab: int = 256, d: int = 32, layers: int = 2, heads: int = 2,
+                 seq_len: int = 32, dropout: float = 0.0, aux: bool = False) -> None:
+        super().__init__()
+        self.vocab_size, self.seq_len = vocab, seq_len
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(seq_len, d))
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight  # tied: safetensors must cope with sharing
+        self.with_aux = aux
+        nn.init.normal_(self.tok.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        t = x.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
+        h = self.blocks(self.tok(x) + self.pos[:t], mask=mask, is_causal=True)
+        logits = self.head(self.norm(h))
+        aux = {}
+        if self.with_aux:
+            aux["z"] = 1e-3 * torch.logsumexp(logits.float(), -1).pow(2).mean()
+        return ModelOutput(logits, aux)
+
+
+class TinyCNN(nn.Module):
+    task = "classify"
+
+    def __init__(self, image_size: int = 8, channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(16 * 16, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return ModelOutput(self.net(x))
+
+
+def gpt(seed: int = 0, **kw: object) -> TinyGPT:
+    seed_everything(seed)
+    return TinyGPT(**kw)  # type: ignore[arg-type]
+
+
+FAST = dict(batch_size=8, lr=3e-3, warmup=5, eval_every=10, eval_batches=4, quiet=True,
+            precision="fp32")
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A private cache; one thread, since these models are too small to gain from two and
+    OpenMP barriers cost 100x when another process holds the second core."""
+    monkeypatch.setenv("BLOCKDSL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_val_loss_falls_on_default_corpus(tmp_path: Path) -> None:
+    r = train(gpt(aux=True), TrainConfig(steps=40, out=tmp_path, flops_per_token=1e5, **FAST))
+    assert r.steps == 40 and r.stopped_by == "budget"
+    assert r.val["val_loss"] < r.first_val["val_loss"] - 1.0
+    assert r.val["val_bpb"] == pytest.approx(r.val["val_loss"] / 0.6931471805599453)
+    assert r.aux["z"] > 0
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {x["kind"] for x in lines} == {"train", "eval", "summary"}
+    assert "aux/z" in next(x for x in lines if x["kind"] == "train")
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert r.mfu is not None and 0 < r.mfu < 1
+    assert r.checkpoint is not None and latest_checkpoint(tmp_path) == r.checkpoint
+
+
+def test_digits_classifier_learns() -> None:
+    seed_everything(0)
+    r = train(TinyCNN(), TrainConfig(steps=60, batch_size=32, lr=1e-2, warmup=5, eval_every=30,
+                                      quiet=True, eval_batches=None))
+    assert r.val["val_acc"] > 0.6 > r.first_val["val_acc"]
+
+
+def test_same_seed_same_losses() -> None:
+    cfg = TrainConfig(steps=6, **FAST)
+    assert train(gpt(dropout=0.1), cfg).losses == train(gpt(dropout=0.1), cfg).losses
+
+
+def test_resume_equals_straight_run(tmp_path: Path) -> None:
+    cfg = dict(steps=20, **{**FAST, "precision": "bf16"})
+    straight = train(gpt(dropout=0.1), TrainConfig(out=tmp_path / "a", **cfg))
+    # stop the second run at step 10 through the eval callback; it checkpoints on the way out
+    first = train(gpt(dropout=0.1), TrainConfig(out=tmp_path / "b", **cfg),
+                  on_eval=lambda step, m: step == 10)
+    assert first.stopped_by == "callback" and first.steps == 10
+    resumed = train(gpt(seed=123, dropout=0.1),
+                    TrainConfig(out=tmp_path / "b", resume=True, **cfg))
+    assert resumed.steps == 20
+    assert resumed.losses == pytest.approx(straight.losses[10:], rel=1e-6, abs=1e-7)
+    assert resumed.val["val_loss"] == pytest.approx(straight.val["val_loss"], rel=1e-6)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()
+             if '"train"' in x]
+    assert steps == [10, 20]  # one line per log window, none duplicated by the resume
+
+
+def test_corrupt_checkpoint_is_named_and_kept(tmp_path: Path) -> None:
+    train(gpt(), TrainConfig(steps=3, out=tmp_path, **FAST))
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None
+    weights = ckpt / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(TrainError, match="corrupt") as e:
+        train(gpt(), TrainConfig(steps=6, out=tmp_path, resume=True, **FAST))
+    assert "\n" not in str(e.value) and str(ckpt) in str(e.value)
+    assert weights.read_bytes() == bytes(raw)  # nothing already written is lost
+
+
+def test_existing_checkpoint_needs_resume(tmp_path: Path) -> None:
+    train(gpt(), TrainConfig(steps=2, out=tmp_path, **FAST))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(TrainError, match="already holds a checkpoint"):
+        train(gpt(), TrainConfig(steps=2, out=tmp_path, **FAST))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("model", "kw", "message"),
+    [
+        (lambda: gpt(), {"data": "/nonexistent/corpus.txt"}, "data path not found"),
+        (lambda: gpt(vocab=100), {}, "vocab_size 100 is smaller than the 256 byte"),
+        (lambda: gpt(), {"seq_len": 64}, "seq_len 64 must be between 1 and the model's"),
+        (lambda: TinyCNN(image_size=4), {}, "image size 4 is smaller than the 8x8"),
+        (lambda: TinyCNN(num_classes=5), {}, "has 10 classes but the model only 5"),
+        (lambda: gpt(), {"precision": "fp16"}, "precision 'fp16' is not one of"),
+        (lambda: gpt(), {"batch_size": 6, "accum": 4}, "must divide evenly"),
+    ],
+)
+def test_bad_input_is_one_line(model, kw: dict, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(TrainError, match=message) as e:
+        train(model(), TrainConfig(steps=1, **{**FAST, **kw}))
+    assert "\n" not in str(e.value)
+
+
+def test_empty_file_and_unwritable_folder(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(TrainError, match="data is empty"):
+        train(gpt(), TrainConfig(steps=1, data=empty, **FAST))
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    with pytest.raises(TrainError, match="cannot write to output folder"):
+        train(gpt(), TrainConfig(steps=1, out=blocker / "run", **FAST))
+    assert blocker.read_text() == "keep me"
+
+
+def test_wall_clock_budget_stops() -> None:
+    r = train(gpt(), TrainConfig(seconds=1.0, eval_every=1000, **{
+        k: v for k, v in FAST.items() if k != "eval_every"}))
+    assert r.stopped_by == "budget"
+    assert 1.0 <= r.train_seconds < 1.5 and r.steps > 3
+    assert r.wall_seconds < 10
+
+
+def test_ctrl_c_checkpoints_and_exits(tmp_path: Path) -> None:
+    def interrupt(step: int, metrics: dict[str, float]) -> None:
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = {**FAST, "eval_every": 2}
+    r = train(gpt(), TrainConfig(steps=50, out=tmp_path, **cfg), on_eval=interrupt)
+    assert r.stopped_by == "interrupt" and r.steps == 5
+    assert r.checkpoint == latest_checkpoint(tmp_path) and r.checkpoint.name.endswith("5")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_callback_exception_propagates() -> None:
+    class Pruned(Exception):
+        pass
+
+    def prune(step: int, metrics: dict[str, float]) -> None:
+        if step == 10:
+            raise Pruned
+
+    with pytest.raises(Pruned):
+        train(gpt(), TrainConfig(steps=30, **FAST), on_eval=prune)
+
+
+def test_accumulation_gives_the_batch_gradient() -> None:
+    from blockdsl.data import load_text
+
+    x, y = load_text(None, 32).train_batch(0, 8, seed=0)
+    grads = []
+    for accum in (1, 2, 4):
+        m = gpt(aux=True)
+        loss, aux = accumulate_gradients(m, x, y, accum, "fp32", torch.device("cpu"))
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-6)
+    a = train(gpt(), TrainConfig(steps=4, **FAST))
+    b = train(gpt(), TrainConfig(steps=4, accum=2, **FAST))
+    assert b.losses == pytest.approx(a.losses, rel=1e-4)
+
+
+def test_weight_decay_groups() -> None:
+    m = gpt()
+    decay, no_decay = param_groups(m, 0.1)
+    ids = {id(p) for p in decay["params"]}
+    assert id(m.tok.weight) in ids and id(m.pos) in ids  # embeddings are matrices: decayed
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.ndim < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert id(m.norm.weight) in {id(p) for p in no_decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_schedule_warmup_then_cosine() -> None:
+    cfg = TrainConfig(lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, 0.0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 0.0, cfg) == pytest.approx(1.0)
+    assert lr_at(50, 0.5, cfg) == pytest.approx(0.55)
+    assert lr_at(99, 1.0, cfg) == pytest.approx(0.1)
+
+
+def test_precision_is_restored() -> None:
+    before = torch.get_float32_matmul_precision()
+    train(gpt(), TrainConfig(steps=2, **{**FAST, "precision": "fp32-medium"}))
+    assert torch.get_float32_matmul_precision() == before
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    from tests.test_train import TinyGPT, FAST
+    from blockdsl.train import TrainConfig, seed_everything, train
+    seed_everything(0)
+    model = TinyGPT(aux=True)
+    r = train(model, TrainConfig(steps=4, **FAST))
+    rank = int(os.environ["RANK"])
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.save(flat, sys.argv[1] + f"/params{rank}.pt")
+    json.dump({"losses": r.losses, "val": r.val}, open(sys.argv[1] + f"/r{rank}.json", "w"))
+""")
+
+
+def test_ddp_two_processes_match_single(tmp_path: Path) -> None:
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p0, p1 = (torch.load(tmp_path / f"params{r}.pt") for r in (0, 1))
+    assert torch.equal(p0, p1)
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    model = gpt(aux=True)
+    single = train(model, TrainConfig(steps=4, **FAST))
+    assert r0["losses"] == pytest.approx(single.losses, rel=1e-4)
+    assert r0["val"]["val_loss"] == pytest.approx(single.val["val_loss"], rel=1e-4)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(p0, flat, rtol=1e-3, atol=1e-4)
