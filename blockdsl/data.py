@@ -348,24 +348,16 @@ def load_digits(image_size: int, channels: int) -> ImageData:
 
 
 def _read_image(path: Path, image_size: int, channels: int) -> Tensor:
-    """One image as uint8-range [1, C, S, S]; PIL when present, else matplotlib's reader."""
+    """One image as [1, C, S, S] in [-1, 1]; Pillow is always there (matplotlib needs it)."""
+    from PIL import Image
+
     try:
-        from PIL import Image
-
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.float32)
-    except ImportError:
-        import matplotlib.image as mpimg
-
-        arr = np.asarray(mpimg.imread(path), dtype=np.float32)
-        if arr.max() <= 1.0:
-            arr = arr * 255.0
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
     except Exception as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    arr = arr[:, :, :3]
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
     return _fit_images(t, image_size, channels)
 

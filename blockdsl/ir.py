@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Node(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Schemas are built on first validation only: the parser constructs nodes directly
+    # (`model_construct`), which keeps `blockdsl check` instant; tests validate the IR
+    # by round-tripping it through `model_validate`.
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class Span(Node):

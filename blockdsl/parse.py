@@ -44,7 +44,7 @@ def _parser() -> Lark:
 
 
 def _span(file: str, meta: Any) -> ir.Span:
-    return ir.Span(
+    return ir.Span.model_construct(
         file=file,
         line=getattr(meta, "line", 1) or 1,
         col=getattr(meta, "column", 1) or 1,
@@ -54,7 +54,7 @@ def _span(file: str, meta: Any) -> ir.Span:
 
 
 def _tok_span(file: str, tok: Token) -> ir.Span:
-    return ir.Span(
+    return ir.Span.model_construct(
         file=file,
         line=tok.line or 1,
         col=tok.column or 1,
@@ -87,29 +87,29 @@ class _Build(Transformer):
 
     # ------------------------------------------------------------ expressions
     def number(self, meta, c):
-        return ir.Num(value=_number(str(c[0])), span=self.sp(meta))
+        return ir.Num.model_construct(value=_number(str(c[0])), span=self.sp(meta))
 
     def string(self, meta, c):
-        return ir.Str(value=str(c[0])[1:-1], span=self.sp(meta))
+        return ir.Str.model_construct(value=str(c[0])[1:-1], span=self.sp(meta))
 
     def true(self, meta, c):
-        return ir.Bool(value=True, span=self.sp(meta))
+        return ir.Bool.model_construct(value=True, span=self.sp(meta))
 
     def false(self, meta, c):
-        return ir.Bool(value=False, span=self.sp(meta))
+        return ir.Bool.model_construct(value=False, span=self.sp(meta))
 
     def name(self, meta, c):
-        return ir.Name(id=str(c[0]), span=self.sp(meta))
+        return ir.Name.model_construct(id=str(c[0]), span=self.sp(meta))
 
     def func(self, meta, c):
-        return ir.Func(name=str(c[0]), args=tuple(c[1:]), span=self.sp(meta))
+        return ir.Func.model_construct(name=str(c[0]), args=tuple(c[1:]), span=self.sp(meta))
 
     def neg(self, meta, c):
-        return ir.Neg(operand=c[0], span=self.sp(meta))
+        return ir.Neg.model_construct(operand=c[0], span=self.sp(meta))
 
     def _bin(op: str):  # noqa: N805 - a factory evaluated in the class body
         def f(self, meta, c):
-            return ir.BinOp(op=op, left=c[0], right=c[1], span=self.sp(meta))
+            return ir.BinOp.model_construct(op=op, left=c[0], right=c[1], span=self.sp(meta))
 
         return f
 
@@ -117,35 +117,35 @@ class _Build(Transformer):
     floordiv, mod, pow = _bin("//"), _bin("%"), _bin("**")
 
     def option_value(self, meta, c):
-        return ir.ChoiceOption(value=c[0], span=self.sp(meta))
+        return ir.ChoiceOption.model_construct(value=c[0], span=self.sp(meta))
 
     def option_range(self, meta, c):
         log = any(isinstance(x, Token) and x.type == "LOG" for x in c)
         exprs = [x for x in c if not isinstance(x, Token)]
         step = exprs[2] if len(exprs) > 2 else None
-        return ir.ChoiceOption(lo=exprs[0], hi=exprs[1], step=step, log=log, span=self.sp(meta))
+        return ir.ChoiceOption.model_construct(lo=exprs[0], hi=exprs[1], step=step, log=log, span=self.sp(meta))
 
     def choice(self, meta, c):
-        return ir.Choice(options=tuple(c), span=self.sp(meta))
+        return ir.Choice.model_construct(options=tuple(c), span=self.sp(meta))
 
     # ------------------------------------------------------------ calls
     def arg(self, meta, c):
-        return ir.Arg(name=str(c[0]), value=c[1], span=self.sp(meta))
+        return ir.Arg.model_construct(name=str(c[0]), value=c[1], span=self.sp(meta))
 
     def call(self, meta, c):
-        return ir.Call(name=str(c[0]), args=tuple(c[1:]), span=self.sp(meta))
+        return ir.Call.model_construct(name=str(c[0]), args=tuple(c[1:]), span=self.sp(meta))
 
     def call_choice(self, meta, c):
         return ("choice", tuple(c), self.sp(meta))
 
     def assign(self, meta, c):
-        return ir.Assign(name=str(c[0]), value=c[1], span=self.sp(meta))
+        return ir.Assign.model_construct(name=str(c[0]), value=c[1], span=self.sp(meta))
 
     # ------------------------------------------------------------ blocks
     def norm_opt(self, meta, c):
         return (
             "norm",
-            ir.NormOpt(
+            ir.NormOpt.model_construct(
                 placement=str(c[0]), kind=str(c[1]) if len(c) > 1 else None, span=self.sp(meta)
             ),
         )
@@ -174,20 +174,20 @@ class _Build(Transformer):
         opts = self._options(c[2:], meta)
         if isinstance(prim, tuple):  # a choice between calls
             _, calls, cspan = prim
-            return ir.Sublayer(label=label, prims=calls, span=self.sp(meta), choice_span=cspan, **opts)
-        return ir.Sublayer(label=label, prims=(prim,), span=self.sp(meta), **opts)
+            return ir.Sublayer.model_construct(label=label, prims=calls, span=self.sp(meta), choice_span=cspan, **opts)
+        return ir.Sublayer.model_construct(label=label, prims=(prim,), span=self.sp(meta), **opts)
 
     def slots(self, meta, c):
         _, calls, _cspan = c[1]
         opts = self._options(c[2:], meta)
-        return ir.Slots(count=c[0], prims=calls, span=self.sp(meta), **opts)
+        return ir.Slots.model_construct(count=c[0], prims=calls, span=self.sp(meta), **opts)
 
     def block(self, meta, c):
-        return ir.Block(name=str(c[0]), items=tuple(c[1:]), span=self.sp(meta))
+        return ir.Block.model_construct(name=str(c[0]), items=tuple(c[1:]), span=self.sp(meta))
 
     # ------------------------------------------------------------ layout
     def index(self, meta, c):
-        return ir.Index(
+        return ir.Index.model_construct(
             start=c[0],
             stop=c[1] if len(c) > 1 else None,
             step=c[2] if len(c) > 2 else None,
@@ -199,7 +199,7 @@ class _Build(Transformer):
         rest = [x for x in c if not isinstance(x, ir.Index)]
         target = str(rest[0])
         field = str(rest[1]) if len(rest) == 3 else None
-        return ir.Override(
+        return ir.Override.model_construct(
             indices=tuple(indices), target=target, field=field, value=rest[-1], span=self.sp(meta)
         )
 
@@ -219,15 +219,15 @@ class _Build(Transformer):
             if key in kw:
                 raise BlockError(f"'{key}' is given twice", self.sp(meta))
             kw[key] = value
-        return ir.Repeat(count=c[0], block=str(c[1]), span=self.sp(meta), **kw)
+        return ir.Repeat.model_construct(count=c[0], block=str(c[1]), span=self.sp(meta), **kw)
 
     def letter_def(self, meta, c):
-        return ir.LetterDef(letter=str(c[0]), call=c[1], span=self.sp(meta))
+        return ir.LetterDef.model_construct(letter=str(c[0]), call=c[1], span=self.sp(meta))
 
     def pattern(self, meta, c):
         letters = tuple(x for x in c[1:] if isinstance(x, ir.LetterDef))
         opts = self._options([x for x in c[1:] if isinstance(x, tuple)], meta)
-        return ir.Pattern(text=str(c[0])[1:-1], letters=letters, span=self.sp(meta), **opts)
+        return ir.Pattern.model_construct(text=str(c[0])[1:-1], letters=letters, span=self.sp(meta), **opts)
 
     # ------------------------------------------------------------ model items
     def _kw(key: str):  # noqa: N805
@@ -244,13 +244,13 @@ class _Build(Transformer):
         return ("baseline", str(c[0]), self.sp(meta))
 
     def minimize(self, meta, c):
-        return ir.Objective(direction="minimize", metric=str(c[0]), span=self.sp(meta))
+        return ir.Objective.model_construct(direction="minimize", metric=str(c[0]), span=self.sp(meta))
 
     def maximize(self, meta, c):
-        return ir.Objective(direction="maximize", metric=str(c[0]), span=self.sp(meta))
+        return ir.Objective.model_construct(direction="maximize", metric=str(c[0]), span=self.sp(meta))
 
     def constraint(self, meta, c):
-        return ir.Constraint(metric=str(c[0]), op=str(c[1]), bound=c[2], span=self.sp(meta))
+        return ir.Constraint.model_construct(metric=str(c[0]), op=str(c[1]), bound=c[2], span=self.sp(meta))
 
     def extends(self, meta, c):
         return ("extends", str(c[0]), self.sp(meta))
@@ -282,7 +282,7 @@ class _Build(Transformer):
                 fields[key] = value
         for key in ("assigns", "blocks", "layout", "objectives", "constraints"):
             fields[key] = tuple(fields[key])
-        return ir.Model(name=name, is_space=is_space, span=self.sp(meta), **fields)
+        return ir.Model.model_construct(name=name, is_space=is_space, span=self.sp(meta), **fields)
 
     def model(self, meta, c):
         return self._model(meta, c, False)
@@ -291,7 +291,7 @@ class _Build(Transformer):
         return self._model(meta, c, True)
 
     def include(self, meta, c):
-        return ir.Include(path=str(c[0])[1:-1], span=self.sp(meta))
+        return ir.Include.model_construct(path=str(c[0])[1:-1], span=self.sp(meta))
 
     def start(self, meta, c):
         return list(c)
@@ -331,7 +331,7 @@ def parse_text(text: str, file: str = "<text>") -> list[Any]:
                 lines = text.splitlines() or [""]
                 line, col = len(lines), len(lines[-1]) + 1
                 msg = "unexpected end of file (an unclosed '{' or '('?)"
-        span = ir.Span(file=file, line=line, col=col, end_line=line, end_col=col + width)
+        span = ir.Span.model_construct(file=file, line=line, col=col, end_line=line, end_col=col + width)
         raise BlockError(msg, span, _expected_hint(err)) from None
     try:
         return _Build(file).transform(tree)
@@ -390,7 +390,7 @@ def load_module(source: str | Path, *, _stack: tuple[str, ...] = ()) -> ir.Modul
         elif isinstance(item, ir.Model):
             models.append(item)
             own.append(item.name)
-    return ir.Module(
+    return ir.Module.model_construct(
         file=file,
         assigns=tuple(assigns),
         blocks=tuple(blocks),

@@ -415,7 +415,7 @@ def merged(module: ir.Module, name: str) -> dict[str, Any]:
 def eval_expr(e: ir.Expr, variables: dict[str, Any]) -> Any:
     """Evaluate an expression with numeric `variables` bound (e.g. `1.0 * baseline`)."""
     assigns = {
-        k: ir.Assign(name=k, value=ir.Num(value=v, span=e.span), span=e.span)
+        k: ir.Assign.model_construct(name=k, value=ir.Num.model_construct(value=v, span=e.span), span=e.span)
         for k, v in variables.items()
     }
     return _Scope(assigns, first_option, {}).eval(e, "")
@@ -570,7 +570,7 @@ def resolve(
                         f"bind it: {ch}=mlp(...); bound letters: {', '.join(letters) or 'none'}",
                     )
                 ld = letters[ch]
-                sub = ir.Sublayer(
+                sub = ir.Sublayer.model_construct(
                     label=ch, prims=(ld.call,), norm=stmt.norm, share=stmt.share,
                     norm_share=stmt.norm_share, span=ld.span,
                 )
@@ -608,7 +608,7 @@ def resolve(
                 if isinstance(cnt, bool) or not isinstance(cnt, int) or cnt <= 0:
                     raise BlockError(f"slots count must be a positive integer, got {cnt!r}", it.count.span)
                 for j in range(cnt):
-                    items.append(ir.Sublayer(
+                    items.append(ir.Sublayer.model_construct(
                         label=f"s{j}", prims=it.prims, norm=it.norm, share=it.share,
                         norm_share=it.norm_share, span=it.span, choice_span=it.span,
                     ))
@@ -655,9 +655,9 @@ def resolve(
                     raise BlockError("a primitive choice lists one primitive twice", it.span)
                 cname = f"{blk_name}.{it.label}"
                 picked = scope.choice(
-                    ir.Choice(
+                    ir.Choice.model_construct(
                         options=tuple(
-                            ir.ChoiceOption(value=ir.Str(value=p.name, span=p.span), span=p.span)
+                            ir.ChoiceOption.model_construct(value=ir.Str.model_construct(value=p.name, span=p.span), span=p.span)
                             for p in it.prims
                         ),
                         span=it.choice_span or it.span,

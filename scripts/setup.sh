@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root and install blockdsl with its test extras.
+# torch is pinned to the CPU wheel 2.13.0 in pyproject.toml (an unpinned torch pulls a
+# multi-GB CUDA build). Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.blockdsl-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  # compat mode puts a plain path entry on sys.path: faster interpreter start than the
+  # import-hook finder, which keeps `blockdsl check` instant.
+  .venv/bin/python -m pip install --quiet -e ".[test,vision,postgres]" \
+    --config-settings editable_mode=compat 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch, blockdsl; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  touch "$stamp"
+fi
