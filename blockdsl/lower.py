@@ -39,8 +39,15 @@ def attention_impl(requested: str, device: torch.device, precision: str, seq: in
 
 def _primitive(layer: LayerPlan, d: int, apps: int, device: torch.device, precision: str,
                seq: int) -> nn.Module:
-    a: dict[str, Any] = layer.args
+    a: dict[str, Any] = dict(layer.args)
     p = layer.prim
+    # An explicit impl=/dispatch= in the spec wins; "auto" takes the tuned choice for this
+    # shape on this machine when `compile --tune` measured it, else the default rule.
+    for key in ("impl", "dispatch"):
+        if a.get(key) == "auto":
+            from blockdsl.tune import lookup
+
+            a[key] = lookup(layer, d, seq, precision, device) or "auto"
     if p == "mha":
         return MultiHeadAttention(
             d, a["heads"], kv_heads=a["kv_heads"], head_dim=a["head_dim"], bias=a["bias"],

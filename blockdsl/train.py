@@ -62,6 +62,11 @@ step; an exception (e.g. optuna.TrialPruned) stops training on every rank and is
 class TrainError(Exception):
     """A problem the user can fix (data, spec/data mismatch, output folder, checkpoint)."""
 
+    @property
+    def cli_message(self) -> str:
+        """The one line the CLI prints instead of a traceback."""
+        return str(self)
+
 
 @dataclass
 class TrainConfig:

@@ -1,0 +1,144 @@
+"""`blockdsl train SPEC`: build the spec, train it on real data, print a summary.
+
+Thin on purpose: everything a Python user needs is `blockdsl.train.train`; this module
+only maps flags to a `TrainConfig` and renders the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STEPS = 300
+
+
+def register(subparsers: Any) -> None:
+    """Add the `train` subcommand to the main parser."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a spec on real data (byte-level text or digits by default)",
+        description=(
+            "Train the model a .block spec describes. Language models read byte-level text "
+            "(default: the Python standard library's own sources), classifiers read "
+            "scikit-learn's digits or a folder of class subfolders. Writes metrics.jsonl, "
+            "loss.png and checkpoints into --out. Under torchrun every rank takes a shard."
+        ),
+    )
+    p.add_argument("spec", type=Path, help=".block file")
+    p.add_argument("--model", default=None, help="model name in the file (default: the last)")
+    p.add_argument("--data", default=None,
+                   help="text file or folder (LM), or image folder root/<class>/<img>")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps (default {DEFAULT_STEPS})")
+    budget.add_argument("--tokens", type=int, default=None,
+                        help="tokens to train on (images for classifiers)")
+    budget.add_argument("--seconds", type=float, default=None,
+                        help="training wall-clock seconds (evaluation excluded)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="global sequences/images per step (default 16)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="training context (default: the spec's; may only be shorter)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps (default 20)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--precision", choices=("fp32", "fp32-medium", "bf16"), default="bf16",
+                   help="bf16 autocast with fp32 weights (default), fp32, or fp32 with "
+                   "'medium' matmul precision")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
+    p.add_argument("--eval-batches", type=int, default=8,
+                   help="validation batches per evaluation (0 = the whole split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folder (default runs/<spec name>, numbered if taken)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.set_defaults(func=run)
+
+
+def _fresh_out(spec: Path) -> Path:
+    """runs/<stem>, or runs/<stem>-2, -3, ... so a second run never overwrites the first."""
+    base = Path("runs") / spec.stem
+    out, n = base, 1
+    while (out / "latest").exists():
+        n += 1
+        out = base.with_name(f"{spec.stem}-{n}")
+    return out
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build, train, print the summary; a TrainError prints as one line and exits 1."""
+    import blockdsl
+    from blockdsl.train import TrainConfig, TrainError, resolve_device, seed_everything, train
+
+    out = args.out
+    if out is None:
+        out = Path("runs") / args.spec.stem if args.resume else _fresh_out(args.spec)
+    try:
+        device = resolve_device(args.device)
+        if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+        seed_everything(args.seed)  # fixes the initial weights too
+        model = blockdsl.build(args.spec, args.model, device=device, precision=args.precision)
+        flops = float(blockdsl.report(args.spec, args.model).flops_per_token)
+        cfg = TrainConfig(
+            data=args.data, steps=args.steps, tokens=args.tokens, seconds=args.seconds,
+            batch_size=args.batch_size, seq_len=args.seq_len, accum=args.accum, lr=args.lr,
+            warmup=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
+            eval_every=args.eval_every, eval_batches=args.eval_batches or None, seed=args.seed,
+            out=out, ckpt_every=args.ckpt_every, resume=args.resume, device=str(device),
+            quiet=args.quiet, flops_per_token=flops,
+        )
+        if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
+            cfg.steps = DEFAULT_STEPS
+        result = train(model, cfg)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
+        _print_summary(result, model.task)
+    return 130 if result.stopped_by == "interrupt" else 0
+
+
+def _print_summary(r: Any, task: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="training summary", title_justify="left", show_header=False)
+    t.add_column(justify="left")
+    t.add_column(justify="right")
+    unit = "tokens" if task == "lm" else "images"
+    t.add_row("steps", f"{r.steps:,}  (stopped by {r.stopped_by})")
+    t.add_row(unit, f"{r.tokens:,}")
+    t.add_row("train time", f"{r.train_seconds:.1f} s  (wall {r.wall_seconds:.1f} s)")
+    t.add_row(f"{unit}/s", f"{r.tokens_per_s:,.0f}")
+    t.add_row("train loss", _fmt(r.train_loss, ".4f"))
+    for k, v in r.aux.items():
+        t.add_row(f"aux {k}", _fmt(v, ".4g"))
+    t.add_row("val loss", f"{_fmt(r.first_val.get('val_loss'), '.4f')} -> "
+              f"{_fmt(r.val.get('val_loss'), '.4f')}")
+    if "val_bpb" in r.val:
+        t.add_row("val bits/byte", _fmt(r.val["val_bpb"], ".4f"))
+    if "val_acc" in r.val:
+        t.add_row("val accuracy", _fmt(r.val["val_acc"], ".2%"))
+    if r.mfu is not None:
+        t.add_row("achieved FLOP/s", f"{r.flops_per_s / 1e9:,.1f} G  (3 x forward)")
+        t.add_row("measured matmul peak", f"{r.peak_flops_per_s / 1e9:,.1f} G")
+        t.add_row("MFU", f"{r.mfu:.1%}")
+    if r.checkpoint is not None:
+        t.add_row("checkpoint", str(r.checkpoint))
+    if r.metrics_path is not None:
+        t.add_row("metrics", str(r.metrics_path))
+    if r.plot_path is not None:
+        t.add_row("loss curve", str(r.plot_path))
+    Console().print(t)

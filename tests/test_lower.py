@@ -1,0 +1,104 @@
+"""Lowering: norm placements, sharing as module reuse, tuned implementation choices."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import blockdsl
+from blockdsl.nn.model import Residual
+from blockdsl.nn.output import ModelOutput
+
+TINY = """
+model m {
+  d = 16
+  stem tokens(vocab=32, context=8, pos=rope)
+  head lm(tie=true)
+  norm rmsnorm()
+  block b {
+    attn mha(heads=2, bias=false) norm=PLACEMENT
+    ffn  mlp(d_ff=32)             norm=PLACEMENT
+  }
+  repeat 2 b
+}
+"""
+
+
+class _Lin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(4, 4)
+        self.seen_norm: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, x_norm: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen_norm = x_norm
+        return self.w(x)
+
+
+def test_residual_placements_match_their_formulas() -> None:
+    torch.manual_seed(0)
+    f = _Lin()
+    n1, n2 = nn.LayerNorm(4), nn.LayerNorm(4)
+    with torch.no_grad():
+        n1.weight.uniform_(0.5, 1.5)
+        n2.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 4)
+    assert torch.allclose(Residual(f, "pre", [n1])(x), x + f(n1(x)))
+    assert torch.allclose(Residual(f, "post", [n1])(x), n1(x + f(x)))
+    assert torch.allclose(Residual(f, "sandwich", [n1, n2])(x), x + n2(f(n1(x))))
+    assert torch.allclose(Residual(f, "none", [])(x), x + f(x))
+    out = Residual(f, "peri", [n1])(x)
+    seen = f.seen_norm
+    # peri: the primitive reads raw x for its values and gets N(x) for its score path
+    assert seen is not None and torch.allclose(seen, n1(x))
+    assert torch.allclose(out, x + f(x))
+
+
+def test_every_placement_builds_and_counts() -> None:
+    for placement in ("pre", "post", "sandwich", "peri", "none"):
+        text = TINY.replace("PLACEMENT", placement)
+        rep = blockdsl.report(text)
+        model = blockdsl.build(text, device="cpu")
+        assert rep.stored_params == sum(p.numel() for p in model.parameters()), placement
+        out = model(torch.randint(0, 32, (2, 8)))
+        assert isinstance(out, ModelOutput)
+        assert out.logits.shape == (2, 8, 32)
+        n_norm_layers = {"pre": 4, "post": 4, "sandwich": 8, "peri": 2, "none": 0}[placement]
+        # rmsnorm: d parameters each, plus the final norm
+        assert rep.breakdown["norms"] == 16 * n_norm_layers
+
+
+def test_shared_attention_is_one_module_with_individual_norms() -> None:
+    text = TINY.replace("norm=PLACEMENT\n    ffn", "norm=pre share=att\n    ffn").replace(
+        "PLACEMENT", "pre"
+    )
+    model = blockdsl.build(text, device="cpu")
+    a0 = model.units[0][0]
+    a1 = model.units[1][0]
+    assert a0.fn is a1.fn
+    assert a0.norms[0] is not a1.norms[0]
+    assert model.units[0][1].fn is not model.units[1][1].fn
+
+
+def test_tuned_choice_is_cached_and_used_by_lowering(tmp_path, monkeypatch) -> None:
+    from blockdsl.tune import lookup, tune_plan
+
+    monkeypatch.setenv("BLOCKDSL_CACHE", str(tmp_path))
+    plan = blockdsl.resolve(TINY.replace("PLACEMENT", "pre"))
+    dec = tune_plan(plan, device="cpu", precision="fp32", verbose=False)
+    assert len(dec) == 1  # two attention layers, one shape
+    (rec,) = dec.values()
+    assert set(rec["candidates"]) == {"sdpa", "manual"}
+    assert all(r["ok"] for r in rec["candidates"].values())
+    assert rec["choice"] in ("sdpa", "manual")
+    assert (tmp_path / "tune.json").exists()
+    attn = plan.layers[0]
+    assert lookup(attn, plan.d, plan.seq, "fp32", torch.device("cpu")) == rec["choice"]
+    model = blockdsl.build(plan, device="cpu")
+    assert model.units[0][0].fn.impl == rec["choice"]
+    # An explicit impl in the spec overrides the cache.
+    explicit = TINY.replace("mha(heads=2, bias=false)", "mha(heads=2, bias=false, impl=manual)")
+    model = blockdsl.build(explicit.replace("PLACEMENT", "pre"), device="cpu")
+    assert model.units[0][0].fn.impl == "manual"
+    monkeypatch.setenv("BLOCKDSL_TUNE", "off")
+    assert lookup(attn, plan.d, plan.seq, "fp32", torch.device("cpu")) is None
