@@ -16,6 +16,7 @@ from blockdsl.ir import Span
 # Source texts by file name, so an error raised far from the parser can still show
 # the line it points at (strings parsed from Python are registered under "<text>").
 _SOURCES: dict[str, str] = {}
+_MAX_SHOWN = 120  # characters of a source line shown under an error
 
 
 def register_source(file: str, text: str) -> None:
@@ -50,11 +51,18 @@ class BlockError(Exception):
         out = [f"{s.file}:{s.line}:{s.col}: error: {self.message}"]
         text = source_line(s.file, s.line)
         if text is not None:
+            text = text.replace("\t", " ")
             gutter = f"{s.line:>4} | "
-            out.append(gutter + text)
             end = s.end_col if s.end_line == s.line and s.end_col > s.col else s.col + 1
             width = max(1, min(end, len(text) + 1) - s.col)
-            out.append(" " * (len(gutter) - 2) + "| " + " " * (s.col - 1) + "^" * width)
+            col = s.col
+            if len(text) > _MAX_SHOWN:  # show a window of a very long line around the column
+                start = max(0, col - 1 - _MAX_SHOWN // 2)
+                text = ("…" if start else "") + text[start : start + _MAX_SHOWN] + "…"
+                col = col - start + (1 if start else 0)
+            width = min(width, max(1, len(text) + 1 - col), 60)
+            out.append(gutter + text)
+            out.append(" " * (len(gutter) - 2) + "| " + " " * (col - 1) + "^" * width)
         if self.hint:
             out.append(f"  hint: {self.hint}")
         return "\n".join(out)

@@ -339,6 +339,28 @@ def parse_text(text: str, file: str = "<text>") -> list[Any]:
         if isinstance(err.orig_exc, BlockError):
             raise err.orig_exc from None
         raise
+    except RecursionError:
+        raise BlockError(
+            "expression nested too deeply", ir.Span.model_construct(
+                file=file, line=1, col=1, end_line=1, end_col=2), "simplify the expression"
+        ) from None
+
+
+def _read(path: Path, include: ir.Include | None) -> str:
+    """A spec file's text, or a located error saying why it cannot be read."""
+    span = include.span if include else None
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BlockError(f"no such file: {path}", span, "check the path") from None
+    except IsADirectoryError:
+        raise BlockError(f"{path} is a folder, not a .block file", span) from None
+    except UnicodeDecodeError as err:
+        raise BlockError(
+            f"{path} is not UTF-8 text (byte {err.start})", span, "is this really a .block file?"
+        ) from None
+    except OSError as err:
+        raise BlockError(f"cannot read {path}: {err.strerror}", span) from None
 
 
 def load_module(source: str | Path, *, _stack: tuple[str, ...] = ()) -> ir.Module:
@@ -350,9 +372,7 @@ def load_module(source: str | Path, *, _stack: tuple[str, ...] = ()) -> ir.Modul
     """
     if isinstance(source, Path) or ("\n" not in source and "{" not in source):
         path = Path(source)
-        if not path.exists():
-            raise BlockError(f"no such file: {path}", None, "check the path")
-        file, text, base = str(path), path.read_text(encoding="utf-8"), path.parent
+        file, text, base = str(path), _read(path, None), path.parent
     else:
         file, text, base = "<text>", source, Path.cwd()
     items = parse_text(text, file)
@@ -377,6 +397,7 @@ def load_module(source: str | Path, *, _stack: tuple[str, ...] = ()) -> ir.Modul
                     item.span,
                     f"paths are relative to the including file's folder ({base})",
                 )
+            _read(target, item)
             sub = load_module(target, _stack=stack)
             includes.append(item)
             includes.extend(sub.includes)

@@ -124,6 +124,18 @@ _FUNCS: dict[str, Callable[..., Any]] = {
 }
 
 
+MAX_INT = 2**62  # far past any real size; keeps a typo like 10**100 from building a bignum
+MAX_INSTANCES = 100_000  # sublayer instances in one model
+
+
+def _bounded(v: Any, e: ir.Expr) -> Any:
+    if isinstance(v, int) and abs(v) > MAX_INT:
+        raise BlockError(f"number too large: {v:.3e}", e.span, "integers are capped at 2**62")
+    if isinstance(v, complex):
+        raise BlockError("the result is not a real number", e.span)
+    return v
+
+
 class _Symbol(str):
     """A bare name that is not a variable (`act=gelu`); remembers where it was."""
 
@@ -219,11 +231,11 @@ class _Scope:
             self._num(right, e.right)
             try:
                 if e.op == "+":
-                    return left + right
+                    return _bounded(left + right, e)
                 if e.op == "-":
-                    return left - right
+                    return _bounded(left - right, e)
                 if e.op == "*":
-                    return left * right
+                    return _bounded(left * right, e)
                 if e.op == "/":
                     v = left / right
                     ints = isinstance(left, int) and isinstance(right, int)
@@ -232,9 +244,15 @@ class _Scope:
                     return left // right
                 if e.op == "%":
                     return left % right
-                return left**right
+                if abs(right) > 256 or (isinstance(left, int) and abs(left) > 2**32 and right > 2):
+                    raise BlockError(
+                        f"{left} ** {right} is too large", e.span, "exponents are capped at 256"
+                    )
+                return _bounded(left**right, e)
             except ZeroDivisionError:
                 raise BlockError("division by zero", e.span) from None
+            except OverflowError:
+                raise BlockError("number too large", e.span) from None
         if isinstance(e, ir.Func):
             fn = _FUNCS.get(e.name)
             if fn is None:
@@ -403,6 +421,15 @@ def _merge(module: ir.Module, name: str, span: ir.Span | None) -> dict[str, Any]
     return merged
 
 
+def _name_span(m: ir.Model) -> ir.Span:
+    """The `model NAME` words of a model's first line: where whole-model errors point."""
+    kw = "space " if m.is_space else "model "
+    s = m.span
+    return ir.Span.model_construct(
+        file=s.file, line=s.line, col=s.col, end_line=s.line, end_col=s.col + len(kw) + len(m.name)
+    )
+
+
 def merged(module: ir.Module, name: str) -> dict[str, Any]:
     """A model's (or space's) statements with its `extends` chain applied.
 
@@ -470,7 +497,7 @@ def resolve(
     # ---- width
     if "d" not in m["assigns"]:
         raise BlockError(
-            f"model '{model}' does not set its width", mdl.span, "add `d = 512` (the residual width)"
+            f"model '{model}' does not set its width", _name_span(mdl), "add `d = 512` (the residual width)"
         )
     d = scope.var("d", m["assigns"]["d"].span)
     if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
@@ -481,7 +508,7 @@ def resolve(
     if stem_call is None:
         raise BlockError(
             f"model '{model}' has no stem",
-            mdl.span,
+            _name_span(mdl),
             "add `stem tokens(vocab=256, context=256)` or `stem patches(image=224, patch=16)`",
         )
     if stem_call.name not in STEMS:
@@ -505,7 +532,7 @@ def resolve(
     if head_call is None:
         raise BlockError(
             f"model '{model}' has no head",
-            mdl.span,
+            _name_span(mdl),
             "add `head lm()` for a language model or `head classify(classes=10)`",
         )
     if head_call.name not in HEADS:
@@ -550,7 +577,7 @@ def resolve(
     layout: tuple = m.get("layout", ())
     if not layout:
         raise BlockError(
-            f"model '{model}' has no layers", mdl.span, "add `repeat N BLOCK` or a `pattern`"
+            f"model '{model}' has no layers", _name_span(mdl), "add `repeat N BLOCK` or a `pattern`"
         )
     blocks: dict[str, ir.Block] = m["blocks"]
     # per unit: (block, repeat, item, forced call, overrides, key base, norm key base)
@@ -605,8 +632,10 @@ def resolve(
         for it in blk.items:
             if isinstance(it, ir.Slots):
                 cnt = scope.eval(it.count, f"{blk.name}.slots")
-                if isinstance(cnt, bool) or not isinstance(cnt, int) or cnt <= 0:
-                    raise BlockError(f"slots count must be a positive integer, got {cnt!r}", it.count.span)
+                if isinstance(cnt, bool) or not isinstance(cnt, int) or not 0 < cnt <= 1000:
+                    raise BlockError(
+                        f"slots count must be an integer in 1..1000, got {cnt!r}", it.count.span
+                    )
                 for j in range(cnt):
                     items.append(ir.Sublayer.model_construct(
                         label=f"s{j}", prims=it.prims, norm=it.norm, share=it.share,
@@ -634,6 +663,12 @@ def resolve(
             for idx in ov.indices:
                 for i in _indices(idx, n, scope):
                     per_rep.setdefault(i, {}).setdefault(ov.target, []).append(ov)
+        if sum(len(u) for u in units) + n * len(items) > MAX_INSTANCES:
+            raise BlockError(
+                f"repeat {n} x {len(items)} sublayers is more than {MAX_INSTANCES:,} instances",
+                rep.count.span,
+                "is the repeat count a typo?",
+            )
         for i in range(n):
             copy = i % groups if order == "abab" else i // (n // groups)
             unit = []
