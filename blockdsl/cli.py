@@ -137,8 +137,8 @@ def _smoke(plan, args: argparse.Namespace) -> dict[str, Any]:
         "input_shape": list(x.shape),
         "module_params": n_params,
         "step_seconds": times[-1],
-        "loss": float(loss),
-        "aux": {k: float(v) for k, v in out.aux.items()},
+        "loss": loss.item(),
+        "aux": {k: v.item() for k, v in out.aux.items()},
         "finite": finite,
         "params_without_grad": no_grad,
     }

@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
             device = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         seed_everything(args.seed)  # fixes the initial weights too
         model = blockdsl.build(args.spec, args.model, device=device, precision=args.precision)
-        flops = float(blockdsl.report(args.spec, args.model).flops_per_token)
+        rep = blockdsl.report(args.spec, args.model)
+        # the report counts per token; a classifier's unit of throughput is one image
+        flops = float(rep.flops_per_token) * (rep.seq if model.task == "classify" else 1)
         cfg = TrainConfig(
             data=args.data, steps=args.steps, tokens=args.tokens, seconds=args.seconds,
             batch_size=args.batch_size, seq_len=args.seq_len, accum=args.accum, lr=args.lr,
@@ -120,13 +122,14 @@ def _print_summary(r: Any, task: str) -> None:
     unit = "tokens" if task == "lm" else "images"
     t.add_row("steps", f"{r.steps:,}  (stopped by {r.stopped_by})")
     t.add_row(unit, f"{r.tokens:,}")
-    t.add_row("train time", f"{r.train_seconds:.1f} s  (wall {r.wall_seconds:.1f} s)")
+    t.add_row("train time (all runs)", f"{r.train_seconds:.1f} s")
+    t.add_row("wall time (this run)", f"{r.wall_seconds:.1f} s")
     t.add_row(f"{unit}/s", f"{r.tokens_per_s:,.0f}")
     t.add_row("train loss", _fmt(r.train_loss, ".4f"))
     for k, v in r.aux.items():
         t.add_row(f"aux {k}", _fmt(v, ".4g"))
-    t.add_row("val loss", f"{_fmt(r.first_val.get('val_loss'), '.4f')} -> "
-              f"{_fmt(r.val.get('val_loss'), '.4f')}")
+    first = f"{_fmt(r.first_val.get('val_loss'), '.4f')} -> " if len(r.evals) > 1 else ""
+    t.add_row("val loss", first + _fmt(r.val.get("val_loss"), ".4f"))
     if "val_bpb" in r.val:
         t.add_row("val bits/byte", _fmt(r.val["val_bpb"], ".4f"))
     if "val_acc" in r.val:

@@ -111,7 +111,7 @@ def _looks_like_text(path: Path) -> bool:
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as e:
-        return e.start >= len(head) - 3  # a multi-byte character cut at the 8 KiB edge
+        return len(head) == 8192 and e.start >= len(head) - 3  # a character cut at the edge
     return True
 
 

@@ -187,6 +187,7 @@ class Override(Node):
 class Repeat(Node):
     count: Expr
     block: str
+    block_span: Span | None = None
     groups: Expr | None = None
     order: str | None = None
     overrides: tuple[Override, ...] = ()

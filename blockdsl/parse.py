@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ def _number(text: str) -> int | float:
     if any(c in text for c in ".eE"):
         value = float(text)
         # 1e6 is an integer count in this language; keep it an int when exact.
-        if ("e" in text or "E" in text) and "." not in text and value.is_integer():
+        exact = value.is_integer() and abs(value) <= 2**53
+        if ("e" in text or "E" in text) and "." not in text and exact:
             return int(value)
         return value
     return int(text)
@@ -87,7 +89,10 @@ class _Build(Transformer):
 
     # ------------------------------------------------------------ expressions
     def number(self, meta, c):
-        return ir.Num.model_construct(value=_number(str(c[0])), span=self.sp(meta))
+        value = _number(str(c[0]))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BlockError(f"number too large: {c[0]}", self.sp(meta), "floats stop near 1.8e308")
+        return ir.Num.model_construct(value=value, span=self.sp(meta))
 
     def string(self, meta, c):
         return ir.Str.model_construct(value=str(c[0])[1:-1], span=self.sp(meta))
@@ -219,7 +224,10 @@ class _Build(Transformer):
             if key in kw:
                 raise BlockError(f"'{key}' is given twice", self.sp(meta))
             kw[key] = value
-        return ir.Repeat.model_construct(count=c[0], block=str(c[1]), span=self.sp(meta), **kw)
+        return ir.Repeat.model_construct(
+            count=c[0], block=str(c[1]), block_span=_tok_span(self.file, c[1]),
+            span=self.sp(meta), **kw
+        )
 
     def letter_def(self, meta, c):
         return ir.LetterDef.model_construct(letter=str(c[0]), call=c[1], span=self.sp(meta))
@@ -354,7 +362,9 @@ def _read(path: Path, include: ir.Include | None) -> str:
     except FileNotFoundError:
         raise BlockError(f"no such file: {path}", span, "check the path") from None
     except IsADirectoryError:
-        raise BlockError(f"{path} is a folder, not a .block file", span) from None
+        raise BlockError(
+            f"{path} is a folder, not a .block file", span, "name a .block file inside it"
+        ) from None
     except UnicodeDecodeError as err:
         raise BlockError(
             f"{path} is not UTF-8 text (byte {err.start})", span, "is this really a .block file?"
@@ -370,7 +380,10 @@ def load_module(source: str | Path, *, _stack: tuple[str, ...] = ()) -> ir.Modul
     Includes are resolved relative to the including file; a cycle or a missing file is
     a located error at the include line.
     """
-    if isinstance(source, Path) or ("\n" not in source and "{" not in source):
+    is_text = not isinstance(source, Path) and (
+        "\n" in source or "{" in source or ("=" in source and not Path(source).exists())
+    )
+    if not is_text:
         path = Path(source)
         file, text, base = str(path), _read(path, None), path.parent
     else:
@@ -385,7 +398,11 @@ def load_module(source: str | Path, *, _stack: tuple[str, ...] = ()) -> ir.Modul
     stack = _stack + (str(Path(file).resolve()) if file != "<text>" else file,)
     for item in items:
         if isinstance(item, ir.Include):
-            target = (base / item.path).resolve()
+            try:
+                target = (base / item.path).resolve()
+                target.exists()
+            except (ValueError, OSError) as err:
+                raise BlockError(f"bad include path: {err}", item.span) from None
             if str(target) in stack:
                 chain = " -> ".join(Path(p).name for p in stack + (str(target),))
                 raise BlockError(

@@ -83,19 +83,19 @@ def _positive(a: dict[str, Any], *names: str) -> None:
     for n in names:
         v = a.get(n)
         if v is not None and not isinstance(v, bool) and v <= 0:
-            raise ArgError(f"{n}={v} must be positive", n)
+            raise ArgError(f"{n}={v} must be positive", n, f"{n} is a size or count: use {n} >= 1")
 
 
 def _nonneg(a: dict[str, Any], *names: str) -> None:
     for n in names:
         if a.get(n) is not None and a[n] < 0:
-            raise ArgError(f"{n}={a[n]} must not be negative", n)
+            raise ArgError(f"{n}={a[n]} must not be negative", n, f"use {n}=0 to turn it off")
 
 
 def _prob(a: dict[str, Any], *names: str) -> None:
     for n in names:
         if not 0.0 <= a[n] < 1.0:
-            raise ArgError(f"{n}={a[n]} must be in [0, 1)", n)
+            raise ArgError(f"{n}={a[n]} must be in [0, 1)", n, f"{n} is a probability")
 
 
 def _k_le_experts(a: dict[str, Any]) -> None:

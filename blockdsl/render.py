@@ -30,7 +30,8 @@ def _call(name: str, args: dict[str, Any]) -> str:
 
 
 def _ident(key: str) -> str:
-    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_]", "_", key.removeprefix("share:"))).strip("_")
+    key = key.removeprefix("share:").removeprefix("normshare:")
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_]", "_", key)).strip("_")
 
 
 def _line(layer: LayerPlan, shared: set[str], default_kind: str) -> str:
@@ -52,8 +53,7 @@ def render(plan: Plan, name: str | None = None, comment: str | None = None) -> s
         for n in layer.norms:
             counts[n.key] = counts.get(n.key, 0) + 1
     shared = {k for k, c in counts.items() if c > 1}
-    default_norm = next((n for layer in plan.layers for n in layer.norms), plan.final_norm)
-    default_kind = default_norm.kind if default_norm else "layernorm"
+    default_kind, default_args = plan.default_norm
 
     out = [f"# Resolved by blockdsl {__version__} from {plan.file} (model {plan.name})."]
     if comment:
@@ -64,8 +64,7 @@ def render(plan: Plan, name: str | None = None, comment: str | None = None) -> s
     out.append(f"  d = {plan.d}")
     out.append(f"  stem {_call(*plan.stem)}")
     out.append(f"  head {_call(*plan.head)}")
-    if default_norm is not None:
-        out.append(f"  norm {_call(default_kind, default_norm.args)}")
+    out.append(f"  norm {_call(default_kind, default_args)}")
     fn = plan.final_norm
     out.append(f"  final_norm {_call(fn.kind, fn.args) if fn else 'none()'}")
     if plan.altup:
@@ -79,7 +78,8 @@ def render(plan: Plan, name: str | None = None, comment: str | None = None) -> s
     layout: list[list[Any]] = []
     for u, body in zip(units, bodies):
         if body not in blocks:
-            blocks[body] = f"b{len(blocks)}_{u[0].block}" if u else f"b{len(blocks)}"
+            base = re.sub(r"^b\d+_", "", u[0].block) if u else "block"
+            blocks[body] = f"b{len(blocks)}_{base}"
             out.append(f"  block {blocks[body]} {{\n{body}\n  }}")
         bname = blocks[body]
         if layout and layout[-1][1] == bname:

@@ -94,6 +94,7 @@ class Plan:
     assignment: dict[str, Any] = field(default_factory=dict)
     choices: tuple[ChoiceDef, ...] = ()
     span: ir.Span | None = None
+    default_norm: tuple[str, dict[str, Any]] = ("layernorm", {"eps": 1e-5, "bias": True})
 
     @property
     def vocab(self) -> int:
@@ -130,10 +131,19 @@ MAX_INSTANCES = 100_000  # sublayer instances in one model
 
 def _bounded(v: Any, e: ir.Expr) -> Any:
     if isinstance(v, int) and abs(v) > MAX_INT:
-        raise BlockError(f"number too large: {v:.3e}", e.span, "integers are capped at 2**62")
+        raise BlockError(
+            f"number too large: about 10**{int(v.bit_length() * 0.30103)}", e.span,
+            "integers are capped at 2**62",
+        )
+    if isinstance(v, float) and not math.isfinite(v):
+        raise BlockError("number too large", e.span, "floats stop near 1.8e308")
     if isinstance(v, complex):
         raise BlockError("the result is not a real number", e.span)
     return v
+
+
+class _Unbound(Exception):
+    """Raised while checking unused variables when one would bind a new search choice."""
 
 
 class _Symbol(str):
@@ -150,6 +160,7 @@ class _Scope:
         self.defs: dict[str, ChoiceDef] = {}
         self.cache: dict[str, Any] = {}
         self.active: list[str] = []
+        self.probing = False
 
     def var(self, name: str, span: ir.Span) -> Any:
         if name in self.cache:
@@ -178,6 +189,8 @@ class _Scope:
     def choice(self, c: ir.Choice, name: str) -> Any:
         if name in self.bound:
             return self.bound[name]
+        if self.probing:
+            raise _Unbound(name)
         opts = c.options
         if len(opts) == 1 and opts[0].value is None:
             o = opts[0]
@@ -250,9 +263,9 @@ class _Scope:
                     )
                 return _bounded(left**right, e)
             except ZeroDivisionError:
-                raise BlockError("division by zero", e.span) from None
+                raise BlockError("division by zero", e.span, "check the divisor's value") from None
             except OverflowError:
-                raise BlockError("number too large", e.span) from None
+                raise BlockError("number too large", e.span, "floats stop near 1.8e308") from None
         if isinstance(e, ir.Func):
             fn = _FUNCS.get(e.name)
             if fn is None:
@@ -264,13 +277,26 @@ class _Scope:
                 self._num(a, node)
             try:
                 return fn(*args)
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, OverflowError) as err:
                 raise BlockError(f"{e.name}(): {err}", e.span) from None
         if isinstance(e, ir.Choice):
             return self.choice(e, ctx_name)
         if isinstance(e, ir.Call):
             return e  # nested calls are interpreted by their consumer
         raise BlockError(f"cannot evaluate {type(e).__name__}", getattr(e, "span", None))
+
+    def integer(self, e: ir.Expr, what: str, lo: int = 1, hi: int | None = None) -> int:
+        """Evaluate `e` as an integer in [lo, hi], or raise a located error saying why not."""
+        v = self.eval(e, what)
+        self._num(v, e)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            rng = (f"an integer in {lo}..{hi}" if hi is not None
+                   else "a positive integer" if lo == 1 else f"an integer >= {lo}")
+            raise BlockError(f"{what} must be {rng}, got {v!r}", e.span,
+                             f"{what} counts whole things")
+        return v
 
     def _num(self, v: Any, node: Any) -> None:
         if isinstance(v, _Symbol):
@@ -293,7 +319,9 @@ def _coerce(spec: ArgSpec, name: str, value: Any, span: ir.Span, scope: _Scope, 
                 did_you_mean(str(value), scope.assigns),
             )
         return BlockError(
-            f"{where} argument '{name}' expects {expected}, got {value!r}", span, hint
+            f"{where} argument '{name}' expects {expected}, got {value!r}",
+            span,
+            hint or (f"{name}: {spec.doc}" if spec.doc else f"write {name}=<{expected}>"),
         )
 
     if spec.type == "int":
@@ -307,6 +335,8 @@ def _coerce(spec: ArgSpec, name: str, value: Any, span: ir.Span, scope: _Scope, 
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number" + (" or none" if spec.type == "optfloat" else ""))
+        if value != value or value in (float("inf"), float("-inf")):
+            raise bad("a finite number")
         return float(value)
     if spec.type == "bool":
         if not isinstance(value, bool):
@@ -371,7 +401,7 @@ def _bind_args(
         except ArgError as err:
             raise BlockError(str(err), spans.get(err.arg or "", call.span), err.hint) from None
         spans[name] = call.span
-    return out, spans
+    return {k: out[k] for k in schema if k in out}, spans
 
 
 # ---------------------------------------------------------------- model merging
@@ -454,12 +484,15 @@ def eval_expr(e: ir.Expr, variables: dict[str, Any]) -> Any:
 def _indices(idx: ir.Index, n: int, scope: _Scope) -> list[int]:
     def one(e: ir.Expr) -> int:
         v = scope.eval(e, "index")
+        scope._num(v, e)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise BlockError(f"a repeat index must be an integer, got {v!r}", e.span)
+            raise BlockError(f"a repeat index must be an integer, got {v!r}", e.span,
+                             "repeats are numbered 0, 1, ...; negative indices count from the end")
         w = v + n if v < 0 else v
         if not 0 <= w < n:
             raise BlockError(
-                f"repeat index {v} is out of range", e.span, f"this repeat has indices 0..{n - 1}"
+                f"repeat index {v} is out of range", e.span,
+                f"this repeat has indices 0..{n - 1} (or -{n}..-1 from the end)"
             )
         return w
 
@@ -467,9 +500,11 @@ def _indices(idx: ir.Index, n: int, scope: _Scope) -> list[int]:
     if idx.stop is None:
         return [start]
     stop = one(idx.stop)
-    step = 1 if idx.step is None else scope.eval(idx.step, "index")
-    if not isinstance(step, int) or step <= 0:
-        raise BlockError("a repeat index step must be a positive integer", idx.span)
+    if stop < start:
+        raise BlockError(
+            f"empty index range {start}..{stop}", idx.span, "write the low end first"
+        )
+    step = 1 if idx.step is None else scope.integer(idx.step, "a repeat index step")
     return list(range(start, stop + 1, step))
 
 
@@ -546,7 +581,15 @@ def resolve(
             head_call.span,
             f"a {stem_call.name} stem needs `head {want}(...)`",
         )
-    head_args, _ = _bind_args(head_call, HEADS[head_call.name], scope, f"head {head_call.name}", None)
+    head_args, head_spans = _bind_args(
+        head_call, HEADS[head_call.name], scope, f"head {head_call.name}", None
+    )
+    if head_call.name == "classify" and head_args["pool"] == "cls" and stem_args["cls"] == "none":
+        raise BlockError(
+            "pool=cls needs a class token, but the stem has cls=none",
+            head_spans["pool"],
+            "use pool=gap, or give the stem cls=learned",
+        )
     if head_call.name == "lm" and head_args["tie"] and stem_call.name != "tokens":
         raise BlockError("tie=true needs a token embedding", head_call.span)
     seq = stem_tokens(stem_call.name, stem_args)
@@ -583,8 +626,18 @@ def resolve(
     # per unit: (block, repeat, item, forced call, overrides, key base, norm key base)
     units: list[list[tuple]] = []
 
+    # Two statements that repeat the same block (or two patterns) are distinct layers;
+    # only share=, norm_share= and groups= make instances share parameters.
+    stmt_seen: dict[str, int] = {}
+
+    def stmt_prefix(name: str) -> str:
+        k = stmt_seen.get(name, 0)
+        stmt_seen[name] = k + 1
+        return name if k == 0 else f"{name}#{k}"
+
     for stmt in layout:
         if isinstance(stmt, ir.Pattern):
+            pfx = stmt_prefix("pattern")
             letters = {ld.letter: ld for ld in stmt.letters}
             text = stmt.text.replace(" ", "")
             if not text:
@@ -601,27 +654,34 @@ def resolve(
                     label=ch, prims=(ld.call,), norm=stmt.norm, share=stmt.share,
                     norm_share=stmt.norm_share, span=ld.span,
                 )
-                units.append([("pattern", i, sub, ld.call, {}, f"pattern.{i}.{ch}", f"pattern.{i}.{ch}")])
+                units.append([("pattern", i, sub, ld.call, {}, f"{pfx}.{i}.{ch}", f"{pfx}.{i}.{ch}")])
             continue
         rep: ir.Repeat = stmt
         blk = blocks.get(rep.block)
         if blk is None:
             raise BlockError(
-                f"unknown block '{rep.block}'", rep.span, did_you_mean(rep.block, blocks)
+                f"unknown block '{rep.block}'",
+                rep.block_span or rep.span,
+                did_you_mean(rep.block, blocks),
             )
-        n = scope.eval(rep.count, "repeat")
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise BlockError(f"repeat count must be a positive integer, got {n!r}", rep.count.span)
+        pfx = stmt_prefix(blk.name)
+        n = scope.integer(rep.count, "the repeat count")
         groups = n
         if rep.groups is not None:
-            groups = scope.eval(rep.groups, "groups")
-            if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
-                raise BlockError(f"groups must be a positive integer, got {groups!r}", rep.groups.span)
+            groups = scope.integer(rep.groups, "groups")
             if groups > n:
-                raise BlockError(f"groups={groups} exceeds the repeat count {n}", rep.groups.span)
+                raise BlockError(
+                    f"groups={groups} exceeds the repeat count {n}",
+                    rep.groups.span,
+                    "groups is the number of distinct copies of the block; at most the repeat count",
+                )
         order = rep.order or "abab"
         if order not in ("abab", "aabb"):
-            raise BlockError(f"order must be abab or aabb, got '{order}'", rep.span)
+            raise BlockError(
+                f"order must be abab or aabb, got '{order}'",
+                rep.span,
+                "abab applies copies 0,1,0,1,...; aabb applies copy 0 n/G times, then copy 1, ...",
+            )
         if order == "aabb" and n % groups:
             raise BlockError(
                 f"order=aabb needs the repeat count {n} to be a multiple of groups={groups}", rep.span
@@ -631,11 +691,7 @@ def resolve(
         labels: set[str] = set()
         for it in blk.items:
             if isinstance(it, ir.Slots):
-                cnt = scope.eval(it.count, f"{blk.name}.slots")
-                if isinstance(cnt, bool) or not isinstance(cnt, int) or not 0 < cnt <= 1000:
-                    raise BlockError(
-                        f"slots count must be an integer in 1..1000, got {cnt!r}", it.count.span
-                    )
+                cnt = scope.integer(it.count, "the slots count", 1, 1000)
                 for j in range(cnt):
                     items.append(ir.Sublayer.model_construct(
                         label=f"s{j}", prims=it.prims, norm=it.norm, share=it.share,
@@ -673,7 +729,7 @@ def resolve(
             copy = i % groups if order == "abab" else i // (n // groups)
             unit = []
             for it in items:
-                base = f"{blk.name}.{i}.{it.label}" if groups == n else f"{blk.name}[{copy}].{it.label}"
+                base = f"{pfx}.{i}.{it.label}" if groups == n else f"{pfx}[{copy}].{it.label}"
                 unit.append((blk.name, i, it, None, per_rep.get(i, {}).get(it.label, []), base, base))
             units.append(unit)
 
@@ -737,6 +793,13 @@ def resolve(
                 call, prim.args, scope, f"primitive {call.name}", ctx, extra,
                 choice_prefix=f"{blk_name}.{it.label}.",
             )
+            if ctx.causal and args.get("causal") is False:
+                raise BlockError(
+                    "causal=false in a language model lets each position see the token it "
+                    "must predict",
+                    spans.get("causal", call.span),
+                    "language models train on next-token prediction; drop causal=false",
+                )
             try:
                 prim.check(ctx, args)
             except ArgError as err:
@@ -777,19 +840,27 @@ def resolve(
             sig = layer.signature()
             if key in prim_sigs and prim_sigs[key][0] != sig:
                 first = prim_sigs[key][1]
+                how = (f"share={it.share}" if it.share
+                       else "the same copy of a grouped repeat (groups=)")
                 raise BlockError(
-                    f"sublayers sharing '{key.removeprefix('share:')}' disagree: "
+                    f"sublayers sharing weights through {how} disagree: "
                     f"{_sig_text(sig)} here vs {_sig_text(prim_sigs[key][0])} at {first}",
                     call.span,
-                    "shared weights need one shape; give them the same arguments or different share= names",
+                    "shared weights need one shape: give them the same arguments"
+                    + (", or different share= names" if it.share else
+                       ", or override all repeats of a copy alike"),
                 )
             prim_sigs.setdefault(key, (sig, call.span))
             for nrm in norms:
                 nsig = nrm.signature()
                 if nrm.key in norm_sigs and norm_sigs[nrm.key][0] != nsig:
+                    group = it.norm_share or nrm.key
                     raise BlockError(
-                        f"norms sharing '{nrm.key}' disagree ({nsig[0]} vs {norm_sigs[nrm.key][0][0]})",
-                        it.span,
+                        f"norms sharing '{group}' disagree: {nsig[0]} here vs "
+                        f"{norm_sigs[nrm.key][0][0]} at {norm_sigs[nrm.key][1]}",
+                        nopt.span if nopt else it.span,
+                        "a shared norm is one module: give its users the same norm kind, "
+                        "or a different norm_share= name",
                     )
                 norm_sigs.setdefault(nrm.key, (nsig, it.span))
             layers.append(layer)
@@ -802,7 +873,8 @@ def resolve(
             raise BlockError(f"unknown widening '{acall.name}'", acall.span, "did you mean 'altup'?")
         altup, aspans = _bind_args(acall, ALTUP, scope, "altup", None)
         if altup["k"] < 1:
-            raise BlockError(f"altup k={altup['k']} must be at least 1", aspans["k"])
+            raise BlockError(f"altup k={altup['k']} must be at least 1", aspans["k"],
+                             "k is the widening factor; k=1 is the plain model")
         if altup["k"] > len(units):
             raise BlockError(
                 f"altup k={altup['k']} exceeds the {len(units)} layers it wraps",
@@ -812,11 +884,13 @@ def resolve(
             )
 
     variables = {}
+    scope.probing = True  # a variable that would bind a new choice stays unevaluated
     for name in m["assigns"]:
         try:
             variables[name] = scope.var(name, m["assigns"][name].span)
-        except BlockError:
+        except _Unbound:
             continue
+    scope.probing = False
     return Plan(
         name=model,
         file=module.file,
@@ -833,6 +907,7 @@ def resolve(
         assignment=dict(bound),
         choices=tuple(scope.defs.values()),
         span=mdl.span,
+        default_norm=default_norm,
     )
 
 

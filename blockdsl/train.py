@@ -199,11 +199,15 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+_RATES: dict[str, float] = {}
+
+
 def matmul_rate(device: torch.device, precision: str, cache: Path | None = None) -> float:
-    """Measured dense-matmul FLOP/s of this machine at a precision (cached): the MFU peak.
+    """Measured dense-matmul FLOP/s of this machine at a precision: the MFU denominator.
 
     Measured rather than looked up because CPU peaks depend on cores, AVX-512/AMX and
-    thread count, which no table knows.
+    thread count, which no table knows. Measured once per process (0.3 s); the cache file
+    keeps the best rate ever seen, so one measurement taken under load does not stick.
     """
     threads = torch.get_num_threads()
     key = f"{_device_name(device)}|{precision}|torch {torch.__version__}|threads {threads}"
@@ -212,8 +216,16 @@ def matmul_rate(device: torch.device, precision: str, cache: Path | None = None)
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
-    if key in table:
-        return float(table[key])
+    if key not in _RATES:
+        _RATES[key] = _measure_matmul(device, precision)
+        if _RATES[key] > table.get(key, 0.0):
+            table[key] = _RATES[key]
+            with contextlib.suppress(OSError):
+                data_mod.atomic_write_bytes(path, json.dumps(table, indent=1).encode())
+    return max(_RATES[key], float(table.get(key, 0.0)))
+
+
+def _measure_matmul(device: torch.device, precision: str) -> float:
     n = 2048 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
@@ -227,11 +239,7 @@ def matmul_rate(device: torch.device, precision: str, cache: Path | None = None)
             reps += 1
         _sync(device)
         dt = time.perf_counter() - t0
-    rate = 2 * n**3 * reps / dt
-    table[key] = rate
-    with contextlib.suppress(OSError):
-        data_mod.atomic_write_bytes(path, json.dumps(table, indent=1).encode())
-    return rate
+    return 2 * n**3 * reps / dt
 
 
 def _sync(device: torch.device) -> None:
@@ -500,17 +508,22 @@ def _check_out(out: Path) -> None:
 
 
 class _Interrupt:
-    """First Ctrl-C asks to stop after the current step (and checkpoint); a second one kills."""
+    """Ctrl-C or SIGTERM asks to stop after the current step and checkpoint; a second one aborts.
+
+    SIGTERM too because that is what torchrun sends its workers on Ctrl-C, and what batch
+    schedulers send before they kill a job. Handlers are restored when training ends.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._prev: Any = None
-        self._installed = False
+        self._prev: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            for sig in self.SIGNALS:
+                self._prev[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -519,8 +532,8 @@ class _Interrupt:
         self.requested = True
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
 
 
 class _Progress:
@@ -649,7 +662,8 @@ def train(model: nn.Module, config: TrainConfig | None = None, *,
     `dataset` lets a caller (the search) load data once for many runs; by default it is
     loaded from `config.data` and checked against the model. Launched by torchrun, every
     rank calls this and takes its shard of each global batch; only rank 0 writes files.
-    Raises TrainError for anything the user can fix.
+    Raises TrainError for anything the user can fix; an exception from `on_eval` is
+    re-raised once every rank has stopped.
     """
     cfg = config or TrainConfig()
     _validate(cfg)
@@ -658,231 +672,273 @@ def train(model: nn.Module, config: TrainConfig | None = None, *,
     dist = _Dist.setup(cfg.device)
     try:
         with precision_context(cfg.precision, dist.device), _Interrupt() as interrupt:
-            return _train(model, cfg, dist, dataset, on_eval, interrupt)
+            run = _Run(model, cfg, dist, dataset, on_eval, interrupt)
+            try:
+                return run.loop()
+            finally:
+                run.close()
     finally:
         dist.close()
 
 
-def _train(model: nn.Module, cfg: TrainConfig, dist: _Dist, dataset: TaskData | None,
-           on_eval: EvalCallback | None, interrupt: _Interrupt) -> TrainResult:
-    wall0 = time.perf_counter()
-    device = dist.device
-    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise TrainError("this GPU has no bf16 support; use precision fp32 or fp32-medium")
-    try:
-        ds = dataset or data_mod.load_for_model(model, cfg.data, cfg.seq_len)
-    except DataError as e:
-        raise TrainError(str(e)) from None
-    if getattr(model, "task", None) != ds.task:
-        raise TrainError(f"model task {getattr(model, 'task', None)!r} does not fit "
-                         f"{ds.task!r} data {ds.name}")
-    shards = dist.world * cfg.accum
-    if cfg.batch_size % shards:
-        raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over "
-                         f"{dist.world} process(es) x accum {cfg.accum}")
-    per_step = cfg.batch_size * ds.units_per_sample
-    total_steps = cfg.steps
-    if cfg.tokens is not None:
-        by_tokens = math.ceil(cfg.tokens / per_step)
-        total_steps = by_tokens if total_steps is None else min(total_steps, by_tokens)
-    byte_level = getattr(ds, "vocab_size", None) == data_mod.BYTE_VOCAB
+class _Run:
+    """One call of `train`: set-up, the step, evaluation, checkpoints, and the result."""
 
-    out = Path(cfg.out).expanduser() if cfg.out is not None else None
-    ckpt = latest_checkpoint(out) if out is not None else None
-    if out is not None and dist.main:
-        _check_out(out)
-        if ckpt is not None and not cfg.resume:
-            raise TrainError(f"{out} already holds a checkpoint ({ckpt.name}); resume it "
-                             "or choose another output folder")
+    def __init__(self, model: nn.Module, cfg: TrainConfig, dist: _Dist,
+                 dataset: TaskData | None, on_eval: EvalCallback | None,
+                 interrupt: _Interrupt) -> None:
+        self.wall0 = time.perf_counter()
+        self.model, self.cfg, self.dist, self.on_eval = model, cfg, dist, on_eval
+        self.interrupt = interrupt
+        self.device = dist.device
+        self.step, self.tokens, self.train_time = 0, 0, 0.0
+        self.files = _RunFiles(None, None)
+        self.bar = _Progress(False, None, "")
+        error: TrainError | None = None
+        try:
+            self._setup(dataset)
+        except TrainError as e:
+            error = e
+        # every rank must learn that one failed, or the others wait in a collective forever
+        failed = dist.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0]))[0] > 0
+        if error is not None:
+            raise error
+        if failed:
+            raise TrainError("another process failed to set up training; see rank 0's error")
+        dist.broadcast_module(model)
+        self.start_time = self.train_time
+        self.files = _RunFiles(self.out if dist.main else None,
+                               self.step if self.resumed else None)
+        self.peak = None
+        if cfg.flops_per_token and dist.main:
+            self.peak = matmul_rate(self.device, cfg.precision) * dist.world
+        self.verbose = dist.main and not cfg.quiet
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        total = float(self.total_steps) if self.total_steps is not None else cfg.seconds
+        self.bar = _Progress(bool(show) and self.verbose, total,
+                             "tok" if self.ds.task == "lm" else "img")
+        self.val_batches = self.ds.val_batches(cfg.batch_size, cfg.eval_batches)
+        self.losses: list[Tensor] = []
+        self.aux_steps: dict[str, list[Tensor]] = {}
+        self.evals: list[tuple[int, dict[str, float]]] = []
+        self.window_time = 0.0
+        self.stopped_by = "budget"
+        self.pending_error: BaseException | None = None
+        self.last_ckpt: Path | None = None
+        self.last_eval_step = -1
 
-    model.to(device)
-    seed_everything(cfg.seed)
-    dist.broadcast_module(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    def _setup(self, dataset: TaskData | None) -> None:
+        cfg, dist, model = self.cfg, self.dist, self.model
+        if (cfg.precision == "bf16" and self.device.type == "cuda"
+                and not torch.cuda.is_bf16_supported()):
+            raise TrainError("this GPU has no bf16 support; use precision fp32 or fp32-medium")
+        try:
+            self.ds = dataset or data_mod.load_for_model(model, cfg.data, cfg.seq_len)
+        except DataError as e:
+            raise TrainError(str(e)) from None
+        if getattr(model, "task", None) != self.ds.task:
+            raise TrainError(f"model task {getattr(model, 'task', None)!r} does not fit "
+                             f"{self.ds.task!r} data {self.ds.name}")
+        if cfg.batch_size % (dist.world * cfg.accum):
+            raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over "
+                             f"{dist.world} process(es) x accum {cfg.accum}")
+        self.per_step = cfg.batch_size * self.ds.units_per_sample
+        self.total_steps = cfg.steps
+        if cfg.tokens is not None:
+            by_tokens = math.ceil(cfg.tokens / self.per_step)
+            self.total_steps = by_tokens if cfg.steps is None else min(cfg.steps, by_tokens)
+        self.byte_level = getattr(self.ds, "vocab_size", None) == data_mod.BYTE_VOCAB
 
-    step, tokens, train_time = 0, 0, 0.0
-    resumed = cfg.resume and ckpt is not None
-    if resumed:
-        assert ckpt is not None
-        state = load_checkpoint(ckpt, model, opt)
-        saved = state["config"]
-        for name in ("seed", "batch_size"):
-            if saved[name] != getattr(cfg, name):
-                raise TrainError(f"checkpoint {ckpt} was made with {name} {saved[name]}, "
-                                 f"not {getattr(cfg, name)}: the data order would change")
-        step, tokens, train_time = state["step"], state["tokens"], state["train_time"]
-        _set_rng_state(state["rng"])
-    start_time = train_time
+        self.out = Path(cfg.out).expanduser() if cfg.out is not None else None
+        ckpt = latest_checkpoint(self.out) if self.out is not None else None
+        if self.out is not None and dist.main:
+            _check_out(self.out)
+            if ckpt is not None and not cfg.resume:
+                raise TrainError(f"{self.out} already holds a checkpoint ({ckpt.name}); "
+                                 "resume it or choose another output folder")
+        model.to(self.device)
+        seed_everything(cfg.seed)  # identical on every rank, so rank 0's RNG state fits all
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                     betas=cfg.betas)
+        self.resumed = cfg.resume and ckpt is not None
+        if ckpt is not None and self.resumed:
+            state = load_checkpoint(ckpt, model, self.opt)
+            for name in ("seed", "batch_size"):
+                if state["config"][name] != getattr(cfg, name):
+                    raise TrainError(
+                        f"checkpoint {ckpt} was made with {name} {state['config'][name]}, "
+                        f"not {getattr(cfg, name)}: the data order would change"
+                    )
+            self.step, self.tokens = state["step"], state["tokens"]
+            self.train_time = state["train_time"]
+            _set_rng_state(state["rng"])
 
-    files = _RunFiles(out if dist.main else None, step if resumed else None)
-    peak = None
-    if cfg.flops_per_token and dist.main:
-        peak = matmul_rate(device, cfg.precision) * dist.world
-    verbose = dist.main and not cfg.quiet
-    show_bar = cfg.progress if cfg.progress is not None else (verbose and sys.stderr.isatty())
-    unit = "tok" if ds.task == "lm" else "img"
-    bar_total = float(total_steps) if total_steps is not None else cfg.seconds
-    bar = _Progress(bool(show_bar) and dist.main, bar_total, unit)
+    # -- pieces of the loop
 
-    def say(text: str) -> None:
-        if bar.bar is not None:
-            bar.log(text)
-        elif verbose:
+    def say(self, text: str) -> None:
+        if self.bar.bar is not None:
+            self.bar.log(text)
+        elif self.verbose:
             print(text, file=sys.stderr, flush=True)
 
-    val_batches = ds.val_batches(cfg.batch_size, cfg.eval_batches)
-    losses: list[Tensor] = []
-    evals: list[tuple[int, dict[str, float]]] = []
-    aux_steps: dict[str, list[Tensor]] = {}
-    window_time = 0.0
-    stopped_by = "budget"
-    pending_error: BaseException | None = None
-    last_ckpt: Path | None = None
-    last_eval_step = -1
-
-    def progress_of(s: int, t: float) -> float:
-        p = 0.0
-        if total_steps is not None:
-            p = max(p, (s - cfg.warmup) / max(1, total_steps - cfg.warmup))
+    def progress(self) -> float:
+        """Fraction of the budget used: steps after warm-up, or train seconds, whichever leads."""
+        cfg, p = self.cfg, 0.0
+        if self.total_steps is not None:
+            p = (self.step - cfg.warmup) / max(1, self.total_steps - cfg.warmup)
         if cfg.seconds is not None:
-            p = max(p, t / cfg.seconds)
+            p = max(p, self.train_time / cfg.seconds)
         return p
 
-    def run_eval() -> bool:
-        """Evaluate, log, call back; True when the callback asks to stop."""
-        nonlocal pending_error, last_eval_step
-        metrics = evaluate(model, val_batches, cfg.precision, device, dist, byte_level)
-        last_eval_step = step
-        if losses:
-            metrics["train_loss"] = float(torch.stack(losses[-cfg.log_every:]).mean())
-        metrics.update(tokens=float(tokens), train_seconds=train_time)
-        evals.append((step, metrics))
-        files.log({"kind": "eval", "step": step, **metrics})
-        extra = "".join(f"  {k} {metrics[k]:.4f}" for k in ("val_bpb", "val_acc") if k in metrics)
-        say(f"step {step:>6}  val_loss {metrics['val_loss']:.4f}{extra}")
-        stop = 0.0
-        if on_eval is not None and dist.main:
-            try:
-                stop = 1.0 if on_eval(step, dict(metrics)) else 0.0
-            except BaseException as e:  # noqa: BLE001 - re-raised after every rank stops
-                pending_error, stop = e, 1.0
-        return bool(dist.all_reduce_sum(torch.tensor([stop]))[0] > 0)
+    def budget_left(self) -> bool:
+        if self.total_steps is not None and self.step >= self.total_steps:
+            return False
+        return self.cfg.seconds is None or self.train_time < self.cfg.seconds
 
-    def checkpoint() -> None:
-        nonlocal last_ckpt
-        if out is None or not dist.main:
+    def train_step(self) -> None:
+        cfg, dist, device = self.cfg, self.dist, self.device
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, self.progress(), cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        x, y = self.ds.train_batch(self.step, cfg.batch_size, cfg.seed)
+        per_rank = cfg.batch_size // dist.world
+        lo = dist.rank * per_rank
+        loss, aux = accumulate_gradients(self.model, x[lo: lo + per_rank],
+                                         y[lo: lo + per_rank], cfg.accum, cfg.precision, device)
+        dist.average_grads(self.params)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                     if cfg.grad_clip > 0 else None)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        _sync(device)
+        self.step += 1
+        self.tokens += self.per_step
+        # one small all-reduce keeps loss, stop request and clock identical on all ranks
+        keys = sorted(aux)
+        shared = torch.stack(
+            [loss.float().cpu()] + [aux[k].cpu() for k in keys]
+            + [torch.tensor(float(self.interrupt.requested)),
+               torch.tensor(time.perf_counter() - t0)]
+        ).double()
+        shared = dist.all_reduce_sum(shared) / dist.world
+        dt = float(shared[-1])
+        self.train_time += dt
+        self.window_time += dt
+        self.losses.append(shared[0].float())
+        for i, k in enumerate(keys):
+            self.aux_steps.setdefault(k, []).append(shared[1 + i].float())
+        if shared[-2] > 0:
+            self.stopped_by = "interrupt"
+        timed = cfg.seconds is not None and self.total_steps is None
+        rate = self.per_step / max(dt, 1e-9)
+        self.bar.update(self.train_time if timed else self.step, step=self.step,
+                        loss=f"{float(shared[0]):.4f}", rate=f"{rate:,.0f}")
+        if self.step % cfg.log_every == 0:
+            self.log_train(lr, grad_norm)
+
+    def log_train(self, lr: float, grad_norm: Tensor | None) -> None:
+        n = min(self.cfg.log_every, len(self.losses))
+        rec: dict[str, Any] = {
+            "kind": "train", "step": self.step,
+            "loss": float(torch.stack(self.losses[-n:]).mean()), "lr": lr,
+            "tokens": self.tokens, "tokens_per_s": n * self.per_step / max(self.window_time, 1e-9),
+            "train_seconds": self.train_time,
+        }
+        if grad_norm is not None:
+            rec["grad_norm"] = float(grad_norm)
+        for k, vals in self.aux_steps.items():
+            rec[f"aux/{k}"] = float(torch.stack(vals[-n:]).mean())
+        self.files.log(rec)
+        self.window_time = 0.0
+
+    def run_eval(self) -> bool:
+        """Evaluate, log, call back; True when the callback asked (on rank 0) to stop."""
+        metrics = evaluate(self.model, self.val_batches, self.cfg.precision, self.device,
+                           self.dist, self.byte_level)
+        self.last_eval_step = self.step
+        if self.losses:
+            metrics["train_loss"] = float(torch.stack(self.losses[-self.cfg.log_every:]).mean())
+        metrics.update(tokens=float(self.tokens), train_seconds=self.train_time)
+        self.evals.append((self.step, metrics))
+        self.files.log({"kind": "eval", "step": self.step, **metrics})
+        extra = "".join(f"  {k} {metrics[k]:.4f}" for k in ("val_bpb", "val_acc") if k in metrics)
+        self.say(f"step {self.step:>6}  val_loss {metrics['val_loss']:.4f}{extra}")
+        stop = 0.0
+        if self.on_eval is not None and self.dist.main:
+            try:
+                stop = 1.0 if self.on_eval(self.step, dict(metrics)) else 0.0
+            except BaseException as e:  # noqa: BLE001 - re-raised after every rank stops
+                self.pending_error, stop = e, 1.0
+        return bool(self.dist.all_reduce_sum(torch.tensor([stop]))[0] > 0)
+
+    def checkpoint(self) -> None:
+        if self.out is None or not self.dist.main:
             return
         state = {
-            "step": step, "tokens": tokens, "train_time": train_time,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "step": self.step, "tokens": self.tokens, "train_time": self.train_time,
+            "config": {k: (str(v) if isinstance(v, Path) else v)
+                       for k, v in asdict(self.cfg).items()},
         }
         try:
-            last_ckpt = save_checkpoint(out, step, model, opt, state, cfg.keep_checkpoints)
+            self.last_ckpt = save_checkpoint(self.out, self.step, self.model, self.opt, state,
+                                             self.cfg.keep_checkpoints)
         except OSError as e:
-            raise TrainError(f"cannot write checkpoint in {out}: {e.strerror or e}") from None
+            raise TrainError(f"cannot write checkpoint in {self.out}: {e.strerror or e}") from None
 
-    try:
-        model.train()
-        if not resumed and run_eval():
-            stopped_by = "callback"
-        while stopped_by == "budget":
-            if total_steps is not None and step >= total_steps:
-                break
-            if cfg.seconds is not None and train_time >= cfg.seconds:
-                break
-            t0 = time.perf_counter()
-            lr = lr_at(step, progress_of(step, train_time), cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, y = ds.train_batch(step, cfg.batch_size, cfg.seed)
-            per_rank = cfg.batch_size // dist.world
-            lo = dist.rank * per_rank
-            step_loss, step_aux = accumulate_gradients(
-                model, x[lo: lo + per_rank], y[lo: lo + per_rank], cfg.accum, cfg.precision,
-                device,
-            )
-            dist.average_grads(params)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                         if cfg.grad_clip > 0 else None)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            step += 1
-            tokens += per_step
-            dt = time.perf_counter() - t0
-            # one small all-reduce keeps loss, stop request and clock identical on all ranks
-            keys = sorted(step_aux)
-            shared = torch.stack(
-                [step_loss.float().cpu()] + [step_aux[k].cpu() for k in keys]
-                + [torch.tensor(float(interrupt.requested)), torch.tensor(dt)]
-            ).double()
-            shared = dist.all_reduce_sum(shared) / dist.world
-            step_loss_t = shared[0].float()
-            train_time += float(shared[-1])
-            losses.append(step_loss_t)
-            window_time += float(shared[-1])
-            for i, k in enumerate(keys):
-                aux_steps.setdefault(k, []).append(shared[1 + i].float())
-            if shared[-2] > 0:
-                stopped_by = "interrupt"
-            bar.update(train_time if cfg.seconds is not None and total_steps is None else step,
-                       step=step, loss=f"{float(step_loss_t):.4f}",
-                       rate=f"{per_step / max(float(shared[-1]), 1e-9):,.0f}")
-            if step % cfg.log_every == 0:
-                n_win = min(cfg.log_every, len(losses))
-                rec: dict[str, Any] = {
-                    "kind": "train", "step": step,
-                    "loss": float(torch.stack(losses[-n_win:]).mean()), "lr": lr,
-                    "tokens": tokens, "tokens_per_s": n_win * per_step / max(window_time, 1e-9),
-                    "train_seconds": train_time,
-                }
-                if grad_norm is not None:
-                    rec["grad_norm"] = float(grad_norm)
-                for k, vals in aux_steps.items():
-                    rec[f"aux/{k}"] = float(torch.stack(vals[-n_win:]).mean())
-                files.log(rec)
-                window_time = 0.0
-            if step % cfg.eval_every == 0 and run_eval() and stopped_by == "budget":
-                stopped_by = "callback"
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                checkpoint()
-        if pending_error is None:
-            if last_eval_step != step:
-                run_eval()
-            checkpoint()
-    finally:
-        bar.close()
-    if pending_error is not None:
-        files.close()
-        raise pending_error
+    # -- the loop and its result
 
-    final = evals[-1][1] if evals else {}
-    first = evals[0][1] if evals else {}
-    # throughput of this call's steps only, so a resumed run reports its own speed
-    run_time = train_time - start_time
-    tok_s = len(losses) * per_step / run_time if losses and run_time > 0 else 0.0
-    flops = 3 * cfg.flops_per_token * tok_s if cfg.flops_per_token else None
-    losses_f = [float(v) for v in losses]
-    result = TrainResult(
-        steps=step, tokens=tokens, train_seconds=train_time,
-        wall_seconds=time.perf_counter() - wall0,
-        train_loss=float(np.mean(losses_f[-cfg.log_every:])) if losses_f else float("nan"),
-        val=final, first_val=first, losses=losses_f, evals=evals, tokens_per_s=tok_s,
-        stopped_by=stopped_by, flops_per_s=flops, peak_flops_per_s=peak,
-        mfu=flops / peak if flops and peak else None, checkpoint=last_ckpt,
-        metrics_path=files.metrics_path,
-        aux={k: float(torch.stack(v[-cfg.log_every:]).mean()) for k, v in aux_steps.items()},
-    )
-    if dist.main and out is not None:
-        files.log({"kind": "summary", "step": step, **_summary(result)})
-        files.close()
-        train_hist, val_hist = files.history()
-        name = getattr(ds, "name", "data")
-        result.plot_path = plot_losses(train_hist, val_hist, out / "loss.png",
-                                       f"{type(model).__name__} on {Path(str(name)).name}")
-    files.close()
-    return result
+    def loop(self) -> TrainResult:
+        cfg = self.cfg
+        self.model.train()
+        if not self.resumed and self.run_eval():
+            self.stopped_by = "callback"
+        while self.stopped_by == "budget" and self.budget_left():
+            self.train_step()
+            if self.step % cfg.eval_every == 0 and self.run_eval():
+                self.stopped_by = "callback" if self.stopped_by == "budget" else self.stopped_by
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                self.checkpoint()
+        if self.pending_error is not None:
+            raise self.pending_error
+        if self.last_eval_step != self.step:
+            self.run_eval()
+        self.checkpoint()
+        return self.result()
+
+    def result(self) -> TrainResult:
+        cfg = self.cfg
+        # throughput of this call's steps only, so a resumed run reports its own speed
+        run_time = self.train_time - self.start_time
+        tok_s = len(self.losses) * self.per_step / run_time if run_time > 0 else 0.0
+        flops = 3 * cfg.flops_per_token * tok_s if cfg.flops_per_token else None
+        losses = [float(v) for v in self.losses]
+        r = TrainResult(
+            steps=self.step, tokens=self.tokens, train_seconds=self.train_time,
+            wall_seconds=time.perf_counter() - self.wall0,
+            train_loss=float(np.mean(losses[-cfg.log_every:])) if losses else float("nan"),
+            val=self.evals[-1][1] if self.evals else {},
+            first_val=self.evals[0][1] if self.evals else {},
+            losses=losses, evals=self.evals, tokens_per_s=tok_s, stopped_by=self.stopped_by,
+            flops_per_s=flops, peak_flops_per_s=self.peak,
+            mfu=flops / self.peak if flops and self.peak else None,
+            checkpoint=self.last_ckpt, metrics_path=self.files.metrics_path,
+            aux={k: float(torch.stack(v[-cfg.log_every:]).mean())
+                 for k, v in self.aux_steps.items()},
+        )
+        if self.dist.main and self.out is not None:
+            self.files.log({"kind": "summary", "step": self.step, **_summary(r)})
+            self.files.close()
+            train_hist, val_hist = self.files.history()
+            title = f"{getattr(self.model, 'name', None) or type(self.model).__name__} on " \
+                    f"{Path(str(self.ds.name)).name}"
+            r.plot_path = plot_losses(train_hist, val_hist, self.out / "loss.png", title)
+        return r
+
+    def close(self) -> None:
+        self.bar.close()
+        self.files.close()
 
 
 def _summary(r: TrainResult) -> dict[str, Any]:

@@ -1,0 +1,362 @@
+"""`blockdsl search`: run, resume or show an architecture search (thin; logic in search.py).
+
+    blockdsl search [SPACE] [--budget N] [--workers N] [--study NAME] [--storage URL] ...
+    blockdsl search show STUDY [--storage URL] [--write]
+
+Torch and Optuna are imported only when the command runs, so `blockdsl check` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search",
+        help="search a .block space with Optuna (default: search/brainformer.block)",
+        description="Search the choices of a .block space: each trial binds them, builds the "
+        "model, checks constraints, trains it for a fixed time and reports validation loss. "
+        "`blockdsl search show STUDY` lists a stored study.",
+    )
+    p.add_argument("target", nargs="*", metavar="SPACE | show STUDY",
+                   help="a space file (default search/brainformer.block), or `show STUDY`")
+    p.add_argument("--space", dest="space_name", help="which space of the file (default: the last)")
+    p.add_argument("--budget", type=int, help="trials in the study, all kinds counted (default: "
+                   "the space's budget line, else 200)")
+    p.add_argument("--seconds", type=float, help="training seconds per trial (default: the space's)")
+    p.add_argument("--study", help="study name: resumes it when it exists (default: a new "
+                   "<space>-<date-time>)")
+    p.add_argument("--storage", help="journal file path, or an RDB URL such as "
+                   "postgresql://user:pw@host/db (default: studies/<study>.journal)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local worker processes (default 1; each uses --threads torch threads)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--sampler", choices=["auto", "tpe", "nsga2", "random"],
+                   help="auto = TPE for one objective, NSGA-II for several")
+    p.add_argument("--seed", type=int, help="sampler and training seed (default 0)")
+    p.add_argument("--no-prune", dest="prune", action="store_false", default=None,
+                   help="train every trial for the full budget")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: the space's)")
+    p.add_argument("--precision", choices=["fp32", "fp32-medium", "bf16"])
+    p.add_argument("--data", help="training data (default: the Python stdlib corpus / digits)")
+    p.add_argument("--out", help="results folder (default studies/<study>/)")
+    p.add_argument("--no-live", dest="live", action="store_false",
+                   help="print one line per trial instead of the live table")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--write", action="store_true", help="with `show`: (re)write the result files")
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.{digits}f}"
+
+
+def _params(v: Any) -> str:
+    if v is None:
+        return "—"
+    return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.0f}K"
+
+
+_STYLE = {"trained": "green", "pruned": "yellow", "infeasible": "magenta", "copy": "cyan",
+          "failed": "red", "lost": "red", "running": "bold", "waiting": "dim", "surplus": "dim",
+          "interrupted": "red"}
+
+
+def trials_table(study: Any, limit: int | None = 18, title: str | None = None) -> Any:
+    from rich.table import Table
+
+    from blockdsl.search import trial_rows
+
+    rows = trial_rows(study)
+    t = Table(title=title, title_justify="left", expand=False)
+    for col, just in (("#", "right"), ("status", "left"), ("architecture", "left"),
+                      ("val loss", "right"), ("step", "right"), ("×base", "right"),
+                      ("active", "right"), ("note", "left")):
+        t.add_column(col, justify=just, overflow="fold" if col == "note" else "ellipsis",
+                     max_width=48 if col in ("architecture", "note") else None)
+    shown = rows if limit is None else rows[-limit:]
+    base = next((r for r in rows if r.role == "baseline"), None)
+    if base is not None and base not in shown:
+        shown = [base] + shown[1:] if shown else [base]
+    for r in shown:
+        status = r.status + (" (baseline)" if r.role == "baseline" else "")
+        style = _STYLE.get(r.status, "")
+        t.add_row(str(r.number), f"[{style}]{status}[/]" if style else status, r.arch,
+                  _num(r.val_loss), f"{r.step_time * 1e3:.1f}ms" if r.step_time else "—",
+                  _num(r.ratio, 2), _params(r.active_params), r.note)
+    return t
+
+
+def headline(study: Any, budget: int | None, t0: float | None) -> str:
+    from blockdsl.search import summarize
+
+    s = summarize(study)
+    by = s["by_status"]
+    parts = [f"[bold]{s['study']}[/]: {s['counted']}/{budget or '?'} trials"]
+    parts.append(", ".join(f"{k} {v}" for k, v in sorted(by.items())))
+    if s["best"]:
+        b = s["best"][0]
+        parts.append(f"best #{b['number']} {_num(b['values'][0])}")
+    if s["baseline"]:
+        parts.append(f"baseline {_num(s['baseline']['values'][0])}")
+    if t0 is not None:
+        el = time.time() - t0
+        parts.append(f"{int(el // 60)}:{int(el % 60):02d} elapsed")
+    return " | ".join(parts)
+
+
+def final_report(study: Any, summary: dict[str, Any]) -> Any:
+    """Best block(s) next to the baseline: the figures the search is for."""
+    from rich.table import Table
+
+    t = Table(title="result", title_justify="left")
+    for col in ("", "trial", "architecture", "val loss", "step time", "×base", "active params",
+                "steps"):
+        t.add_column(col, justify="left" if col in ("", "architecture") else "right")
+    rows = []
+    if summary["baseline"]:
+        rows.append(("baseline", summary["baseline"]))
+    label = "best" if len(summary["best"]) <= 1 else "pareto"
+    rows += [(label, b) for b in summary["best"]]
+    for name, r in rows:
+        st = r.get("step_time")
+        t.add_row(name, str(r["number"]), r.get("arch") or "", _num(r.get("val_loss")),
+                  f"{st * 1e3:.1f} ms" if st else "—", _num(r.get("step_time_ratio"), 2),
+                  _params(r.get("active_params")), str(r.get("steps") or "—"))
+    return t
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def run(args: argparse.Namespace) -> int:
+    target = list(args.target)
+    if target and target[0] == "show":
+        if len(target) != 2:
+            raise SystemExit("usage: blockdsl search show STUDY [--storage URL]")
+        return cmd_show(args, target[1])
+    if len(target) > 1:
+        raise SystemExit("usage: blockdsl search [SPACE] [options] (one space file)")
+    return cmd_search(args, target[0] if target else None)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"trials": args.budget, "seconds": args.seconds, "sampler": args.sampler,
+            "seed": args.seed, "prune": args.prune, "batch_size": args.batch_size,
+            "precision": args.precision, "data": args.data, "threads": args.threads}
+
+
+def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
+    from blockdsl import search as S
+
+    S.quiet_optuna()
+    if args.worker_index is not None:
+        return _worker_main(args, space_path)
+    stored: dict[str, Any] = {}
+    if space_path is None and args.study:
+        # Resuming: the study remembers its space file and settings.
+        try:
+            _, stored = S.load_study_info(args.study, args.storage)
+        except S.SearchError:
+            stored = {}
+        space_path = stored.get("space_file")
+    space = S.load_space(space_path or S.default_space_path(),
+                         args.space_name or stored.get("space"))
+    workers = max(1, args.workers or 1)
+    settings = {**(stored.get("config") or {}), **{k: v for k, v in _settings(args).items()
+                                                   if v is not None}}
+    if "threads" not in settings or settings["threads"] is None:
+        settings["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    cfg = S.make_config(space, **settings)
+    name = args.study or S.new_study_name(space)
+    storage_url = args.storage or str(S.default_storage_path(name))
+    storage = S.open_storage(storage_url, name, cfg)
+    study = S.create_study(space, cfg, storage, name, resume=True)
+    out = Path(args.out) if args.out else S.STUDY_DIR / name
+
+    from rich.console import Console
+
+    con = Console(stderr=args.json)
+    live = args.live and con.is_terminal
+    con.print(f"study [bold]{name}[/] on {S._redact(storage_url)}: space {space.name} "
+              f"({space.file}), {cfg.trials} trials, {cfg.seconds:g}s training each, "
+              f"{workers} worker(s) x {cfg.threads} thread(s), sampler {cfg.sampler}")
+    t0 = time.time()
+    interrupted = False
+    try:
+        if workers == 1:
+            _run_inline(space, study, cfg, con, live, t0)
+        else:
+            _run_processes(args, space, study, cfg, storage_url, workers, con, live, t0)
+    except KeyboardInterrupt:
+        interrupted = True
+        con.print("[red]interrupted[/]: finished trials are kept; resume with "
+                  f"--study {name}")
+    summary = S.write_results(study, out)
+    summary["wall_seconds_this_run"] = time.time() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        con.print(final_report(study, summary))
+        _print_comparison(con, summary)
+        con.print(f"wrote {', '.join(summary['files']['blocks'] + [summary['files']['plot'] or ''])}"
+                  f", {out / 'summary.json'}")
+        if "://" not in storage_url:
+            con.print(f"inspect: blockdsl search show {name}   |   optuna-dashboard {storage_url}")
+        else:
+            con.print(f"inspect: blockdsl search show {name} --storage URL   |   "
+                      "optuna-dashboard URL")
+    return 130 if interrupted else 0
+
+
+def _print_comparison(con: Any, s: dict[str, Any]) -> None:
+    b, best = s.get("baseline"), (s.get("best") or [None])[0]
+    if not b or not best or best.get("val_loss") is None or b.get("val_loss") is None:
+        return
+    d = best["val_loss"] - b["val_loss"]
+    con.print(f"best block (trial {best['number']}): val loss {best['val_loss']:.4f} vs baseline "
+              f"{b['val_loss']:.4f} ({d:+.4f}); step time {best['step_time'] * 1e3:.1f} ms vs "
+              f"{b['step_time'] * 1e3:.1f} ms (x{best['step_time_ratio']:.2f}); "
+              f"{s['trials']} trials in {s['wall_seconds_this_run'] / 60:.1f} min")
+
+
+def _run_inline(space: Any, study: Any, cfg: Any, con: Any, live: bool, t0: float) -> None:
+    from blockdsl import search as S
+
+    state: dict[str, Any] = {"line": ""}
+    printed: set[int] = set()
+
+    def render() -> Any:
+        from rich.console import Group
+
+        return Group(headline(study, cfg.trials, t0), trials_table(study), state["line"])
+
+    if live:
+        from rich.live import Live
+
+        with Live(render(), console=con, refresh_per_second=2, transient=False) as lv:
+            def on_event(kind: str, info: dict[str, Any]) -> None:
+                n = info.get("number")
+                state["line"] = f"[dim]trial {n}: {kind} " + (
+                    f"rung {info['rung']} = {info['value']:.4f}" if kind == "rung" else
+                    info.get("arch", "") if kind == "arch" else "") + "[/]"
+                lv.update(render())
+
+            S.Worker(space, study, cfg, on_event).run()
+            lv.update(render())
+    else:
+        def on_event(kind: str, info: dict[str, Any]) -> None:
+            if kind in ("done", "infeasible", "copy", "failed", "pruned"):
+                _print_new(con, study, printed)
+
+        S.Worker(space, study, cfg, on_event).run()
+        _print_new(con, study, printed)
+
+
+def _print_new(con: Any, study: Any, printed: set[int]) -> None:
+    from blockdsl.search import trial_rows
+
+    for r in trial_rows(study):
+        if r.number in printed or r.state in ("RUNNING", "WAITING"):
+            continue
+        printed.add(r.number)
+        con.print(f"trial {r.number:>4} {r.status:<10} {_num(r.val_loss)} "
+                  f"{'x' + _num(r.ratio, 2) if r.ratio else '':>6} {r.arch}  {r.note}",
+                  highlight=False)
+
+
+def _run_processes(args: argparse.Namespace, space: Any, study: Any, cfg: Any, storage_url: str,
+                   workers: int, con: Any, live: bool, t0: float) -> None:
+    cmd = [sys.executable, "-m", "blockdsl.cli", "search", str(Path(space.file).resolve()),
+           "--space", space.name, "--study", study.study_name, "--storage", storage_url]
+    procs = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for i in range(workers):
+        procs.append(subprocess.Popen(cmd + ["--worker-index", str(i)], env=env,
+                                      stdout=subprocess.DEVNULL))
+    printed: set[int] = set()
+
+    def alive() -> bool:
+        return any(p.poll() is None for p in procs)
+
+    try:
+        if live:
+            from rich.console import Group
+            from rich.live import Live
+
+            with Live(console=con, refresh_per_second=1) as lv:
+                while alive():
+                    lv.update(Group(headline(study, cfg.trials, t0), trials_table(study)))
+                    time.sleep(1.0)
+                lv.update(Group(headline(study, cfg.trials, t0), trials_table(study)))
+        else:
+            while alive():
+                _print_new(con, study, printed)
+                time.sleep(1.0)
+            _print_new(con, study, printed)
+    except KeyboardInterrupt:
+        for p in procs:  # workers got the same SIGINT; give them the time to stop cleanly
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (0, 130)]
+    for i, rc in bad:
+        con.print(f"[red]worker {i} exited with status {rc}[/]")
+
+
+def _worker_main(args: argparse.Namespace, space_path: str | None) -> int:
+    """A worker process: run trials of an existing study until its budget is used."""
+    from blockdsl import search as S
+
+    if not args.study:
+        raise S.SearchError("--worker-index needs --study")
+    study, info = S.load_study_info(args.study, args.storage)
+    space = S.load_space(space_path or info["space_file"], args.space_name or info.get("space"))
+    settings = {**(info.get("config") or {}), **{k: v for k, v in _settings(args).items()
+                                                 if v is not None}}
+    cfg = S.make_config(space, **settings)
+    S.Worker(space, study, cfg, index=args.worker_index).run()
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, name: str) -> int:
+    from rich.console import Console
+
+    from blockdsl import search as S
+
+    S.quiet_optuna()
+    study, info = S.load_study_info(name, args.storage)
+    summary = S.summarize(study)
+    if args.write:
+        out = Path(args.out) if args.out else S.STUDY_DIR / name
+        summary = S.write_results(study, out)
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return 0
+    con = Console()
+    budget = (info.get("config") or {}).get("trials")
+    con.print(headline(study, budget, None))
+    con.print(trials_table(study, limit=None))
+    con.print(final_report(study, summary))
+    return 0
