@@ -539,23 +539,24 @@ def resolve(
         raise BlockError(f"d must be a positive integer, got {d!r}", m["assigns"]["d"].span)
 
     # ---- stem and head
-    stem_call: ir.Call | None = m.get("stem")
-    if stem_call is None:
-        raise BlockError(
-            f"model '{model}' has no stem",
-            _name_span(mdl),
-            "add `stem tokens(vocab=256, context=256)` or `stem patches(image=224, patch=16)`",
-        )
-    if stem_call.name not in STEMS:
-        raise BlockError(
-            f"unknown stem '{stem_call.name}'", stem_call.span, did_you_mean(stem_call.name, STEMS)
-        )
+    def required_call(key: str, table: dict, hint: str) -> ir.Call:
+        call: ir.Call | None = m.get(key)
+        if call is None:
+            raise BlockError(f"model '{model}' has no {key}", _name_span(mdl), f"add {hint}")
+        if call.name not in table:
+            raise BlockError(f"unknown {key} '{call.name}'", call.span, did_you_mean(call.name, table))
+        return call
+
+    stem_call = required_call(
+        "stem", STEMS, "`stem tokens(vocab=256, context=256)` or `stem patches(image=224, patch=16)`"
+    )
     stem_args, stem_spans = _bind_args(
         stem_call, STEMS[stem_call.name], scope, f"stem {stem_call.name}", None
     )
     for k in ("vocab", "context", "image", "patch", "channels"):
         if k in stem_args and stem_args[k] <= 0:
-            raise BlockError(f"{k}={stem_args[k]} must be positive", stem_spans[k])
+            raise BlockError(f"{k}={stem_args[k]} must be positive", stem_spans[k],
+                             f"{k} is a size: use {k} >= 1")
     if stem_call.name == "patches" and stem_args["image"] % stem_args["patch"]:
         raise BlockError(
             f"patch={stem_args['patch']} does not divide image={stem_args['image']}",
@@ -563,17 +564,9 @@ def resolve(
             "the image is cut into whole patches",
         )
     task = "lm" if stem_call.name == "tokens" else "classify"
-    head_call: ir.Call | None = m.get("head")
-    if head_call is None:
-        raise BlockError(
-            f"model '{model}' has no head",
-            _name_span(mdl),
-            "add `head lm()` for a language model or `head classify(classes=10)`",
-        )
-    if head_call.name not in HEADS:
-        raise BlockError(
-            f"unknown head '{head_call.name}'", head_call.span, did_you_mean(head_call.name, HEADS)
-        )
+    head_call = required_call(
+        "head", HEADS, "`head lm()` for a language model or `head classify(classes=10)`"
+    )
     want = "lm" if task == "lm" else "classify"
     if head_call.name != want:
         raise BlockError(
