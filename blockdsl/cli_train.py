@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
             eval_every=args.eval_every, eval_batches=args.eval_batches or None, seed=args.seed,
             out=out, ckpt_every=args.ckpt_every, resume=args.resume, device=str(device),
-            quiet=args.quiet, flops_per_token=flops,
+            quiet=args.quiet, flops_per_token=flops, name=rep.name,
         )
         if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
             cfg.steps = DEFAULT_STEPS

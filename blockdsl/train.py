@@ -98,6 +98,7 @@ class TrainConfig:
     quiet: bool = False
     progress: bool | None = None  # None = on when stderr is a TTY and not quiet
     flops_per_token: float | None = None  # forward FLOPs per token (LM) or image, for MFU
+    name: str | None = None  # what the run is called in the plot (default: model class)
 
 
 @dataclass
@@ -282,10 +283,14 @@ class _Dist:
         return self.rank == 0
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum over ranks in place; small CPU tensors travel via the device for NCCL."""
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(t)
+            buf = t.to(self.device) if self.device.type == "cuda" else t
+            dist.all_reduce(buf)
+            if buf is not t:
+                t.copy_(buf)
         return t
 
     def broadcast_module(self, model: nn.Module) -> None:
@@ -931,8 +936,7 @@ class _Run:
             self.files.log({"kind": "summary", "step": self.step, **_summary(r)})
             self.files.close()
             train_hist, val_hist = self.files.history()
-            title = f"{getattr(self.model, 'name', None) or type(self.model).__name__} on " \
-                    f"{Path(str(self.ds.name)).name}"
+            title = f"{cfg.name or type(self.model).__name__} on {Path(self.ds.name).name}"
             r.plot_path = plot_losses(train_hist, val_hist, self.out / "loss.png", title)
         return r
 

@@ -146,3 +146,35 @@ def test_altup_wide_mode_widens_embedding_and_head() -> None:
     model = blockdsl.build(text, model="alt", device="cpu")
     assert sum(p.numel() for p in model.parameters()) == rep.stored_params
     assert model(torch.randint(0, 64, (2, 16))).logits.shape == (2, 16, 64)
+
+
+@pytest.mark.parametrize("path", ["specs/tiny/widenet.block", "specs/tiny/moeut.block",
+                                  "specs/tiny/altup.block", "specs/tiny/brainformer.block"])
+def test_tiny_seed_learns_on_the_default_data(path: str) -> None:
+    """What `blockdsl train specs/tiny/<seed>.block` does, shortened: the val loss falls."""
+    from blockdsl.train import TrainConfig, seed_everything, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # robust to a busy machine; see docs/train.md
+    try:
+        seed_everything(0)
+        model = blockdsl.build(path, device="cpu")
+        lm = model.task == "lm"
+        cfg = TrainConfig(steps=30, batch_size=8 if lm else 32, seq_len=32 if lm else None,
+                          lr=3e-3, warmup=5, eval_every=30, eval_batches=2 if lm else None,
+                          quiet=True, log_every=10)
+        r = train(model, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    if lm:
+        assert r.val["val_loss"] < r.first_val["val_loss"] - 0.5, (r.first_val, r.val)
+    else:
+        assert r.val["val_loss"] < r.first_val["val_loss"] - 0.2, (r.first_val, r.val)
+        assert r.val["val_acc"] > r.first_val["val_acc"], (r.first_val, r.val)
+    assert set(r.aux) == set(model(_example(model)).aux)
+
+
+def _example(model) -> torch.Tensor:  # noqa: ANN001
+    if model.task == "lm":
+        return torch.randint(0, model.vocab_size, (2, 16))
+    return torch.randn(2, model.channels, model.image_size, model.image_size)

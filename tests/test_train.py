@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,40 @@ def test_ddp_two_processes_match_single(tmp_path: Path) -> None:
     assert r0["val"]["val_loss"] == pytest.approx(single.val["val_loss"], rel=1e-4)
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(p0, flat, rtol=1e-3, atol=1e-4)
+
+
+SPEC_FAST = dict(batch_size=8, seq_len=32, lr=3e-3, warmup=5, eval_every=10, eval_batches=2,
+                 quiet=True, log_every=5)
+
+
+def test_compiled_tiny_gpt_trains_and_resumes(tmp_path: Path) -> None:
+    import blockdsl
+
+    def build() -> nn.Module:
+        seed_everything(0)
+        return blockdsl.build(REPO / "specs/tiny/gpt.block", device="cpu", precision="bf16")
+
+    straight = train(build(), TrainConfig(steps=20, **SPEC_FAST))
+    assert straight.val["val_loss"] < straight.first_val["val_loss"] - 1.0
+    cfg = TrainConfig(steps=20, out=tmp_path, **SPEC_FAST)
+    train(build(), cfg, on_eval=lambda step, m: step == 10)
+    resumed = train(build(), TrainConfig(**{**asdict(cfg), "resume": True}))
+    assert resumed.losses == pytest.approx(straight.losses[10:], rel=1e-6, abs=1e-7)
+
+
+def test_cli_train_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockdsl.cli import main
+
+    spec = str(REPO / "specs/tiny/vit.block")
+    out = tmp_path / "run"
+    rc = main(["train", spec, "--steps", "6", "--batch-size", "16", "--eval-every", "3",
+               "--out", str(out), "--precision", "fp32"])
+    assert rc == 0
+    assert "val accuracy" in capsys.readouterr().out
+    assert (out / "loss.png").is_file() and latest_checkpoint(out) is not None
+    rc = main(["train", spec, "--steps", "12", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "already holds a checkpoint" in err
+    rc = main(["train", str(REPO / "specs/tiny/gpt.block"), "--data", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.strip() == f"error: data path not found: {tmp_path / 'nope'}"
