@@ -10,11 +10,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.blockdsl-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  echo "setup: installing blockdsl and its dependencies into .venv (log: .venv/pip.log)"
   # compat mode puts a plain path entry on sys.path: faster interpreter start than the
   # import-hook finder, which keeps `blockdsl check` instant.
-  .venv/bin/python -m pip install --quiet -e ".[test,vision,postgres]" \
-    --config-settings editable_mode=compat 2>&1 | grep -v "^WARNING: Location" || true
+  if ! { .venv/bin/python -m pip install --upgrade pip &&
+         .venv/bin/python -m pip install -e ".[test,vision,postgres]" \
+           --config-settings editable_mode=compat; } > .venv/pip.log 2>&1; then
+    tail -n 40 .venv/pip.log
+    echo "setup: pip failed; the full log is .venv/pip.log" >&2
+    exit 1
+  fi
   .venv/bin/python -c "import torch, blockdsl; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   touch "$stamp"
 fi
