@@ -13,9 +13,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing blockdsl and its dependencies into .venv (log: .venv/pip.log)"
   # compat mode puts a plain path entry on sys.path: faster interpreter start than the
   # import-hook finder, which keeps `blockdsl check` instant.
-  if ! { .venv/bin/python -m pip install --upgrade pip &&
-         .venv/bin/python -m pip install -e ".[test,vision,postgres]" \
-           --config-settings editable_mode=compat; } > .venv/pip.log 2>&1; then
+  if ! .venv/bin/python -m pip install -e ".[test,vision,postgres]" \
+       --config-settings editable_mode=compat > .venv/pip.log 2>&1; then
     tail -n 40 .venv/pip.log
     echo "setup: pip failed; the full log is .venv/pip.log" >&2
     exit 1
