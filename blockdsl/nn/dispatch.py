@@ -7,10 +7,12 @@ the hot path — sort by expert, segment matmuls, scatter back — is written an
 Backends (`impl`):
 - "loop": a Python loop over experts with boolean masks and plain autograd; slow for many
   experts but obviously right: the numerical reference every other backend is tested against.
-- "sort": one stable sort by expert, then per-segment matmuls over the non-empty experts
-  (one `mm` per expert and matmul); works on every device and dtype.
-- "grouped_mm": the same sorted layout, each expert matmul done for all experts in one
-  `torch._grouped_mm` call (feature dims zero-padded to 16-byte rows when needed).
+- "sort": one stable sort by expert, then a loop over the non-empty experts in which each
+  expert's rows are gathered, multiplied, activated, multiplied, gated and scattered while
+  they are still in cache (one `mm` per expert and matmul); works on every device/dtype.
+- "grouped_mm": the same sorted layout as whole-array passes, each matmul done for all
+  experts in one `torch._grouped_mm` call (feature dims zero-padded to 16-byte rows when
+  needed); no host sync, few large kernels: the GPU path.
 - "auto": see `resolve_impl`.
 
 "sort" and "grouped_mm" run inside the custom op `blockdsl::expert_ffn` (with a fake
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,32 +40,51 @@ from blockdsl.nn.ffn import activate, is_gated
 
 IMPLS: tuple[str, ...] = ("auto", "grouped_mm", "sort", "loop")
 
-# Elementwise activation name of each FFN activation, and d act / d h given (grad, h).
-# (ffn.py owns the forward; the backward must be explicit because custom-op bodies run
-# below autograd.)
+# Elementwise activation behind each FFN activation name, and its derivative written into
+# `out` given (dL/da, h). ffn.py owns the forward; the backward must be explicit because
+# custom-op bodies run below autograd.
 _BASE = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
-_ACT_BWD = {
-    "relu": lambda g, h: torch.ops.aten.threshold_backward(g, h, 0.0),
-    "gelu": lambda g, h: torch.ops.aten.gelu_backward(g, h, approximate="none"),
-    "gelu_tanh": lambda g, h: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
-    "silu": lambda g, h: torch.ops.aten.silu_backward(g, h),
+_ACT_BWD: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "relu": lambda g, h, out: torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=out),
+    "gelu": lambda g, h, out: torch.ops.aten.gelu_backward.grad_input(
+        g, h, approximate="none", grad_input=out
+    ),
+    "gelu_tanh": lambda g, h, out: torch.ops.aten.gelu_backward.grad_input(
+        g, h, approximate="tanh", grad_input=out
+    ),
+    "silu": lambda g, h, out: torch.ops.aten.silu_backward.grad_input(g, h, grad_input=out),
 }
-
-
-def _activation_backward(grad_a: Tensor, h: Tensor, activation: str) -> Tensor:
-    """dL/dh from dL/da for a = activate(h, activation) (gate = first half when gated)."""
-    if activation == "none":
-        return grad_a
-    fn = _ACT_BWD[_BASE.get(activation, activation)]
-    if not is_gated(activation):
-        return fn(grad_a, h)
-    gate, up = h.chunk(2, dim=-1)
-    act_gate = activate(gate, _BASE[activation])
-    return torch.cat((fn(grad_a * up, gate), grad_a * act_gate), dim=-1)
 
 
 def _activate(h: Tensor, activation: str) -> Tensor:
     return h if activation == "none" else activate(h, activation)
+
+
+def _activate_with_backward(
+    h: Tensor, activation: str
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """a = act(h) and the map dL/da -> dL/dh, sharing act(gate) between the two.
+
+    For gated kinds h = [gate | up], a = act(gate) * up; the gradient halves are written
+    straight into one buffer (no concatenation).
+    """
+    if activation == "none":
+        return h, lambda grad_a: grad_a
+    base = _BASE.get(activation, activation)
+    fn = _ACT_BWD[base]
+    if not is_gated(activation):
+        return activate(h, base), lambda grad_a: fn(grad_a, h, torch.empty_like(h))
+    gate, up = h.chunk(2, dim=-1)
+    act_gate = activate(gate, base)
+
+    def backward(grad_a: Tensor) -> Tensor:
+        gh = torch.empty_like(h)
+        f = gate.shape[-1]
+        fn(grad_a * up, gate, gh[:, :f])
+        torch.mul(grad_a, act_gate, out=gh[:, f:])
+        return gh
+
+    return act_gate * up, backward
 
 
 # --------------------------------------------------------------------------- backends
@@ -90,9 +112,11 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     """Map "auto" (and an unavailable "grouped_mm") to a concrete backend.
 
-    Rule, from benchmarks/moe_layer.py: "grouped_mm" on CUDA when `_grouped_mm` runs for
-    the compute dtype; everywhere else "sort" — on CPU (torch 2.13) the per-segment oneDNN
-    matmuls match or beat `_grouped_mm` in fp32 and clearly beat it in bf16.
+    Rule: "grouped_mm" on CUDA when `_grouped_mm` runs for the compute dtype; everywhere
+    else "sort". On CPU (torch 2.13) `_grouped_mm` is itself a loop of per-group matmuls,
+    so the fused "sort" loop wins by skipping whole-array passes: measured in
+    benchmarks/moe_layer.py, about equal for 8 large experts and 1.05-2.4x faster for
+    MoEUT's 155-387 small ones (bf16 with d = 412 also needs padded weight copies).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown dispatch {impl!r}; expected one of {', '.join(IMPLS)}")
@@ -119,49 +143,6 @@ def _segments(offs: Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
-class _Plan:
-    """How one op call multiplies segments: per-segment `mm` or one `_grouped_mm`."""
-
-    def __init__(self, backend: str, offs: Tensor, m: int, skipped: bool) -> None:
-        self.backend = backend
-        self.offs = offs
-        self.m = m
-        if backend == "sort":
-            self.segs = _segments(offs)
-            self.m_valid = self.segs[-1][2] if self.segs else 0
-            self.valid = None
-        else:
-            # _grouped_mm leaves rows past offs[-1] uninitialised: mask them (sync-free).
-            self.valid = (
-                (torch.arange(m, device=offs.device) < offs[-1]).unsqueeze(-1) if skipped else None
-            )
-
-    def mask(self, t: Tensor) -> Tensor:
-        if self.backend == "sort":
-            if self.m_valid < self.m:
-                t[self.m_valid :].zero_()
-            return t
-        return t if self.valid is None else torch.where(self.valid, t, 0)
-
-    def mm(self, a: Tensor, w: Tensor) -> Tensor:
-        """Row segment s of a [M, K] times w[e_s] ([E, K, N]) -> [M, N]."""
-        if self.backend == "grouped_mm":
-            return self.mask(torch._grouped_mm(a, w, offs=self.offs))
-        out = a.new_empty(a.shape[0], w.shape[-1])
-        for e, s, t in self.segs:
-            torch.mm(a[s:t], w[e], out=out[s:t])
-        return self.mask(out)
-
-    def wgrad(self, a: Tensor, g: Tensor, n_experts: int) -> Tensor:
-        """Per expert a_sᵀ g_s -> [E, K, N] (zero for empty experts)."""
-        if self.backend == "grouped_mm":
-            return torch._grouped_mm(a.t(), g, offs=self.offs)
-        out = a.new_zeros(n_experts, a.shape[1], g.shape[1])
-        for e, s, t in self.segs:
-            torch.mm(a[s:t].t(), g[s:t], out=out[e])
-        return out
-
-
 def _bias_rows(b: Tensor, expert: Tensor) -> Tensor:
     """b[expert] with a zero row for the skip id E."""
     return torch.cat((b, b.new_zeros(1, b.shape[1]))).index_select(0, expert)
@@ -170,6 +151,154 @@ def _bias_rows(b: Tensor, expert: Tensor) -> Tensor:
 def _segment_sum(g: Tensor, expert: Tensor, n_experts: int) -> Tensor:
     out = g.new_zeros(n_experts + 1, g.shape[1], dtype=torch.float32)
     return out.index_add_(0, expert, g.float())[:n_experts].to(g.dtype)
+
+
+def _expert_grad(t: Tensor | None, segs: list[tuple[int, int, int]], like: Tensor) -> Tensor:
+    """Uninitialised per-expert gradient with only the experts that got no rows zeroed."""
+    if t is None:
+        return like.new_empty(0)
+    g = torch.empty_like(t)
+    idle = sorted(set(range(t.shape[0])) - {e for e, _, _ in segs})
+    if idle:
+        g[idle] = 0
+    return g
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    """Scatter accumulators are fp32 at least: k contributions per row lose bits in bf16."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row dot product (the gate gradient) in one pass, no [n, f] temporary."""
+    return torch.linalg.vecdot(a, b)
+
+
+# "sort": a fused loop over the non-empty experts. Each expert's rows are gathered, pushed
+# through both matmuls and the activation, and scattered while they are still in cache.
+# On CPU this beats whole-array passes, which stream [M, d] temporaries through memory
+# (measured in benchmarks/moe_layer.py, most for many small experts as in MoEUT).
+def _sort_forward(x, src, dst, gate, offs, w1, b1, w2, b2, activation, n_out):
+    d_out = (w1 if w2 is None else w2).shape[-1]
+    out = torch.zeros(n_out, d_out, device=x.device, dtype=_acc(x))
+    h = x.new_empty(0) if w2 is None else x.new_empty(src.shape[0], w1.shape[-1])
+    segs = _segments(offs)
+    h[segs[-1][2] if segs else 0 :] = 0  # rows of skipped assignments
+    for e, s, t in segs:
+        xe = x.index_select(0, src[s:t])
+        if w2 is None:
+            ye = torch.mm(xe, w1[e]) if b1 is None else torch.addmm(b1[e], xe, w1[e])
+        else:
+            he = h[s:t]
+            torch.mm(xe, w1[e], out=he)
+            if b1 is not None:
+                he += b1[e]
+            ae = _activate(he, activation)
+            ye = torch.mm(ae, w2[e]) if b2 is None else torch.addmm(b2[e], ae, w2[e])
+        out.index_add_(0, dst[s:t], ye * gate[s:t].unsqueeze(-1))  # fp32 gate: fp32 product
+    return out.to(x.dtype), h
+
+
+def _sort_backward(go, x, src, dst, gate, offs, w1, b1, w2, b2, h, activation):
+    gx = torch.zeros(x.shape, device=x.device, dtype=_acc(x))
+    ggate = torch.zeros_like(gate)
+    segs = _segments(offs)
+    gw1, gb1, gw2, gb2 = (_expert_grad(t, segs, x) for t in (w1, b1, w2, b2))
+    for e, s, t in segs:
+        gye = go.index_select(0, dst[s:t])  # dL/d(gate * y)
+        ge = gate[s:t].unsqueeze(-1).to(x.dtype)
+        xe = x.index_select(0, src[s:t])
+        if w2 is None:
+            ue = torch.mm(gye, w1[e].t())  # dL/dxe before the gate
+            ggate[s:t] = _rowdot(ue, xe)
+            if b1 is not None:
+                ggate[s:t] += torch.mv(gye, b1[e])
+            gys = gye * ge
+            torch.mm(xe.t(), gys, out=gw1[e])
+            if b1 is not None:
+                gb1[e] = gys.sum(0)
+            gxe = ue.mul_(ge)
+        else:
+            ae, act_backward = _activate_with_backward(h[s:t], activation)
+            ue = torch.mm(gye, w2[e].t())  # dL/da before the gate
+            ggate[s:t] = _rowdot(ue, ae)
+            if b2 is not None:
+                ggate[s:t] += torch.mv(gye, b2[e])
+            gys = gye * ge
+            torch.mm(ae.t(), gys, out=gw2[e])
+            if b2 is not None:
+                gb2[e] = gys.sum(0)
+            ghe = act_backward(ue.mul_(ge))
+            torch.mm(xe.t(), ghe, out=gw1[e])
+            if b1 is not None:
+                gb1[e] = ghe.sum(0)
+            gxe = torch.mm(ghe, w1[e].t())
+        gx.index_add_(0, src[s:t], gxe.to(gx.dtype))
+    return gx.to(x.dtype), ggate, gw1, gb1, gw2, gb2
+
+
+# "grouped_mm": whole-array passes (gather all rows once, one `_grouped_mm` per matmul over
+# all segments, one scatter) and no host sync: few large kernels, what a GPU wants.
+# `_grouped_mm` leaves rows past offs[-1] (skipped assignments) uninitialised, so with
+# `skipped` they are masked after every call.
+def _gmm(a: Tensor, w: Tensor, offs: Tensor, valid: Tensor | None) -> Tensor:
+    y = torch._grouped_mm(a, w, offs=offs)
+    return y if valid is None else torch.where(valid, y, 0)
+
+
+def _valid_rows(offs: Tensor, m: int, skipped: bool) -> Tensor | None:
+    return (torch.arange(m, device=offs.device) < offs[-1]).unsqueeze(-1) if skipped else None
+
+
+def _grouped_forward(x, src, dst, expert, gate, offs, w1, b1, w2, b2, activation, n_out, skipped):
+    valid = _valid_rows(offs, src.shape[0], skipped)
+    h = _gmm(x.index_select(0, src), w1, offs, valid)
+    if b1 is not None:
+        h += _bias_rows(b1, expert)
+    if w2 is None:
+        y, saved = h, h.new_empty(0)
+    else:
+        y = _gmm(_activate(h, activation), w2, offs, valid)
+        if b2 is not None:
+            y += _bias_rows(b2, expert)
+        saved = h
+    out = torch.zeros(n_out, y.shape[1], device=x.device, dtype=_acc(x))
+    out.index_add_(0, dst, y * gate.unsqueeze(-1))  # fp32 gate: fp32 product
+    return out.to(x.dtype), saved
+
+
+def _grouped_backward(go, x, src, dst, expert, gate, offs, w1, b1, w2, b2, h, activation, skipped):
+    n_exp = w1.shape[0]
+    valid = _valid_rows(offs, src.shape[0], skipped)
+    gy = go.index_select(0, dst)  # dL/d(gate * y)
+    xs = x.index_select(0, src)
+    ge = gate.to(x.dtype).unsqueeze(-1)
+    if w2 is None:
+        u = _gmm(gy, w1.transpose(1, 2), offs, valid)  # dL/dxs before the gate
+        ggate = _rowdot(u, xs).to(gate.dtype)
+        if b1 is not None:
+            ggate += _rowdot(gy, _bias_rows(b1, expert))
+        gys = gy * ge
+        gw1 = torch._grouped_mm(xs.t(), gys, offs=offs)
+        gb1 = _segment_sum(gys, expert, n_exp) if b1 is not None else x.new_empty(0)
+        gxs = u.mul_(ge)
+        gw2, gb2 = x.new_empty(0), x.new_empty(0)
+    else:
+        a, act_backward = _activate_with_backward(h, activation)
+        u = _gmm(gy, w2.transpose(1, 2), offs, valid)  # dL/da before the gate
+        ggate = _rowdot(u, a).to(gate.dtype)
+        if b2 is not None:
+            ggate += _rowdot(gy, _bias_rows(b2, expert))
+        gys = gy * ge
+        gw2 = torch._grouped_mm(a.t(), gys, offs=offs)
+        gb2 = _segment_sum(gys, expert, n_exp) if b2 is not None else x.new_empty(0)
+        gh = act_backward(u.mul_(ge))
+        gw1 = torch._grouped_mm(xs.t(), gh, offs=offs)
+        gb1 = _segment_sum(gh, expert, n_exp) if b1 is not None else x.new_empty(0)
+        gxs = _gmm(gh, w1.transpose(1, 2), offs, valid)
+    gx = torch.zeros(x.shape, device=x.device, dtype=_acc(x))
+    gx.index_add_(0, src, gxs.to(gx.dtype))
+    return gx.to(x.dtype), ggate, gw1, gb1, gw2, gb2
 
 
 # --------------------------------------------------------------------------- custom op
@@ -192,21 +321,11 @@ def _expert_ffn(
 ) -> tuple[Tensor, Tensor]:
     """Sorted assignments -> (out [n_out, d_out], saved pre-activation h [M, F] or [0])."""
     with torch.autocast(x.device.type, enabled=False):
-        plan = _Plan(backend, offs, src.shape[0], skipped)
-        h = plan.mm(x.index_select(0, src), w1)  # skipped rows are 0 from here on
-        if b1 is not None:
-            h += _bias_rows(b1, expert)
-        if w2 is None:
-            y, saved = h, h.new_empty(0)
-        else:
-            y = plan.mm(_activate(h, activation), w2)
-            if b2 is not None:
-                y += _bias_rows(b2, expert)
-            saved = h
-        y = gate.unsqueeze(-1) * y.float()
-        out = torch.zeros(n_out, y.shape[1], device=x.device, dtype=torch.float32)
-        out.index_add_(0, dst, y)
-        return out.to(x.dtype), saved
+        if backend == "grouped_mm":
+            return _grouped_forward(
+                x, src, dst, expert, gate, offs, w1, b1, w2, b2, activation, n_out, skipped
+            )
+        return _sort_forward(x, src, dst, gate, offs, w1, b1, w2, b2, activation, n_out)
 
 
 @_expert_ffn.register_fake
@@ -234,39 +353,17 @@ def _expert_ffn_backward(
     backend: str,
     skipped: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (x, gate, w1, b1, w2, b2); a missing bias gets an empty tensor."""
+    """Gradients (x, gate, w1, b1, w2, b2); a missing weight or bias gets an empty tensor."""
     with torch.autocast(x.device.type, enabled=False):
-        plan = _Plan(backend, offs, src.shape[0], skipped)
-        n_exp = w1.shape[0]
-        gy = grad_out.to(x.dtype).index_select(0, dst)  # dL/d(gate * y)
-        xs = x.index_select(0, src)
-        gate_c = gate.to(x.dtype).unsqueeze(-1)
-        if w2 is None:
-            u = plan.mm(gy, w1.transpose(1, 2))  # dL/dxs before the gate
-            ggate = (u * xs).sum(-1, dtype=torch.float32)
-            if b1 is not None:
-                ggate += (gy * _bias_rows(b1, expert)).sum(-1, dtype=torch.float32)
-            gys = gy * gate_c
-            gw1 = plan.wgrad(xs, gys, n_exp)
-            gb1 = _segment_sum(gys, expert, n_exp) if b1 is not None else x.new_empty(0)
-            gxs = u * gate_c
-            gw2, gb2 = x.new_empty(0), x.new_empty(0)
+        go = grad_out.to(x.dtype)
+        if backend == "grouped_mm":
+            grads = _grouped_backward(
+                go, x, src, dst, expert, gate, offs, w1, b1, w2, b2, h, activation, skipped
+            )
         else:
-            a = _activate(h, activation)
-            u = plan.mm(gy, w2.transpose(1, 2))  # dL/da before the gate
-            ggate = (u * a).sum(-1, dtype=torch.float32)
-            if b2 is not None:
-                ggate += (gy * _bias_rows(b2, expert)).sum(-1, dtype=torch.float32)
-            gys = gy * gate_c
-            gw2 = plan.wgrad(a, gys, n_exp)
-            gb2 = _segment_sum(gys, expert, n_exp) if b2 is not None else x.new_empty(0)
-            gh = _activation_backward(u * gate_c, h, activation)
-            gw1 = plan.wgrad(xs, gh, n_exp)
-            gb1 = _segment_sum(gh, expert, n_exp) if b1 is not None else x.new_empty(0)
-            gxs = plan.mm(gh, w1.transpose(1, 2))
-        gx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-        gx.index_add_(0, src, gxs.float())
-        return gx.to(x.dtype), ggate.to(gate.dtype), gw1, gb1, gw2, gb2
+            grads = _sort_backward(go, x, src, dst, gate, offs, w1, b1, w2, b2, h, activation)
+        gx, ggate, gw1, gb1, gw2, gb2 = grads
+        return gx, ggate.to(gate.dtype), gw1, gb1, gw2, gb2
 
 
 @_expert_ffn_backward.register_fake
@@ -281,9 +378,12 @@ def _setup_context(ctx, inputs, output) -> None:
     x, src, dst, expert, gate, offs, w1, b1, w2, b2, activation, _n, backend, skipped = inputs
     ctx.save_for_backward(x, src, dst, expert, gate, offs, w1, b1, w2, b2, output[1])
     ctx.static = (activation, backend, skipped)
+    ctx.set_materialize_grads(False)  # never build a zero gradient for the saved output h
 
 
-def _backward(ctx, grad_out: Tensor, _grad_h: Tensor):
+def _backward(ctx, grad_out: Tensor | None, _grad_h: Tensor | None):
+    if grad_out is None:
+        return (None,) * 14
     x, src, dst, expert, gate, offs, w1, b1, w2, b2, h = ctx.saved_tensors
     activation, backend, skipped = ctx.static
     gx, ggate, gw1, gb1, gw2, gb2 = _expert_ffn_backward(
@@ -357,23 +457,29 @@ def _loop(
     activation: str,
     n_out: int,
 ) -> Tensor:
-    """The reference: one masked gather, FFN and scatter per expert, plain autograd."""
+    """The reference: one masked gather, FFN and scatter per expert, plain autograd.
+
+    Weights are unbound once so the backward stacks E expert gradients instead of writing
+    a full-size [E, ...] gradient per expert.
+    """
     d_out = (w1 if w2 is None else w2).shape[-1]
-    out = torch.zeros(n_out, d_out, device=x.device, dtype=torch.float32)
+    out = torch.zeros(n_out, d_out, device=x.device, dtype=_acc(x))
     dtype = x.dtype
+    w1s, b1s = w1.unbind(0), None if b1 is None else b1.unbind(0)
+    w2s, b2s = None if w2 is None else w2.unbind(0), None if b2 is None else b2.unbind(0)
     for e in range(w1.shape[0]):
         idx = (expert == e).nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
-        h = x[src[idx]] @ w1[e]
-        if b1 is not None:
-            h = h + b1[e]
-        if w2 is not None:
-            h = _activate(h, activation) @ w2[e]
-            if b2 is not None:
-                h = h + b2[e]
+        h = x[src[idx]] @ w1s[e]
+        if b1s is not None:
+            h = h + b1s[e]
+        if w2s is not None:
+            h = _activate(h, activation) @ w2s[e]
+            if b2s is not None:
+                h = h + b2s[e]
         dtype = h.dtype
-        out = out.index_add(0, dst[idx], gate[idx].unsqueeze(-1) * h.float())
+        out = out.index_add(0, dst[idx], gate[idx].unsqueeze(-1) * h.to(out.dtype))
     return out.to(dtype)
 
 
@@ -416,8 +522,9 @@ def expert_mixture(
         dt = torch.promote_types(x.dtype, w1.dtype)
         x, w1 = x.to(dt), w1.to(dt)
     backend = resolve_impl(impl, x.device, dt)
+    gdt = torch.promote_types(gate.dtype, torch.float32)  # gates stay >= fp32
     if backend == "loop":
-        return _loop(x, src, dst, expert, gate.float(), w1, b1, w2, b2, activation, n_out)
+        return _loop(x, src, dst, expert, gate.to(gdt), w1, b1, w2, b2, activation, n_out)
 
     order = torch.argsort(expert, stable=True)
     expert_s = expert.index_select(0, order)
@@ -428,7 +535,7 @@ def expert_mixture(
         x, w1, b1, w2, b2 = _align_for_grouped_mm(x, w1, b1, w2, b2, activation)
     out, _ = _expert_ffn(
         x, src.index_select(0, order), dst.index_select(0, order), expert_s,
-        gate.float().index_select(0, order), offs, w1, b1, w2, b2,
+        gate.to(gdt).index_select(0, order), offs, w1, b1, w2, b2,
         activation, n_out, backend, skipped,
     )  # fmt: skip
     return out if out.shape[1] == d_out else out[:, :d_out]
