@@ -242,6 +242,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: spinning worker threads made small kernels up to 20x
+    # slower whenever another process shared the cores (measured; see README). A value
+    # set by the user wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # `check` and `compile` on a spec must not pay for the training/search modules'
     # imports; those register lazily (their modules import torch only when run).
     args = make_parser().parse_args(argv)

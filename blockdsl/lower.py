@@ -120,15 +120,13 @@ def build_from_plan(plan: Plan, device: str | torch.device | None = None,
                               pre_logits=ha["pre_logits"] or None,
                               has_cls_token=sa.get("cls", "none") != "none")
 
-    apps: dict[str, int] = {}
-    for layer in plan.layers:
-        apps[layer.key] = apps.get(layer.key, 0) + 1
     prims: dict[str, nn.Module] = {}
     norms: dict[str, nn.Module] = {}
     units: list[list[nn.Module]] = [[] for _ in range(plan.n_units)]
     for layer in plan.layers:
         if layer.key not in prims:
-            prims[layer.key] = _primitive(layer, d, apps[layer.key], dev, precision, plan.seq)
+            # MoEUT scales its init by sqrt(2 / applications of *all* layers in the stack).
+            prims[layer.key] = _primitive(layer, d, plan.n_units, dev, precision, plan.seq)
         layer_norms = []
         for n in layer.norms:
             if n.key not in norms:

@@ -183,7 +183,7 @@ def _switchhead_active(ctx: Ctx, a: dict[str, Any]) -> float:
 
 def _switchhead_flops(ctx: Ctx, a: dict[str, Any]) -> float:
     h, dh, e, d = a["heads"], _head_dim(ctx, a), a["experts"], ctx.d
-    sel = 2 * h * d if e == 1 else 2 * h * e * d
+    sel = h * d if e == 1 else 2 * h * e * d  # E=1: one output-gate selector per head
     k = 1 if e == 1 else a["k"]
     return 2.0 * (2 * d * h * dh + sel + 2 * h * k * d * dh) + 4.0 * ctx.seq * h * dh
 
@@ -398,7 +398,7 @@ PRIMITIVES: dict[str, Primitive] = {
                 "experts": ArgSpec("int", REQUIRED),
                 "k": ArgSpec("int", REQUIRED),
                 "expert_size": ArgSpec("int", 128),
-                "act": ArgSpec("enum", "relu", ACTIVATIONS[:5]),
+                "act": ArgSpec("enum", "relu", ("relu", "gelu", "gelu_tanh", "silu")),
                 "entropy": ArgSpec("float", 0.01),
                 "expert_dropout": ArgSpec("float", 0.0),
                 "dispatch": _DISPATCH,
