@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "postgresql://user:pw@host/db (default: studies/<study>.journal)")
     p.add_argument("--workers", type=int, default=None,
                    help="local worker processes (default 1; each uses --threads torch threads)")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default 1: these models "
+                   "are too small to gain from more, and lose badly when cores are shared)")
+    p.add_argument("--clock", choices=["wall", "paired"],
+                   help="paired (default): train each trial for the steps it takes in --seconds "
+                   "at its measured speed relative to the baseline, so machine load does not change "
+                   "results; wall: for --seconds of wall-clock time (Brainformer's literal rule)")
     p.add_argument("--sampler", choices=["auto", "tpe", "nsga2", "random"],
                    help="auto = TPE for one objective, NSGA-II for several")
     p.add_argument("--seed", type=int, help="sampler and training seed (default 0)")
@@ -58,6 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------------------- rendering
+
+
+def _console(stderr: bool = False) -> Any:
+    """A rich console; wide when not a terminal, so logged tables do not wrap at 80."""
+    from rich.console import Console
+
+    con = Console(stderr=stderr)
+    return con if con.is_terminal else Console(stderr=stderr, width=160)
 
 
 def _num(v: Any, digits: int = 4) -> str:
@@ -158,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"trials": args.budget, "seconds": args.seconds, "sampler": args.sampler,
             "seed": args.seed, "prune": args.prune, "batch_size": args.batch_size,
-            "precision": args.precision, "data": args.data, "threads": args.threads}
+            "precision": args.precision, "data": args.data, "threads": args.threads,
+            "clock": args.clock}
 
 
 def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
@@ -180,8 +194,7 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     workers = max(1, args.workers or 1)
     settings = {**(stored.get("config") or {}), **{k: v for k, v in _settings(args).items()
                                                    if v is not None}}
-    if "threads" not in settings or settings["threads"] is None:
-        settings["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    settings.setdefault("threads", 1)
     cfg = S.make_config(space, **settings)
     name = args.study or S.new_study_name(space)
     storage_url = args.storage or str(S.default_storage_path(name))
@@ -189,9 +202,7 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     study = S.create_study(space, cfg, storage, name, resume=True)
     out = Path(args.out) if args.out else S.STUDY_DIR / name
 
-    from rich.console import Console
-
-    con = Console(stderr=args.json)
+    con = _console(stderr=args.json)
     live = args.live and con.is_terminal
     con.print(f"study [bold]{name}[/] on {S._redact(storage_url)}: space {space.name} "
               f"({space.file}), {cfg.trials} trials, {cfg.seconds:g}s training each, "
@@ -200,13 +211,13 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     interrupted = False
     try:
         if workers == 1:
-            _run_inline(space, study, cfg, con, live, t0)
+            interrupted = _run_inline(space, study, cfg, con, live, t0)
         else:
             _run_processes(args, space, study, cfg, storage_url, workers, con, live, t0)
     except KeyboardInterrupt:
         interrupted = True
-        con.print("[red]interrupted[/]: finished trials are kept; resume with "
-                  f"--study {name}")
+    if interrupted:
+        con.print(f"[red]interrupted[/]: finished trials are kept; resume with --study {name}")
     summary = S.write_results(study, out)
     summary["wall_seconds_this_run"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -236,7 +247,8 @@ def _print_comparison(con: Any, s: dict[str, Any]) -> None:
               f"{s['trials']} trials in {s['wall_seconds_this_run'] / 60:.1f} min")
 
 
-def _run_inline(space: Any, study: Any, cfg: Any, con: Any, live: bool, t0: float) -> None:
+def _run_inline(space: Any, study: Any, cfg: Any, con: Any, live: bool, t0: float) -> bool:
+    """One worker in this process; True when Ctrl-C stopped it."""
     from blockdsl import search as S
 
     state: dict[str, Any] = {"line": ""}
@@ -258,15 +270,18 @@ def _run_inline(space: Any, study: Any, cfg: Any, con: Any, live: bool, t0: floa
                     info.get("arch", "") if kind == "arch" else "") + "[/]"
                 lv.update(render())
 
-            S.Worker(space, study, cfg, on_event).run()
+            worker = S.Worker(space, study, cfg, on_event)
+            worker.run()
             lv.update(render())
     else:
         def on_event(kind: str, info: dict[str, Any]) -> None:
             if kind in ("done", "infeasible", "copy", "failed", "pruned"):
                 _print_new(con, study, printed)
 
-        S.Worker(space, study, cfg, on_event).run()
+        worker = S.Worker(space, study, cfg, on_event)
+        worker.run()
         _print_new(con, study, printed)
+    return worker.stop_requested
 
 
 def _print_new(con: Any, study: Any, printed: set[int]) -> None:
@@ -341,8 +356,6 @@ def _worker_main(args: argparse.Namespace, space_path: str | None) -> int:
 
 
 def cmd_show(args: argparse.Namespace, name: str) -> int:
-    from rich.console import Console
-
     from blockdsl import search as S
 
     S.quiet_optuna()
@@ -354,7 +367,7 @@ def cmd_show(args: argparse.Namespace, name: str) -> int:
     if args.json:
         print(json.dumps(summary, default=str))
         return 0
-    con = Console()
+    con = _console()
     budget = (info.get("config") or {}).get("trials")
     con.print(headline(study, budget, None))
     con.print(trials_table(study, limit=None))

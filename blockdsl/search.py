@@ -18,12 +18,15 @@ Design choices, each for a reason:
 - Infeasible trials are COMPLETE with constraint values set (`Trial.set_constraint`), so TPE
   and NSGA-II learn where the feasible region is; their val_loss is the untrained model's
   (uniform prediction, ln V).
-- Each trial trains for a fixed wall-clock budget (Brainformer: faster models take more
-  steps) and reports validation loss at rungs (25%, 50%, 75%). Single-objective studies use
-  Optuna's MedianPruner; multi-objective studies, which Optuna's pruners do not cover, use
-  `ParetoRungPruner`: at a rung a trial is stopped when another trial that reached the same
-  rung is no worse in every objective and better in one (val loss at that rung, the rest
-  known before training).
+- Each trial trains for a fixed time budget (Brainformer: faster models take more steps) and
+  reports validation loss at rungs (25%, 50%, 75%). By default the budget is converted to
+  steps with the paired step-time ratio and the baseline's pace (`clock="paired"`), so a
+  busy machine slows the search down but does not change its results; `clock="wall"` is
+  the literal wall-clock rule. Single-objective studies prune with `RungPruner` (worse
+  than the median of all trials at the rung); multi-objective studies, which Optuna's
+  pruners do not cover, with `ParetoRungPruner`: at a rung a trial is stopped when another
+  trial that reached the same rung is no worse in every objective and better in one (val
+  loss at that rung, the rest known before training).
 - Storage: Optuna's JournalStorage on a file by default (no server, append-only, survives
   SIGKILL); any RDB URL (PostgreSQL) for many machines. A killed worker's trial is failed and
   re-enqueued: Optuna's heartbeat does this for RDB storages; for the journal (which has no
@@ -99,6 +102,11 @@ class SearchConfig:
 
     trials: int = 200
     seconds: float = 5.0  # training time per trial (excludes evaluation and timing)
+    # "wall": train for `seconds` of wall-clock time (Brainformer's rule). "paired": train for
+    # the steps the trial would take in `seconds` at its paired step-time ratio to the
+    # baseline (same rule, but immune to load that changes between trials on a shared box).
+    clock: str = "paired"
+    pace: float | None = None  # paired clock: seconds per baseline step; None: its trial measures it
     steps: int | None = None  # optional step cap per trial
     batch_size: int = 16
     seq_len: int | None = None  # None: the model's context
@@ -106,10 +114,11 @@ class SearchConfig:
     rungs: int = 4  # evaluations at 1/rungs, 2/rungs, ... of the budget; prune at all but the last
     prune: bool = True
     prune_startup: int = 5  # trials that must have reached a rung before it prunes
+    prune_quantile: float = 0.5  # single objective: stop when worse than this quantile at a rung
     prune_margin: float = 0.0  # multi-objective: loss must be worse by this much to be dominated
     timing_steps: int = 4  # timed steps per model in the paired timing (after 1 warm-up step)
     precision: str = "fp32"
-    lr: float = 2e-3
+    lr: float = 3e-3  # measured best of 2e-3..1.2e-2 for 100-250 steps of the default space
     warmup: int = 10
     weight_decay: float = 0.1
     seed: int = 0
@@ -118,7 +127,7 @@ class SearchConfig:
     population: int = 16  # NSGA-II population
     data: str | None = None  # None: default corpus (LM) or digits (classifier)
     device: str = "cpu"
-    threads: int | None = None  # torch threads per worker; None: leave torch's default
+    threads: int | None = 1  # torch threads per worker; None: leave torch's default
     heartbeat: int = 5  # seconds between heartbeats
     grace: int = 30  # a trial whose heartbeat is older than this is failed and retried
 
@@ -212,7 +221,7 @@ def load_space(path: str | Path, name: str | None = None) -> Space:
     call = m.get("budget")
     if call is not None:
         for a in call.args:
-            key = {"trials": "trials", "batch": "batch_size"}.get(a.name, a.name)
+            key = "batch_size" if a.name == "batch" else a.name
             if key not in SearchConfig.keys():
                 raise BlockError(f"budget has no setting '{a.name}'", a.span,
                                  "known: " + ", ".join(sorted(SearchConfig.keys())))
@@ -310,7 +319,7 @@ def arch_hash(plan: Plan, train_vars: dict[str, Any] | None = None) -> str:
 
 
 def arch_summary(plan: Plan) -> str:
-    """One line: width and the stack, e.g. `d=64 (mha mlp topk mha mlp mlp)x3`."""
+    """One line: width, the stack and sharing, e.g. `d=64 (mha mlp topk)x3 (3 unique)`."""
     units: list[list[str]] = [[] for _ in range(plan.n_units)]
     for layer in plan.layers:
         units[layer.unit].append(layer.prim)
@@ -322,7 +331,9 @@ def arch_summary(plan: Plan) -> str:
         else:
             parts.append([text, 1])
     stack = " ".join(f"({t})" + (f"x{n}" if n > 1 else "") for t, n in parts)
-    return f"d={plan.d} {stack}"
+    unique = len({layer.key for layer in plan.layers})
+    shared = f" ({unique} unique)" if unique < len(plan.layers) else ""
+    return f"d={plan.d} {stack}{shared}"
 
 
 # ----------------------------------------------------------------------------- storage
@@ -337,6 +348,24 @@ def open_storage(url: str | None, study: str, cfg: SearchConfig | None = None,
     """A journal file (default `studies/<study>.journal`, or a path), or an RDB URL."""
     cfg = cfg or SearchConfig()
     if url and "://" in url:
+        return _rdb_storage(_driver_url(url), cfg)
+    path = Path(url) if url else default_storage_path(study, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _rdb_storage(url: str, cfg: SearchConfig, attempts: int = 5) -> BaseStorage:
+    """RDBStorage with Optuna's heartbeat; a stale trial is retried by `_retry_stale_trial`.
+
+    Workers that start together on an empty database race to create Optuna's tables (one
+    gets a unique-violation from the catalogue); the loser simply tries again.
+    """
+    import random
+
+    for attempt in range(attempts):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -351,13 +380,23 @@ def open_storage(url: str | None, study: str, cfg: SearchConfig | None = None,
             raise SearchError(f"storage {url.split('://')[0]}: a driver is missing ({e}); for "
                               "PostgreSQL: pip install 'blockdsl[postgres]'") from None
         except Exception as e:  # noqa: BLE001 - sqlalchemy's many connection errors
-            raise SearchError(f"cannot open storage {_redact(url)}: {str(e).splitlines()[0]}") from None
-    path = Path(url) if url else default_storage_path(study, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+            racing = "already exists" in str(e) or "duplicate" in str(e).lower()
+            if not racing or attempt == attempts - 1:
+                raise SearchError(
+                    f"cannot open storage {_redact(url)}: {str(e).splitlines()[0]}") from None
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
 
-    return JournalStorage(JournalFileBackend(str(path)))
+
+def _driver_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 when only it is installed
+    (the `postgres` extra installs psycopg2-binary)."""
+    import importlib.util
+
+    if url.startswith(("postgresql://", "postgres://")):
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+            return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
 
 
 def _redact(url: str) -> str:
@@ -484,6 +523,12 @@ def reap_stale(study: optuna.Study, grace: float) -> list[int]:
     """
     storage = study._storage
     journal = _is_journal(storage)
+    if not journal:
+        # Optuna's own heartbeat check (it runs when a trial starts; a worker waiting on a
+        # repeated architecture must not wait forever on a dead remote owner either).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     now = time.time()
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -616,6 +661,37 @@ def dominates(a: Sequence[float], b: Sequence[float], margin0: float = 0.0) -> b
         a[0] < b[0] or any(x < y for x, y in zip(a[1:], b[1:])))
 
 
+class RungPruner(optuna.pruners.BasePruner):
+    """Single-objective pruning at rungs, asynchronous successive halving style.
+
+    At rung r a trial is stopped when its value is worse than the `quantile` of the values
+    every other trial reported at rung r (finished, pruned or still running; repeats of an
+    architecture counted once), once at least `startup` trials reached it. Unlike Optuna's
+    MedianPruner this neither counts trials that never trained (infeasible, copies) as
+    start-up trials nor compares only against the survivors that completed.
+    """
+
+    def __init__(self, startup: int = 5, quantile: float = 0.5):
+        self.startup, self.quantile = startup, quantile
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        value = trial.intermediate_values[step]
+        if math.isnan(value):
+            return True
+        refs = sorted(t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
+                      if t.number != trial.number and step in t.intermediate_values
+                      and t.user_attrs.get("status") != "copy")
+        if len(refs) < self.startup:
+            return False
+        if study.direction.name == "MAXIMIZE":
+            refs, value = [-v for v in reversed(refs)], -value
+        k = min(len(refs) - 1, int(self.quantile * (len(refs) - 1) + 0.5))
+        return value > refs[k]
+
+
 class ParetoRungPruner:
     """Pruning for multi-objective studies (Optuna's pruners are single-objective only).
 
@@ -660,10 +736,27 @@ def _train_step(model: nn.Module, opt: Any, x: Any, y: Any, precision: str, devi
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class StepTimes:
+    """Seconds per training step: medians of wall clock and this process's CPU time, and the
+    fastest step (the least disturbed by other load)."""
+
+    cand: float
+    ref: float
+    cand_cpu: float
+    ref_cpu: float
+    cand_min: float = 0.0
+    ref_min: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.cand / self.ref
+
+
 def paired_step_times(model: nn.Module, ref: nn.Module | None, batch: tuple[Any, Any],
                       precision: str, steps: int = 4, warmup: int = 1,
-                      stop_ratio: float | None = None) -> tuple[float, float]:
-    """Median seconds per training step of `model` and of `ref`, their steps interleaved.
+                      stop_ratio: float | None = None) -> StepTimes:
+    """Seconds per training step of `model` and of `ref`, their steps interleaved.
 
     Interleaving makes the ratio robust to load that changes over seconds (a shared
     machine, another worker). With `stop_ratio`, timing stops after two pairs once even
@@ -678,24 +771,30 @@ def paired_step_times(model: nn.Module, ref: nn.Module | None, batch: tuple[Any,
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     models = [model] + ([ref] if ref is not None else [])
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
-    times: list[list[float]] = [[] for _ in models]
+    wall: list[list[float]] = [[] for _ in models]
+    cpu: list[list[float]] = [[] for _ in models]
     try:
         for i in range(warmup + steps):
             order = list(range(len(models)))
             for j in (order if i % 2 == 0 else order[::-1]):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 _train_step(models[j], opts[j], x, y, precision, device)
                 if i >= warmup:
-                    times[j].append(time.perf_counter() - t0)
-            if (stop_ratio is not None and ref is not None and len(times[0]) >= 2
-                    and min(times[0]) > stop_ratio * max(times[1])):
+                    wall[j].append(time.perf_counter() - t0)
+                    cpu[j].append(time.process_time() - c0)
+            if (stop_ratio is not None and ref is not None and len(wall[0]) >= 2
+                    and min(wall[0]) > stop_ratio * max(wall[1])):
                 break
     finally:
         model.load_state_dict(saved)
         for m in models:
             m.zero_grad(set_to_none=True)
-    med = [sorted(t)[len(t) // 2] for t in times]
-    return med[0], (med[1] if ref is not None else med[0])
+
+    def med(v: list[float]) -> float:
+        return sorted(v)[len(v) // 2]
+
+    j = 1 if ref is not None else 0
+    return StepTimes(med(wall[0]), med(wall[j]), med(cpu[0]), med(cpu[j]), min(wall[0]), min(wall[j]))
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -724,13 +823,13 @@ class Worker:
         self._ref: nn.Module | None = None
         self._ref_report: Any = None
         self._vars: dict[str, Any] = {}
+        self._pace = 0.05
         self.stop_requested = False
         self.pruner = ParetoRungPruner(cfg.prune_startup, cfg.prune_margin)
         offset = 1000 * index + len(study.get_trials(deepcopy=False))
         self.sampler = make_sampler(space, cfg, offset)
         study.sampler = self.sampler
-        study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.prune_startup,
-                                                    n_warmup_steps=0)
+        study.pruner = (RungPruner(cfg.prune_startup, cfg.prune_quantile)
                         if not space.multi and cfg.prune else optuna.pruners.NopPruner())
         if cfg.threads:
             import torch
@@ -865,15 +964,16 @@ class Worker:
             self.on_event("timing", {"number": trial.number})
             try:
                 batch = self._dataset(model).train_batch(0, cfg.batch_size, cfg.seed)
-                t_cand, t_ref = paired_step_times(
-                    model, None if is_base else ref_model, batch, cfg.precision, cfg.timing_steps,
-                    stop_ratio=self._stop_ratio())
+                times = paired_step_times(
+                    model, None if is_base else ref_model, batch, cfg.precision,
+                    cfg.timing_steps * (2 if is_base else 1), stop_ratio=self._stop_ratio())
             except Exception as e:  # noqa: BLE001 - e.g. out of memory
                 raise self._fail(trial, _error_reason(e)) from None
             if is_base:
-                self._record_baseline_time(t_cand)
-            ratio = t_cand / t_ref
-            ref_time = self._baseline_step_time(t_ref)
+                self._record_baseline_time(times)
+            t_cand, ratio = times.cand, times.ratio
+            self._pace = self._baseline_pace(times)
+            ref_time = self._baseline_step_time(times.ref)
             metrics["step_time"], base["step_time"] = ratio * ref_time, ref_time
             trial.set_user_attr("step_time", metrics["step_time"])
             trial.set_user_attr("step_time_ratio", ratio)
@@ -950,9 +1050,25 @@ class Worker:
         v = self.study.user_attrs.get("baseline_step_time")
         return float(v) if v else float(local)
 
-    def _record_baseline_time(self, t: float) -> None:
+    def _record_baseline_time(self, t: StepTimes) -> None:
         if not self.study.user_attrs.get("baseline_step_time"):
-            self.study.set_user_attr("baseline_step_time", t)
+            # The fastest timed step: the figure least inflated by other load on the machine.
+            self.study.set_user_attr("baseline_step_time", t.cand_min)
+            self.study.set_user_attr("baseline_step_min", t.cand_min)
+
+    def _baseline_pace(self, t: StepTimes) -> float:
+        """Seconds per baseline step that `clock="paired"` turns the time budget into steps with.
+
+        `pace` in the config (the space's budget line) fixes it: step budgets, and so results,
+        then do not depend on the machine's load at all, and two studies (say, two samplers)
+        train with the same budgets. Otherwise the study's baseline trial measures it, as its
+        fastest timed step: other load only ever adds time, so the minimum is the estimate
+        least inflated by whatever ran beside it.
+        """
+        if self.cfg.pace:
+            return float(self.cfg.pace)
+        v = self.study.user_attrs.get("baseline_step_min")
+        return float(v) if v else t.ref_min
 
     def _var(self, name: str, default: Any) -> Any:
         """A training hyper-parameter: the space's variable of that name if it binds one."""
@@ -967,9 +1083,20 @@ class Worker:
         metric = space.trained_metric or "val_loss"
         signs = {m: (-1.0 if d == "maximize" else 1.0) for m, d in space.objectives}
         sign = signs.get(metric, -1.0 if metric == "val_acc" else 1.0)
-        spr = max(1, round(cfg.seconds / cfg.rungs / max(step_time, 1e-4)))
+        if cfg.clock == "paired":
+            ratio = float(trial.user_attrs.get("step_time_ratio") or 1.0)
+            steps, seconds = max(1, round(cfg.seconds / (ratio * self._pace))), None
+            trial.set_user_attr("step_budget", steps)
+            if cfg.steps:
+                steps = min(steps, cfg.steps)
+            spr = max(1, round(steps / cfg.rungs))
+        elif cfg.clock == "wall":
+            steps, seconds = cfg.steps, cfg.seconds
+            spr = max(1, round(cfg.seconds / cfg.rungs / max(step_time, 1e-4)))
+        else:
+            raise SearchError(f"clock must be wall or paired, got {cfg.clock!r}")
         tcfg = TrainConfig(
-            data=cfg.data, steps=cfg.steps, seconds=cfg.seconds, batch_size=cfg.batch_size,
+            data=cfg.data, steps=steps, seconds=seconds, batch_size=cfg.batch_size,
             seq_len=cfg.seq_len, lr=float(self._var("lr", cfg.lr)),
             warmup=int(self._var("warmup", cfg.warmup)),
             weight_decay=float(self._var("weight_decay", cfg.weight_decay)),
@@ -990,9 +1117,10 @@ class Worker:
                 return False
             if math.isnan(v):
                 raise TrialFailed("NaN validation loss")
-            if step == 0 or m["train_seconds"] >= cfg.seconds * 0.999:
+            progress = step / steps if seconds is None else m["train_seconds"] / seconds
+            if step == 0 or progress >= 0.999:
                 return False
-            rung = max(1, min(cfg.rungs - 1, round(m["train_seconds"] / cfg.seconds * cfg.rungs)))
+            rung = max(1, min(cfg.rungs - 1, round(progress * cfg.rungs)))
             if str(rung) in rungs:
                 return False
             rungs[str(rung)] = v
@@ -1369,7 +1497,11 @@ def plot_study(study: optuna.Study, path: Path) -> Path | None:
             ax.axhline(base.values[0], color="tab:green", ls="--", lw=1.2, label="baseline")
         ax.set_xlabel("trial")
         ax.set_ylabel(objectives[0][0])
-        ax.set_title(f"{study.study_name}: optimisation history")
+        hidden = sum(1 for r in rows if r.status == "infeasible"
+                     or (r.status == "copy" and not r.feasible))
+        failed = sum(1 for r in rows if r.state == "FAIL")
+        ax.set_title(f"{study.study_name}: optimisation history\n"
+                     f"(not shown: {hidden} infeasible, {failed} failed)", fontsize=10)
     else:
         xm, ym = objectives[1][0], objectives[0][0]
         pts = [(r.values[1], r.values[0]) for r in rows
