@@ -136,7 +136,15 @@ class NormOpt(Node):
     span: Span
 
 
-class Sublayer(Node):
+class _LineOptions(Node):
+    """`norm=...`, `share=...`, `norm_share=...` after a sublayer, slots or pattern line."""
+
+    norm: NormOpt | None = None
+    share: str | None = None
+    norm_share: str | None = None
+
+
+class Sublayer(_LineOptions):
     """One line of a block: `label primitive(args) norm=... share=...`.
 
     `prims` has one call, or several when the slot is a search choice between them.
@@ -144,21 +152,15 @@ class Sublayer(Node):
 
     label: str
     prims: tuple[Call, ...]
-    norm: NormOpt | None = None
-    share: str | None = None
-    norm_share: str | None = None
     span: Span
     choice_span: Span | None = None
 
 
-class Slots(Node):
+class Slots(_LineOptions):
     """`slots N of {a() | b() | c()}`: N sublayers s0..s{N-1}, each a choice."""
 
     count: Expr
     prims: tuple[Call, ...]
-    norm: NormOpt | None = None
-    share: str | None = None
-    norm_share: str | None = None
     span: Span
 
 
@@ -200,14 +202,11 @@ class LetterDef(Node):
     span: Span
 
 
-class Pattern(Node):
+class Pattern(_LineOptions):
     """`pattern "AFAM" A=mha() F=mlp() M=topk()`: sugar lowered to blocks."""
 
     text: str
     letters: tuple[LetterDef, ...]
-    norm: NormOpt | None = None
-    share: str | None = None
-    norm_share: str | None = None
     span: Span
 
 
