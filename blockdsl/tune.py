@@ -62,12 +62,22 @@ def shape_key(layer: LayerPlan, d: int, seq: int, precision: str, device: torch.
     return f"{device_signature(device)}|torch={torch.__version__}|{precision}|{layer.prim}|d={d}|seq={seq}|{args}"
 
 
+_MEMO: dict[str, tuple[float, dict[str, Any]]] = {}
+
+
 def _load() -> dict[str, Any]:
+    """The cache file's decisions; re-read only when the file changed (lowering asks per layer)."""
     p = cache_path()
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        mtime = p.stat().st_mtime
+        hit = _MEMO.get(str(p))
+        if hit and hit[0] == mtime:
+            return dict(hit[1])
+        data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    _MEMO[str(p)] = (mtime, data)
+    return dict(data)
 
 
 def _save(cache: dict[str, Any]) -> None:
