@@ -285,9 +285,12 @@ class _Scope:
             return e  # nested calls are interpreted by their consumer
         raise BlockError(f"cannot evaluate {type(e).__name__}", getattr(e, "span", None))
 
-    def integer(self, e: ir.Expr, what: str, lo: int = 1, hi: int | None = None) -> int:
-        """Evaluate `e` as an integer in [lo, hi], or raise a located error saying why not."""
-        v = self.eval(e, what)
+    def integer(self, e: ir.Expr, what: str, lo: int = 1, hi: int | None = None,
+                name: str | None = None) -> int:
+        """Evaluate `e` as an integer in [lo, hi], or raise a located error saying why not.
+
+        `name` names an inline search choice in `e` (e.g. `cell.slots`)."""
+        v = self.eval(e, name or what)
         self._num(v, e)
         if isinstance(v, float) and v.is_integer():
             v = int(v)
@@ -658,10 +661,10 @@ def resolve(
                 did_you_mean(rep.block, blocks),
             )
         pfx = stmt_prefix(blk.name)
-        n = scope.integer(rep.count, "the repeat count")
+        n = scope.integer(rep.count, "the repeat count", name=f"{pfx}.repeat")
         groups = n
         if rep.groups is not None:
-            groups = scope.integer(rep.groups, "groups")
+            groups = scope.integer(rep.groups, "groups", name=f"{pfx}.groups")
             if groups > n:
                 raise BlockError(
                     f"groups={groups} exceeds the repeat count {n}",
@@ -684,7 +687,7 @@ def resolve(
         labels: set[str] = set()
         for it in blk.items:
             if isinstance(it, ir.Slots):
-                cnt = scope.integer(it.count, "the slots count", 1, 1000)
+                cnt = scope.integer(it.count, "the slots count", 1, 1000, name=f"{blk.name}.slots")
                 for j in range(cnt):
                     items.append(ir.Sublayer.model_construct(
                         label=f"s{j}", prims=it.prims, norm=it.norm, share=it.share,
