@@ -1084,8 +1084,12 @@ class Worker:
         signs = {m: (-1.0 if d == "maximize" else 1.0) for m, d in space.objectives}
         sign = signs.get(metric, -1.0 if metric == "val_acc" else 1.0)
         if cfg.clock == "paired":
-            ratio = float(trial.user_attrs.get("step_time_ratio") or 1.0)
-            steps, seconds = max(1, round(cfg.seconds / (ratio * self._pace))), None
+            # A candidate measured >20x faster than the baseline is a timing glitch, not a
+            # block; and a wall-clock guard of 10x the budget stops a trial whose step
+            # budget came out absurd (a busy machine legitimately slows trials, not 10x).
+            ratio = max(0.05, float(trial.user_attrs.get("step_time_ratio") or 1.0))
+            steps = max(1, round(cfg.seconds / (ratio * self._pace)))
+            seconds = 10.0 * cfg.seconds
             trial.set_user_attr("step_budget", steps)
             if cfg.steps:
                 steps = min(steps, cfg.steps)
