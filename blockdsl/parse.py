@@ -128,7 +128,9 @@ class _Build(Transformer):
         log = any(isinstance(x, Token) and x.type == "LOG" for x in c)
         exprs = [x for x in c if not isinstance(x, Token)]
         step = exprs[2] if len(exprs) > 2 else None
-        return ir.ChoiceOption.model_construct(lo=exprs[0], hi=exprs[1], step=step, log=log, span=self.sp(meta))
+        return ir.ChoiceOption.model_construct(
+            lo=exprs[0], hi=exprs[1], step=step, log=log, span=self.sp(meta)
+        )
 
     def choice(self, meta, c):
         return ir.Choice.model_construct(options=tuple(c), span=self.sp(meta))
@@ -179,7 +181,9 @@ class _Build(Transformer):
         opts = self._options(c[2:], meta)
         if isinstance(prim, tuple):  # a choice between calls
             _, calls, cspan = prim
-            return ir.Sublayer.model_construct(label=label, prims=calls, span=self.sp(meta), choice_span=cspan, **opts)
+            return ir.Sublayer.model_construct(
+                label=label, prims=calls, span=self.sp(meta), choice_span=cspan, **opts
+            )
         return ir.Sublayer.model_construct(label=label, prims=(prim,), span=self.sp(meta), **opts)
 
     def slots(self, meta, c):
@@ -225,8 +229,7 @@ class _Build(Transformer):
                 raise BlockError(f"'{key}' is given twice", self.sp(meta))
             kw[key] = value
         return ir.Repeat.model_construct(
-            count=c[0], block=str(c[1]), block_span=_tok_span(self.file, c[1]),
-            span=self.sp(meta), **kw
+            count=c[0], block=str(c[1]), block_span=_tok_span(self.file, c[1]), span=self.sp(meta), **kw
         )
 
     def letter_def(self, meta, c):
@@ -245,7 +248,12 @@ class _Build(Transformer):
         return f
 
     stem, head, norm_default, final_norm, altup, budget = (
-        _kw("stem"), _kw("head"), _kw("norm"), _kw("final_norm"), _kw("altup"), _kw("budget")
+        _kw("stem"),
+        _kw("head"),
+        _kw("norm"),
+        _kw("final_norm"),
+        _kw("altup"),
+        _kw("budget"),
     )
 
     def baseline(self, meta, c):
@@ -266,7 +274,11 @@ class _Build(Transformer):
     def _model(self, meta, c, is_space: bool):
         name = str(c[0])
         fields: dict[str, Any] = {
-            "assigns": [], "blocks": [], "layout": [], "objectives": [], "constraints": []
+            "assigns": [],
+            "blocks": [],
+            "layout": [],
+            "objectives": [],
+            "constraints": [],
         }
         for item in c[1:]:
             if isinstance(item, ir.Assign):
@@ -349,8 +361,9 @@ def parse_text(text: str, file: str = "<text>") -> list[Any]:
         raise
     except RecursionError:
         raise BlockError(
-            "expression nested too deeply", ir.Span.model_construct(
-                file=file, line=1, col=1, end_line=1, end_col=2), "simplify the expression"
+            "expression nested too deeply",
+            ir.Span.model_construct(file=file, line=1, col=1, end_line=1, end_col=2),
+            "simplify the expression",
         ) from None
 
 
@@ -436,5 +449,3 @@ def load_module(source: str | Path, *, _stack: tuple[str, ...] = ()) -> ir.Modul
         includes=tuple(includes),
         own_models=tuple(own),
     )
-
-

@@ -132,7 +132,8 @@ MAX_INSTANCES = 100_000  # sublayer instances in one model
 def _bounded(v: Any, e: ir.Expr) -> Any:
     if isinstance(v, int) and abs(v) > MAX_INT:
         raise BlockError(
-            f"number too large: about 10**{int(v.bit_length() * 0.30103)}", e.span,
+            f"number too large: about 10**{int(v.bit_length() * 0.30103)}",
+            e.span,
             "integers are capped at 2**62",
         )
     if isinstance(v, float) and not math.isfinite(v):
@@ -167,7 +168,7 @@ class _Scope:
             return self.cache[name]
         a = self.assigns[name]
         if name in self.active:
-            chain = " -> ".join(self.active[self.active.index(name):] + [name])
+            chain = " -> ".join(self.active[self.active.index(name) :] + [name])
             raise BlockError(f"variable '{name}' depends on itself ({chain})", a.span)
         self.active.append(name)
         try:
@@ -175,8 +176,7 @@ class _Scope:
                 value = self.choice(a.value, name)
             elif isinstance(a.value, ir.Call):
                 raise BlockError(
-                    f"variable '{name}' holds a call; only numbers, names and choices may be "
-                    "assigned",
+                    f"variable '{name}' holds a call; only numbers, names and choices may be assigned",
                     a.value.span,
                 )
             else:
@@ -201,8 +201,9 @@ class _Scope:
                 raise BlockError(f"empty range: {lo} .. {hi}", o.span, "write the low end first")
             if o.log and lo <= 0:
                 raise BlockError("a log range needs a positive low end", o.span)
-            cdef = ChoiceDef(name, "int" if is_int and not o.log else "float", (), lo, hi, step,
-                             o.log, c.span)
+            cdef = ChoiceDef(
+                name, "int" if is_int and not o.log else "float", (), lo, hi, step, o.log, c.span
+            )
             if is_int and o.log:
                 cdef = ChoiceDef(name, "int", (), lo, hi, None, True, c.span)
         else:
@@ -258,9 +259,7 @@ class _Scope:
                 if e.op == "%":
                     return left % right
                 if abs(right) > 256 or (isinstance(left, int) and abs(left) > 2**32 and right > 2):
-                    raise BlockError(
-                        f"{left} ** {right} is too large", e.span, "exponents are capped at 256"
-                    )
+                    raise BlockError(f"{left} ** {right} is too large", e.span, "exponents are capped at 256")
                 return _bounded(left**right, e)
             except ZeroDivisionError:
                 raise BlockError("division by zero", e.span, "check the divisor's value") from None
@@ -269,9 +268,7 @@ class _Scope:
         if isinstance(e, ir.Func):
             fn = _FUNCS.get(e.name)
             if fn is None:
-                raise BlockError(
-                    f"unknown function '{e.name}'", e.span, did_you_mean(e.name, _FUNCS)
-                )
+                raise BlockError(f"unknown function '{e.name}'", e.span, did_you_mean(e.name, _FUNCS))
             args = [self.eval(a, ctx_name) for a in e.args]
             for a, node in zip(args, e.args):
                 self._num(a, node)
@@ -285,8 +282,9 @@ class _Scope:
             return e  # nested calls are interpreted by their consumer
         raise BlockError(f"cannot evaluate {type(e).__name__}", getattr(e, "span", None))
 
-    def integer(self, e: ir.Expr, what: str, lo: int = 1, hi: int | None = None,
-                name: str | None = None) -> int:
+    def integer(
+        self, e: ir.Expr, what: str, lo: int = 1, hi: int | None = None, name: str | None = None
+    ) -> int:
         """Evaluate `e` as an integer in [lo, hi], or raise a located error saying why not.
 
         `name` names an inline search choice in `e` (e.g. `cell.slots`)."""
@@ -295,17 +293,19 @@ class _Scope:
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         if not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-            rng = (f"an integer in {lo}..{hi}" if hi is not None
-                   else "a positive integer" if lo == 1 else f"an integer >= {lo}")
-            raise BlockError(f"{what} must be {rng}, got {v!r}", e.span,
-                             f"{what} counts whole things")
+            rng = (
+                f"an integer in {lo}..{hi}"
+                if hi is not None
+                else "a positive integer"
+                if lo == 1
+                else f"an integer >= {lo}"
+            )
+            raise BlockError(f"{what} must be {rng}, got {v!r}", e.span, f"{what} counts whole things")
         return v
 
     def _num(self, v: Any, node: Any) -> None:
         if isinstance(v, _Symbol):
-            raise BlockError(
-                f"unknown variable '{v}'", node.span, did_you_mean(str(v), self.assigns)
-            )
+            raise BlockError(f"unknown variable '{v}'", node.span, did_you_mean(str(v), self.assigns))
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise BlockError(f"expected a number, got {v!r}", node.span)
 
@@ -377,9 +377,7 @@ def _bind_args(
         if a.name in given:
             raise BlockError(f"argument '{a.name}' is given twice", a.span)
         if isinstance(a.value, ir.Call):
-            raise BlockError(
-                f"argument '{a.name}' of {where} takes a value, not a call", a.value.span
-            )
+            raise BlockError(f"argument '{a.name}' of {where} takes a value, not a call", a.value.span)
         given[a.name] = (scope.eval(a.value, f"{choice_prefix}{a.name}"), a.span)
     for k, v in (extra or {}).items():
         given[k] = v
@@ -489,13 +487,17 @@ def _indices(idx: ir.Index, n: int, scope: _Scope) -> list[int]:
         v = scope.eval(e, "index")
         scope._num(v, e)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise BlockError(f"a repeat index must be an integer, got {v!r}", e.span,
-                             "repeats are numbered 0, 1, ...; negative indices count from the end")
+            raise BlockError(
+                f"a repeat index must be an integer, got {v!r}",
+                e.span,
+                "repeats are numbered 0, 1, ...; negative indices count from the end",
+            )
         w = v + n if v < 0 else v
         if not 0 <= w < n:
             raise BlockError(
-                f"repeat index {v} is out of range", e.span,
-                f"this repeat has indices 0..{n - 1} (or -{n}..-1 from the end)"
+                f"repeat index {v} is out of range",
+                e.span,
+                f"this repeat has indices 0..{n - 1} (or -{n}..-1 from the end)",
             )
         return w
 
@@ -504,9 +506,7 @@ def _indices(idx: ir.Index, n: int, scope: _Scope) -> list[int]:
         return [start]
     stop = one(idx.stop)
     if stop < start:
-        raise BlockError(
-            f"empty index range {start}..{stop}", idx.span, "write the low end first"
-        )
+        raise BlockError(f"empty index range {start}..{stop}", idx.span, "write the low end first")
     step = 1 if idx.step is None else scope.integer(idx.step, "a repeat index step")
     return list(range(start, stop + 1, step))
 
@@ -558,8 +558,9 @@ def resolve(
     )
     for k in ("vocab", "context", "image", "patch", "channels"):
         if k in stem_args and stem_args[k] <= 0:
-            raise BlockError(f"{k}={stem_args[k]} must be positive", stem_spans[k],
-                             f"{k} is a size: use {k} >= 1")
+            raise BlockError(
+                f"{k}={stem_args[k]} must be positive", stem_spans[k], f"{k} is a size: use {k} >= 1"
+            )
     if stem_call.name == "patches" and stem_args["image"] % stem_args["patch"]:
         raise BlockError(
             f"patch={stem_args['patch']} does not divide image={stem_args['image']}",
@@ -598,9 +599,7 @@ def resolve(
         if call is None:
             return default_kind, {k: s.default for k, s in NORMS[default_kind].items()}
         if call.name not in NORMS:
-            raise BlockError(
-                f"unknown norm '{call.name}'", call.span, did_you_mean(call.name, NORMS)
-            )
+            raise BlockError(f"unknown norm '{call.name}'", call.span, did_you_mean(call.name, NORMS))
         args, _ = _bind_args(call, NORMS[call.name], scope, f"norm {call.name}", None)
         return call.name, args
 
@@ -647,8 +646,12 @@ def resolve(
                     )
                 ld = letters[ch]
                 sub = ir.Sublayer.model_construct(
-                    label=ch, prims=(ld.call,), norm=stmt.norm, share=stmt.share,
-                    norm_share=stmt.norm_share, span=ld.span,
+                    label=ch,
+                    prims=(ld.call,),
+                    norm=stmt.norm,
+                    share=stmt.share,
+                    norm_share=stmt.norm_share,
+                    span=ld.span,
                 )
                 units.append([("pattern", i, sub, ld.call, {}, f"{pfx}.{i}.{ch}", f"{pfx}.{i}.{ch}")])
             continue
@@ -689,10 +692,17 @@ def resolve(
             if isinstance(it, ir.Slots):
                 cnt = scope.integer(it.count, "the slots count", 1, 1000, name=f"{blk.name}.slots")
                 for j in range(cnt):
-                    items.append(ir.Sublayer.model_construct(
-                        label=f"s{j}", prims=it.prims, norm=it.norm, share=it.share,
-                        norm_share=it.norm_share, span=it.span, choice_span=it.span,
-                    ))
+                    items.append(
+                        ir.Sublayer.model_construct(
+                            label=f"s{j}",
+                            prims=it.prims,
+                            norm=it.norm,
+                            share=it.share,
+                            norm_share=it.norm_share,
+                            span=it.span,
+                            choice_span=it.span,
+                        )
+                    )
             else:
                 items.append(it)
         for it in items:
@@ -744,7 +754,9 @@ def resolve(
                 picked = scope.choice(
                     ir.Choice.model_construct(
                         options=tuple(
-                            ir.ChoiceOption.model_construct(value=ir.Str.model_construct(value=p.name, span=p.span), span=p.span)
+                            ir.ChoiceOption.model_construct(
+                                value=ir.Str.model_construct(value=p.name, span=p.span), span=p.span
+                            )
                             for p in it.prims
                         ),
                         span=it.choice_span or it.span,
@@ -786,13 +798,17 @@ def resolve(
             # instances are bound; MoEUT's init needs it, so it is filled in below.
             ctx = base_ctx
             args, spans = _bind_args(
-                call, prim.args, scope, f"primitive {call.name}", ctx, extra,
+                call,
+                prim.args,
+                scope,
+                f"primitive {call.name}",
+                ctx,
+                extra,
                 choice_prefix=f"{blk_name}.{it.label}.",
             )
             if ctx.causal and args.get("causal") is False:
                 raise BlockError(
-                    "causal=false in a language model lets each position see the token it "
-                    "must predict",
+                    "causal=false in a language model lets each position see the token it must predict",
                     spans.get("causal", call.span),
                     "language models train on next-token prediction; drop causal=false",
                 )
@@ -828,23 +844,34 @@ def resolve(
             nbase = f"normshare:{it.norm_share}" if it.norm_share else f"{norm_base}.norm"
             norms = tuple(NormPlan(nkind, nargs, f"{nbase}{j}") for j in range(n_norms))
             layer = LayerPlan(
-                index=len(layers), unit=u, block=blk_name, repeat=rep_i, label=it.label,
-                prim=call.name, family=prim.family, args=args, placement=placement,
-                norms=norms, key=key, span=call.span,
+                index=len(layers),
+                unit=u,
+                block=blk_name,
+                repeat=rep_i,
+                label=it.label,
+                prim=call.name,
+                family=prim.family,
+                args=args,
+                placement=placement,
+                norms=norms,
+                key=key,
+                span=call.span,
             )
             # A sharing group's members must agree, or there is no one module to share.
             sig = layer.signature()
             if key in prim_sigs and prim_sigs[key][0] != sig:
                 first = prim_sigs[key][1]
-                how = (f"share={it.share}" if it.share
-                       else "the same copy of a grouped repeat (groups=)")
+                how = f"share={it.share}" if it.share else "the same copy of a grouped repeat (groups=)"
                 raise BlockError(
                     f"sublayers sharing weights through {how} disagree: "
                     f"{_sig_text(sig)} here vs {_sig_text(prim_sigs[key][0])} at {first}",
                     call.span,
                     "shared weights need one shape: give them the same arguments"
-                    + (", or different share= names" if it.share else
-                       ", or override all repeats of a copy alike"),
+                    + (
+                        ", or different share= names"
+                        if it.share
+                        else ", or override all repeats of a copy alike"
+                    ),
                 )
             prim_sigs.setdefault(key, (sig, call.span))
             for nrm in norms:
@@ -869,8 +896,11 @@ def resolve(
             raise BlockError(f"unknown widening '{acall.name}'", acall.span, "did you mean 'altup'?")
         altup, aspans = _bind_args(acall, ALTUP, scope, "altup", None)
         if altup["k"] < 1:
-            raise BlockError(f"altup k={altup['k']} must be at least 1", aspans["k"],
-                             "k is the widening factor; k=1 is the plain model")
+            raise BlockError(
+                f"altup k={altup['k']} must be at least 1",
+                aspans["k"],
+                "k is the widening factor; k=1 is the plain model",
+            )
         if altup["k"] > len(units):
             raise BlockError(
                 f"altup k={altup['k']} exceeds the {len(units)} layers it wraps",

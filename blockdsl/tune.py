@@ -38,9 +38,7 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...], str]] = {
 
 
 def cache_path() -> Path:
-    root = os.environ.get("BLOCKDSL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "blockdsl"
-    )
+    root = os.environ.get("BLOCKDSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "blockdsl")
     return Path(root) / "tune.json"
 
 
@@ -133,8 +131,9 @@ def _time(module, x, device, precision, reps: int) -> float:
     return statistics.median(times)
 
 
-def tune_layer(layer: LayerPlan, plan: Plan, device: torch.device, precision: str,
-               tokens: int = 4096, reps: int = 3) -> dict[str, Any]:
+def tune_layer(
+    layer: LayerPlan, plan: Plan, device: torch.device, precision: str, tokens: int = 4096, reps: int = 3
+) -> dict[str, Any]:
     """Measure every candidate implementation of one layer; return the decision record."""
     from dataclasses import replace
 
@@ -153,8 +152,9 @@ def tune_layer(layer: LayerPlan, plan: Plan, device: torch.device, precision: st
     results: dict[str, Any] = {}
     for cand in candidates:
         try:
-            mod = _primitive(replace(layer, args={**layer.args, arg: cand}), plan.d, 1, device,
-                             precision, seq).to(device)
+            mod = _primitive(
+                replace(layer, args={**layer.args, arg: cand}), plan.d, 1, device, precision, seq
+            ).to(device)
             mod.load_state_dict(state)
             out, grads = _run(mod, x, device, precision)
             err = max([_rel_err(out, ref_out)] + [_rel_err(g, r) for g, r in zip(grads, ref_grads)])
@@ -169,11 +169,14 @@ def tune_layer(layer: LayerPlan, plan: Plan, device: torch.device, precision: st
     return {"choice": choice, "tokens": batch * seq, "precision": precision, "candidates": results}
 
 
-def tune_plan(plan: Plan, device: Any = None, precision: str = "fp32", verbose: bool = True
-              ) -> dict[str, Any]:
+def tune_plan(
+    plan: Plan, device: Any = None, precision: str = "fp32", verbose: bool = True
+) -> dict[str, Any]:
     """Tune every auto-implemented layer shape of a plan; cache and return the decisions."""
-    dev = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     )
     if precision == "fp32-medium":
         prev = torch.get_float32_matmul_precision()
@@ -197,8 +200,10 @@ def tune_plan(plan: Plan, device: Any = None, precision: str = "fp32", verbose: 
                         parts.append(f"{c} {r['seconds'] * 1000:.1f} ms")
                     else:
                         parts.append(f"{c} rejected ({r['why']})")
-                print(f"tune {layer.label} ({layer.prim}, {rec['tokens']} tokens, {precision}): "
-                      f"chose {rec['choice']} — " + "; ".join(parts))
+                print(
+                    f"tune {layer.label} ({layer.prim}, {rec['tokens']} tokens, {precision}): "
+                    f"chose {rec['choice']} — " + "; ".join(parts)
+                )
     finally:
         if precision == "fp32-medium":
             torch.set_float32_matmul_precision(prev)
