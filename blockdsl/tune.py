@@ -57,7 +57,8 @@ def device_signature(device: torch.device) -> str:
 def shape_key(layer: LayerPlan, d: int, seq: int, precision: str, device: torch.device) -> str:
     arg = CANDIDATES[layer.prim][0]
     args = ",".join(f"{k}={v}" for k, v in sorted(layer.args.items()) if k != arg)
-    return f"{device_signature(device)}|torch={torch.__version__}|{precision}|{layer.prim}|d={d}|seq={seq}|{args}"
+    head = f"{device_signature(device)}|torch={torch.__version__}|{precision}"
+    return f"{head}|{layer.prim}|d={d}|seq={seq}|{args}"
 
 
 _MEMO: dict[str, tuple[float, dict[str, Any]]] = {}
