@@ -17,16 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from blockdsl.errors import BlockError
+from blockdsl.graph import human
 
 # Subcommands that live in their own module: each has register(subparsers) and run(args).
 _PLUGINS = ("blockdsl.cli_train", "blockdsl.cli_search")
-
-
-def _fmt(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def _load_plan(args: argparse.Namespace):
@@ -49,7 +43,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(
         f"ok: {args.file}: model {plan.name}: {rep.layers} sublayers in {rep.units} blocks{shared}"
         f"{choices}; {rep.stored_params:,} stored params, {rep.active_params_per_token:,} active/token, "
-        f"{_fmt(rep.flops_per_token)} FLOPs/token at seq {rep.seq}"
+        f"{human(rep.flops_per_token)} FLOPs/token at seq {rep.seq}"
     )
     return 0
 
@@ -73,7 +67,7 @@ def _summary_table(rep, plan) -> Any:
         t.add_row(
             str(r.index), f"{r.block}[{r.repeat}].{r.label}", r.prim, norm, group,
             f"{r.params:,}" if r.owner else "—", f"{int(r.active):,}" if r.owner else "—",
-            _fmt(r.flops),
+            human(r.flops),
         )
     return t
 
@@ -84,11 +78,11 @@ def _totals_table(rep) -> Any:
     t = Table(show_header=False, box=None)
     t.add_column(justify="left")
     t.add_column(justify="right")
-    t.add_row("stored parameters", f"{rep.stored_params:,}  ({_fmt(rep.stored_params)})")
+    t.add_row("stored parameters", f"{rep.stored_params:,}  ({human(rep.stored_params)})")
     t.add_row("active parameters / token",
-              f"{rep.active_params_per_token:,}  ({_fmt(rep.active_params_per_token)})")
+              f"{rep.active_params_per_token:,}  ({human(rep.active_params_per_token)})")
     f = rep.flops_per_token
-    t.add_row(f"FLOPs / token (forward, seq {rep.seq})", f"{f:,.0f}  ({_fmt(f)})")
+    t.add_row(f"FLOPs / token (forward, seq {rep.seq})", f"{f:,.0f}  ({human(f)})")
     t.add_row("sublayers / blocks", f"{rep.layers} / {rep.units}")
     for k, v in rep.breakdown.items():
         if v:

@@ -32,6 +32,14 @@ if TYPE_CHECKING:
     import networkx as nx
 
 
+def human(n: float) -> str:
+    """1234567 -> '1.23M': the short form reports and pictures print."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 @dataclass
 class Row:
     index: int

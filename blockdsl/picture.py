@@ -10,17 +10,10 @@ from __future__ import annotations
 
 from html import escape
 
-from blockdsl.graph import Report
+from blockdsl.graph import Report, human
 
 _FAMILY = {"attn": "#8ecae6", "ffn": "#ffb703", "moe": "#fb8500"}
 _GROUP = ["#e63946", "#2a9d8f", "#6a4c93", "#1d3557", "#f4a261", "#588157", "#bc4749", "#457b9d"]
-
-
-def _fmt(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def to_svg(rep: Report, families: dict[int, str]) -> str:
@@ -34,8 +27,8 @@ def to_svg(rep: Report, families: dict[int, str]) -> str:
         'font-family="monospace" font-size="12">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<text x="10" y="20" font-size="15" font-weight="bold">{escape(rep.name)}</text>',
-        f'<text x="10" y="40">stored {_fmt(rep.stored_params)} params · active '
-        f'{_fmt(rep.active_params_per_token)}/token · {_fmt(rep.flops_per_token)} FLOPs/token '
+        f'<text x="10" y="40">stored {human(rep.stored_params)} params · active '
+        f'{human(rep.active_params_per_token)}/token · {human(rep.flops_per_token)} FLOPs/token '
         f"(seq {rep.seq})</text>",
         f'<rect x="40" y="{top - 22}" width="420" height="18" fill="#eeeeee" stroke="#555"/>',
         f'<text x="48" y="{top - 9}">stem</text>',
@@ -54,7 +47,7 @@ def to_svg(rep: Report, families: dict[int, str]) -> str:
             f'<text x="{indent + 8}" y="{y + 15}">{escape(f"{r.block}[{r.repeat}].{r.label}")}: '
             f"{escape(r.prim)}</text>"
         )
-        out.append(f'<text x="{indent + 330}" y="{y + 15}">{_fmt(r.flops)}F</text>')
+        out.append(f'<text x="{indent + 330}" y="{y + 15}">{human(r.flops)}F</text>')
         if r.group in colour:
             c = colour[r.group]
             x = 480 + 14 * lane.setdefault(r.group, len(lane))
@@ -70,7 +63,7 @@ def to_svg(rep: Report, families: dict[int, str]) -> str:
             if r.owner:
                 out.append(f'<text x="{x + 10}" y="{y + 15}" fill="{c}">{escape(tag)}</text>')
         else:
-            out.append(f'<text x="480" y="{y + 15}" fill="#555">{_fmt(r.params)} params</text>')
+            out.append(f'<text x="480" y="{y + 15}" fill="#555">{human(r.params)} params</text>')
     y = top + len(rows) * row_h
     out.append(f'<rect x="40" y="{y}" width="420" height="18" fill="#eeeeee" stroke="#555"/>')
     out.append(f'<text x="48" y="{y + 13}">final norm → head</text>')

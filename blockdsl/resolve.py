@@ -100,9 +100,6 @@ class Plan:
     def vocab(self) -> int:
         return self.stem[1]["vocab"] if self.stem[0] == "tokens" else 0
 
-    def applications(self, key: str) -> int:
-        return sum(1 for layer in self.layers if layer.key == key)
-
 
 Chooser = Callable[[ChoiceDef], Any]
 
