@@ -29,7 +29,7 @@ from blockdsl.resolve import LayerPlan, Plan
 TOLERANCE = {"fp32": 1e-4, "fp32-medium": 5e-3, "bf16": 3e-2}
 # Per primitive: the argument that names the implementation, the candidates, the reference.
 CANDIDATES: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "mha": ("impl", ("sdpa", "manual"), "manual"),
+    "mha": ("impl", ("sdpa", "bmm", "manual"), "manual"),
     "topk": ("dispatch", ("grouped_mm", "sort", "loop"), "loop"),
     "expert_choice": ("dispatch", ("grouped_mm", "sort", "loop"), "loop"),
     "sigma_moe": ("dispatch", ("grouped_mm", "sort", "loop"), "loop"),

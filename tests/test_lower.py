@@ -88,9 +88,9 @@ def test_tuned_choice_is_cached_and_used_by_lowering(tmp_path, monkeypatch) -> N
     dec = tune_plan(plan, device="cpu", precision="fp32", verbose=False)
     assert len(dec) == 1  # two attention layers, one shape
     (rec,) = dec.values()
-    assert set(rec["candidates"]) == {"sdpa", "manual"}
+    assert set(rec["candidates"]) == {"sdpa", "bmm", "manual"}
     assert all(r["ok"] for r in rec["candidates"].values())
-    assert rec["choice"] in ("sdpa", "manual")
+    assert rec["choice"] in ("sdpa", "bmm", "manual")
     assert (tmp_path / "tune.json").exists()
     attn = plan.layers[0]
     assert lookup(attn, plan.d, plan.seq, "fp32", torch.device("cpu")) == rec["choice"]
@@ -102,3 +102,15 @@ def test_tuned_choice_is_cached_and_used_by_lowering(tmp_path, monkeypatch) -> N
     assert model.units[0][0].fn.impl == "manual"
     monkeypatch.setenv("BLOCKDSL_TUNE", "off")
     assert lookup(attn, plan.d, plan.seq, "fp32", torch.device("cpu")) is None
+
+
+def test_default_attention_rule() -> None:
+    from blockdsl.lower import attention_impl
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_impl("manual", cpu, "bf16", 128) == "manual"  # explicit wins
+    assert attention_impl("auto", cpu, "fp32", 128) == "sdpa"
+    assert attention_impl("auto", cpu, "bf16", 256) == "bmm"
+    assert attention_impl("auto", cpu, "fp32-medium", 256) == "bmm"
+    assert attention_impl("auto", cpu, "bf16", 2048) == "sdpa"
+    assert attention_impl("auto", cuda, "bf16", 256) == "sdpa"

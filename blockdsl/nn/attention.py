@@ -14,7 +14,54 @@ from torch import Tensor, nn
 
 from blockdsl.nn.rope import apply_rope
 
-IMPLS = ("sdpa", "manual")
+IMPLS = ("sdpa", "manual", "bmm")
+
+
+class _BmmAttention(torch.autograd.Function):
+    """softmax(Q K^T / sqrt(dh) [+ causal mask]) V as two batched matmuls, hand-written backward.
+
+    Q, K, V: [..., T, dh] with the same leading dims. Everything runs in the inputs' dtype
+    (bf16 under autocast: the CPU softmax kernel accumulates in fp32 internally), so no
+    [T, T] tensor is ever cast. Against autograd through the reference ops it makes two
+    passes over the scores forward (mask, softmax; the scale is folded into Q) and two
+    backward (dS = P * (dP - rowsum(dO * O)), in place); the scale is applied to the
+    [T, dh] gradients.
+    The probabilities are saved as manual attention saves them. Where this beats SDPA
+    (its CPU backward is slow in bf16 at short sequences) is measured per shape by
+    `compile --tune`.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        t, s = q.shape[-2], k.shape[-2]
+        q3, k3, v3 = (x.reshape(-1, x.shape[-2], x.shape[-1]) for x in (q, k, v))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        # Autocast would run softmax in fp32 and cast back; the inputs already carry the dtype.
+        with torch.autocast(q.device.type, enabled=False):
+            scores = torch.bmm(q3 * scale, k3.transpose(1, 2))
+            if causal:  # query i sees keys j <= i (top-left aligned, as SDPA's is_causal)
+                scores.masked_fill_(torch.ones(t, s, dtype=torch.bool, device=q.device).triu_(1),
+                                    float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out = torch.bmm(probs, v3)
+        ctx.save_for_backward(q3, k3, v3, probs, out)
+        ctx.scale, ctx.shapes = scale, (q.shape, k.shape, v.shape)
+        return out.reshape(*q.shape[:-1], v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q3, k3, v3, probs, out = ctx.saved_tensors
+        go = grad_out.reshape(out.shape).to(out.dtype)
+        grad_v = torch.bmm(probs.transpose(1, 2), go)
+        dp = torch.bmm(go, v3.transpose(1, 2))
+        row = (go.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
+        # In the input dtype, in place: dP is already rounded to it by the matmul, and mixed-
+        # dtype elementwise ops over [T, T] cost a cast copy per operand (measured 3x slower).
+        ds = dp.sub_(row.to(dp.dtype)).mul_(probs)
+        grad_q = torch.bmm(ds, k3).mul_(ctx.scale)
+        grad_k = torch.bmm(ds.transpose(1, 2), q3).mul_(ctx.scale)
+        qs, ks, vs = ctx.shapes
+        return grad_q.reshape(qs), grad_k.reshape(ks), grad_v.reshape(vs), None
 
 
 class MultiHeadAttention(nn.Module):
@@ -98,8 +145,14 @@ class MultiHeadAttention(nn.Module):
                 is_causal=self.causal,
                 enable_gqa=self.kv_heads != self.heads,
             )
-        elif self.impl == "manual":
-            y = self._manual(q, k, v, p)
+        elif self.impl == "manual" or (self.impl == "bmm" and p > 0):
+            y = self._manual(q, k, v, p)  # bmm has no dropout: it falls back to the reference
+        elif self.impl == "bmm":
+            groups = self.heads // self.kv_heads
+            if groups > 1:
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+            y = _BmmAttention.apply(q, k, v, self.causal)
         else:
             raise ValueError(f"unknown attention impl {self.impl!r}; expected one of {IMPLS}")
         y = y.transpose(1, 2).reshape(*x.shape[:-1], self.heads * self.head_dim)

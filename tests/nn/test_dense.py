@@ -120,7 +120,7 @@ def test_unknown_impl_rejected_at_call() -> None:
         a(torch.randn(1, 2, 8))
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("impl", ["sdpa", "manual", "bmm"])
 def test_causal_masking(impl: str) -> None:
     torch.manual_seed(0)
     a = MultiHeadAttention(16, 2, causal=True, rope=True, impl=impl)
@@ -135,7 +135,7 @@ def test_causal_masking(impl: str) -> None:
     assert not torch.allclose(a(x)[:, :5], a(y)[:, :5])
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("impl", ["sdpa", "manual", "bmm"])
 def test_gqa_equals_repeated_kv_heads(impl: str) -> None:
     torch.manual_seed(0)
     d, h, kv, dh = 24, 6, 2, 4
@@ -345,3 +345,51 @@ def test_tiny_models_run() -> None:
     assert logits.shape == (2, 8, 20)
     F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 20, (16,))).backward()
     assert all(p.grad is not None for p in g.parameters())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kv", [4, 2])
+def test_bmm_attention_matches_manual_with_gradients(causal: bool, kv: int) -> None:
+    """The hand-written backward equals autograd through the reference ops: fp32 to 1e-5,
+    bf16 autocast (fp32 weights) to 3e-2 of each tensor's max, the tune tolerances."""
+    torch.manual_seed(0)
+    ref = MultiHeadAttention(32, 4, kv_heads=kv, causal=causal, rope=True, impl="manual")
+    fast = MultiHeadAttention(32, 4, kv_heads=kv, causal=causal, rope=True, impl="bmm")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 11, 32)
+    for dtype, tol in ((None, 1e-5), (torch.bfloat16, 3e-2)):
+        outs = []
+        for m in (ref, fast):
+            m.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                y = m(xi)
+            (y.float() * torch.linspace(-1, 1, 32)).sum().backward()
+            outs.append([t.detach().float() for t in (y, xi.grad, m.qkv.weight.grad, m.out.weight.grad)])
+        for a, b in zip(*outs):
+            assert float((a - b).abs().max()) <= tol * float(b.abs().max()), (dtype, causal, kv)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bmm_attention_gradcheck(causal: bool) -> None:
+    from blockdsl.nn.attention import _BmmAttention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: _BmmAttention.apply(a, b, c, causal), (q, k, v))
+
+
+def test_bmm_attention_with_dropout_falls_back_to_the_reference() -> None:
+    torch.manual_seed(0)
+    a = MultiHeadAttention(16, 4, causal=True, dropout=0.5, impl="bmm")
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(1)
+    y = a(x)
+    a.impl = "manual"
+    torch.manual_seed(1)
+    torch.testing.assert_close(a(x), y, atol=0, rtol=0)
+    a.eval()
+    a.impl = "bmm"
+    out_eval = a(x)
+    a.impl = "sdpa"
+    torch.testing.assert_close(a(x), out_eval, atol=1e-5, rtol=1e-5)
