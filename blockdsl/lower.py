@@ -41,7 +41,7 @@ def attention_impl(requested: str, device: torch.device, precision: str, seq: in
 
 
 def _primitive(layer: LayerPlan, d: int, apps: int, device: torch.device, precision: str,
-               seq: int) -> nn.Module:
+               seq: int, tokens: int | None = None) -> nn.Module:
     a: dict[str, Any] = dict(layer.args)
     p = layer.prim
     # An explicit impl=/dispatch= in the spec wins; "auto" takes the tuned choice for this
@@ -50,7 +50,7 @@ def _primitive(layer: LayerPlan, d: int, apps: int, device: torch.device, precis
         if a.get(key) == "auto":
             from blockdsl.tune import lookup
 
-            a[key] = lookup(layer, d, seq, precision, device) or "auto"
+            a[key] = lookup(layer, d, seq, precision, device, tokens) or "auto"
     if p == "mha":
         return MultiHeadAttention(
             d, a["heads"], kv_heads=a["kv_heads"], head_dim=a["head_dim"], bias=a["bias"],
@@ -99,8 +99,12 @@ def _primitive(layer: LayerPlan, d: int, apps: int, device: torch.device, precis
 
 
 def build_from_plan(plan: Plan, device: str | torch.device | None = None,
-                    precision: str = "fp32") -> BlockModel:
-    """Lower a resolved Plan to a `BlockModel` on `device` (default: CUDA if present)."""
+                    precision: str = "fp32", batch: int | None = None) -> BlockModel:
+    """Lower a resolved Plan to a `BlockModel` on `device` (default: CUDA if present).
+
+    `batch` (sequences or images per step) selects, among tuning runs of the same shape,
+    the one timed at the nearest token count.
+    """
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     )
@@ -129,7 +133,8 @@ def build_from_plan(plan: Plan, device: str | torch.device | None = None,
     for layer in plan.layers:
         if layer.key not in prims:
             # MoEUT scales its init by sqrt(2 / applications of *all* layers in the stack).
-            prims[layer.key] = _primitive(layer, d, plan.n_units, dev, precision, plan.seq)
+            prims[layer.key] = _primitive(layer, d, plan.n_units, dev, precision, plan.seq,
+                                          batch * plan.seq if batch else None)
         layer_norms = []
         for n in layer.norms:
             if n.key not in norms:

@@ -148,6 +148,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def make_adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float],
+               device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all parameters) where torch has it for the device.
+
+    On the 2-core CPU the fused step of a 3.3M-parameter GPT took a third of the
+    multi-tensor (foreach) step's time, about 5% of a whole train step; same update rule.
+    """
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+        except (RuntimeError, ValueError):  # e.g. a parameter dtype the fused kernel lacks
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     """Linear warm-up over `cfg.warmup` steps, then cosine from lr to lr*min_lr_ratio."""
     if step < cfg.warmup:
@@ -764,8 +779,7 @@ class _Run:
         model.to(self.device)
         seed_everything(cfg.seed)  # identical on every rank, so rank 0's RNG state fits all
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                     betas=cfg.betas)
+        self.opt = make_adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas, self.device)
         self.resumed = cfg.resume and ckpt is not None
         if ckpt is not None and self.resumed:
             state = load_checkpoint(ckpt, model, self.opt)

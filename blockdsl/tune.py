@@ -14,6 +14,7 @@ bf16 3e-2. A candidate outside tolerance is never chosen, however fast.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -26,6 +27,7 @@ import torch
 
 from blockdsl.resolve import LayerPlan, Plan
 
+DEFAULT_TOKENS = 4096
 TOLERANCE = {"fp32": 1e-4, "fp32-medium": 5e-3, "bf16": 3e-2}
 # Per primitive: the argument that names the implementation, the candidates, the reference.
 CANDIDATES: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -87,12 +89,24 @@ def _save(cache: dict[str, Any]) -> None:
     tmp.replace(p)
 
 
-def lookup(layer: LayerPlan, d: int, seq: int, precision: str, device: torch.device) -> str | None:
-    """The cached choice for this shape, or None (lowering then uses its default rule)."""
+def lookup(layer: LayerPlan, d: int, seq: int, precision: str, device: torch.device,
+           tokens: int | None = None) -> str | None:
+    """The cached choice for this shape, or None (lowering then uses its default rule).
+
+    The best kernel depends on the tokens per step as well (a per-expert loop wins at a few
+    hundred tokens, a sorted dispatch at thousands): each tuning run is kept by its token
+    count, and `tokens` picks the run nearest on a log scale; without it, the latest run.
+    """
     if layer.prim not in CANDIDATES or os.environ.get("BLOCKDSL_TUNE") == "off":
         return None
     hit = _load().get(shape_key(layer, d, seq, precision, device))
-    return hit["choice"] if hit else None
+    if not hit:
+        return None
+    runs = hit.get("by_tokens") or {}
+    if tokens and runs:
+        near = min(runs, key=lambda t: abs(math.log(int(t) / tokens)))
+        return runs[near]["choice"]
+    return hit["choice"]
 
 
 def _autocast(device: torch.device, precision: str):
@@ -133,7 +147,8 @@ def _time(module, x, device, precision, reps: int) -> float:
 
 
 def tune_layer(
-    layer: LayerPlan, plan: Plan, device: torch.device, precision: str, tokens: int = 4096, reps: int = 3
+    layer: LayerPlan, plan: Plan, device: torch.device, precision: str, tokens: int = 4096,
+    reps: int = 3,
 ) -> dict[str, Any]:
     """Measure every candidate implementation of one layer; return the decision record."""
     from dataclasses import replace
@@ -171,9 +186,15 @@ def tune_layer(
 
 
 def tune_plan(
-    plan: Plan, device: Any = None, precision: str = "fp32", verbose: bool = True
+    plan: Plan, device: Any = None, precision: str = "fp32", verbose: bool = True,
+    batch: int | None = None,
 ) -> dict[str, Any]:
-    """Tune every auto-implemented layer shape of a plan; cache and return the decisions."""
+    """Tune every auto-implemented layer shape of a plan; cache and return the decisions.
+
+    `batch`: the sequences (images) per training step, so the layers are timed on the
+    token count they will see; default DEFAULT_TOKENS tokens.
+    """
+    tokens = batch * plan.seq if batch else DEFAULT_TOKENS
     dev = (
         torch.device(device)
         if device is not None
@@ -191,9 +212,11 @@ def tune_plan(
             key = shape_key(layer, plan.d, plan.seq, precision, dev)
             if key in decisions:
                 continue
-            rec = tune_layer(layer, plan, dev, precision)
+            rec = tune_layer(layer, plan, dev, precision, tokens=tokens)
             decisions[key] = rec
-            cache[key] = rec
+            runs = dict(cache.get(key, {}).get("by_tokens", {}))
+            runs[str(rec["tokens"])] = {"choice": rec["choice"], "candidates": rec["candidates"]}
+            cache[key] = {**rec, "by_tokens": runs}
             if verbose:
                 parts = []
                 for c, r in rec["candidates"].items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -114,3 +116,29 @@ def test_default_attention_rule() -> None:
     assert attention_impl("auto", cpu, "fp32-medium", 256) == "bmm"
     assert attention_impl("auto", cpu, "bf16", 2048) == "sdpa"
     assert attention_impl("auto", cuda, "bf16", 256) == "sdpa"
+
+
+def test_tuning_runs_are_kept_per_token_count(tmp_path, monkeypatch) -> None:
+    from blockdsl.tune import lookup, tune_plan
+
+    monkeypatch.setenv("BLOCKDSL_CACHE", str(tmp_path))
+    plan = blockdsl.resolve(TINY.replace("PLACEMENT", "pre"))
+    (small,) = tune_plan(plan, device="cpu", precision="fp32", verbose=False, batch=1).values()
+    (large,) = tune_plan(plan, device="cpu", precision="fp32", verbose=False, batch=64).values()
+    assert (small["tokens"], large["tokens"]) == (plan.seq, 64 * plan.seq)
+    attn, cpu = plan.layers[0], torch.device("cpu")
+    assert lookup(attn, plan.d, plan.seq, "fp32", cpu, tokens=2 * plan.seq) == small["choice"]
+    assert lookup(attn, plan.d, plan.seq, "fp32", cpu, tokens=40 * plan.seq) == large["choice"]
+    assert lookup(attn, plan.d, plan.seq, "fp32", cpu) == large["choice"]  # the latest run
+    # Make the two runs disagree, so the nearest-token rule is what picks.
+    cache = json.loads((tmp_path / "tune.json").read_text())
+    (rec,) = cache.values()
+    rec["by_tokens"][str(plan.seq)]["choice"] = "manual"
+    rec["by_tokens"][str(64 * plan.seq)]["choice"] = "bmm"
+    (tmp_path / "tune.json").write_text(json.dumps(cache))
+    assert lookup(attn, plan.d, plan.seq, "fp32", cpu, tokens=3 * plan.seq) == "manual"
+    assert lookup(attn, plan.d, plan.seq, "fp32", cpu, tokens=20 * plan.seq) == "bmm"
+    from blockdsl.lower import build_from_plan
+
+    assert build_from_plan(plan, device="cpu", batch=1).units[0][0].fn.impl == "manual"
+    assert build_from_plan(plan, device="cpu", batch=128).units[0][0].fn.impl == "bmm"
