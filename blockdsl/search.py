@@ -389,8 +389,8 @@ def _rdb_storage(url: str, cfg: SearchConfig, attempts: int = 5) -> BaseStorage:
 
 
 def _driver_url(url: str) -> str:
-    """`postgresql://` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 when only it is installed
-    (the `postgres` extra installs psycopg2-binary)."""
+    """`postgresql://` means psycopg 3 to SQLAlchemy 2.1 (the `postgres` extra installs it); a
+    machine that only has psycopg2 gets it named explicitly."""
     import importlib.util
 
     if url.startswith(("postgresql://", "postgres://")):
