@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict
 class Node(BaseModel):
     # Schemas are built on first validation only: the parser constructs nodes directly
     # (`model_construct`), which keeps `blockdsl check` instant; tests validate the IR
-    # by round-tripping it through `model_validate`.
+    # by round-tripping it through `model_validate`. Forward references (`Expr`, `Value`)
+    # resolve against this module at that first build, so no `model_rebuild()` here: it
+    # would build every schema at import (~30 ms, and pulls in pydantic's plugin loader).
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
@@ -274,6 +276,3 @@ class Module(Node):
                 return m
         return None
 
-
-for _cls in (BinOp, Neg, Func, ChoiceOption, Choice, Arg, Call, Assign, Override, LetterDef):
-    _cls.model_rebuild()

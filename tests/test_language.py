@@ -14,14 +14,23 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import blockdsl
+from blockdsl import ir
 from blockdsl.render import render
 from blockdsl.resolve import Plan, eval_expr
-from tests.test_accounting import TEST_SPECS, all_models, partition, spec_id
+from tests.test_accounting import (
+    TEST_SPECS,
+    all_models,
+    fixture_spec_files,
+    partition,
+    spec_files,
+    spec_id,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -628,3 +637,30 @@ def test_render_of_shared_and_grouped_specs_names_groups() -> None:
     # self-contained: no include, and no variable but d
     assert "include" not in text
     assert [ln.strip() for ln in text.splitlines() if re.match(r"\s*\w+ = ", ln)] == ["d = 32"]
+
+
+# --------------------------------------------------------------------------- the IR
+
+
+SEARCH_SPACES = sorted((Path(__file__).resolve().parents[1] / "search").glob("*.block"))
+
+
+@pytest.mark.parametrize("path", spec_files() + fixture_spec_files() + SEARCH_SPACES, ids=spec_id)
+def test_ir_round_trips_through_pydantic_validation(path: Path) -> None:
+    # The parser builds nodes with `model_construct` (no validation, schemas deferred);
+    # validating what it built proves the IR is what its pydantic types say it is.
+    module = blockdsl.load(path)
+    assert ir.Module.model_validate(module.model_dump()) == module
+    assert ir.Module.model_validate_json(module.model_dump_json()) == module
+
+
+def test_ir_validation_rejects_what_the_types_forbid() -> None:
+    span = {"file": "x.block", "line": 1, "col": 1, "end_line": 1, "end_col": 2}
+    with pytest.raises(pydantic.ValidationError):
+        ir.BinOp.model_validate({"op": "^", "left": {"value": 1, "span": span},
+                                 "right": {"value": 2, "span": span}, "span": span})
+    with pytest.raises(pydantic.ValidationError):
+        ir.Span.model_validate({**span, "extra": 1})
+    node = ir.Num.model_validate({"value": 1, "span": span})
+    with pytest.raises(pydantic.ValidationError):
+        node.value = 2  # frozen
