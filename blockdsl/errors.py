@@ -7,11 +7,12 @@ and a caret under the offending text; the CLI prints that and exits non-zero.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from blockdsl.ir import Span
+if TYPE_CHECKING:
+    from blockdsl.ir import Span
 
 # Source texts by file name, so an error raised far from the parser can still show
 # the line it points at (strings parsed from Python are registered under "<text>").
@@ -73,6 +74,8 @@ class BlockError(Exception):
 
 def did_you_mean(word: str, known: Iterable[str]) -> str:
     """A hint naming the closest known words, or listing them all."""
+    import difflib  # only on the error path: keeps it out of `blockdsl check`'s startup
+
     known = sorted(set(known))
     close = difflib.get_close_matches(word, known, n=3, cutoff=0.6)
     if close:
