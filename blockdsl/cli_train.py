@@ -79,6 +79,7 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 def run(args: argparse.Namespace) -> int:
     """Build, train, print the summary; a TrainError prints as one line and exits 1."""
     import blockdsl
+    from blockdsl.lower import build_from_plan
     from blockdsl.train import TrainConfig, TrainError, resolve_device, seed_everything, train
 
     out = args.out
@@ -89,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             device = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         seed_everything(args.seed)  # fixes the initial weights too
-        model = blockdsl.build(args.spec, args.model, device=device, precision=args.precision)
+        # Kernels tuned by `compile --tune --batch` for the nearest per-device batch are used.
+        micro = max(1, args.batch_size // max(1, args.accum) // int(os.environ.get("WORLD_SIZE", "1")))
+        model = build_from_plan(blockdsl.resolve(args.spec, args.model), device=device,
+                                precision=args.precision, batch=micro)
         rep = blockdsl.report(args.spec, args.model)
         # the report counts per token; a classifier's unit of throughput is one image
         flops = float(rep.flops_per_token) * (rep.seq if model.task == "classify" else 1)
