@@ -1088,7 +1088,10 @@ class Worker:
             # block; and a wall-clock guard of 10x the budget stops a trial whose step
             # budget came out absurd (a busy machine legitimately slows trials, not 10x).
             ratio = max(0.05, float(trial.user_attrs.get("step_time_ratio") or 1.0))
-            steps = max(1, round(cfg.seconds / (ratio * self._pace)))
+            # The pace as the study knows it now: a worker that started after the baseline
+            # ran (a resumed or second worker) must not fall back to its initial guess.
+            pace = float(cfg.pace or self.study.user_attrs.get("baseline_step_min") or self._pace)
+            steps = max(1, round(cfg.seconds / (ratio * pace)))
             seconds = 10.0 * cfg.seconds
             trial.set_user_attr("step_budget", steps)
             if cfg.steps:
