@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from blockdsl.errors import BlockError
 from blockdsl.ir import Module
-from blockdsl.parse import load_module
+
+# The submodule is imported before `def resolve` below (a later first import would rebind
+# `blockdsl.resolve` to the module); `blockdsl.parse` (lark) is imported on first use.
 from blockdsl.resolve import Plan
 from blockdsl.resolve import resolve as _resolve
 
@@ -29,10 +31,10 @@ __version__ = "0.1.0"
 __all__ = ["BlockError", "load", "resolve", "report", "build", "check", "__version__"]
 
 
-
-
 def load(source: str | Path) -> Module:
     """Parse a .block file (path) or .block text into the IR, includes resolved."""
+    from blockdsl.parse import load_module
+
     return load_module(source)
 
 
@@ -44,7 +46,7 @@ def resolve(
     """Resolve a spec's model (default: the last one the file defines) to a Plan."""
     if isinstance(spec, Plan):
         return spec
-    module = spec if isinstance(spec, Module) else load_module(spec)
+    module = spec if isinstance(spec, Module) else load(spec)
     return _resolve(module, model, assignment)
 
 

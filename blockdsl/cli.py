@@ -42,8 +42,28 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@contextlib.contextmanager
+def _without_optional_regex() -> Iterator[None]:
+    """Imports in this block see the third-party `regex` module as not installed.
+
+    lark imports `regex` whenever it is installed (~10 ms, a third of lark's import), but
+    only `Lark(regex=True)` and Unicode-category terminals need it; our grammar has neither. The
+    CLI, not parse.py, does this: a `blockdsl` process holds no other lark grammar, while a
+    program using blockdsl as a library keeps the lark it would have had.
+    """
+    absent = "regex" not in sys.modules
+    if absent:
+        sys.modules["regex"] = None  # type: ignore[assignment]  # `import regex` fails
+    try:
+        yield
+    finally:
+        if absent:
+            del sys.modules["regex"]  # a later `import regex` works as usual
+
+
 def _load_plan(args: argparse.Namespace):
-    from blockdsl.parse import load_module
+    with _without_optional_regex():
+        from blockdsl.parse import load_module
     from blockdsl.resolve import resolve
 
     return resolve(load_module(Path(args.file)), args.model)
