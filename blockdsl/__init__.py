@@ -67,8 +67,13 @@ def build(
     model: str | None = None,
     device: Any = None,
     precision: str = "fp32",
+    batch: int | None = None,
 ) -> BlockModel:
-    """Lower a spec to a torch module (`BlockModel`), on CUDA when present by default."""
+    """Lower a spec to a torch module (`BlockModel`), on CUDA when present by default.
+
+    `batch` (sequences or images per step) picks the kernels `compile --tune` measured at
+    the nearest token count, when it measured more than one.
+    """
     from blockdsl.lower import build_from_plan
 
-    return build_from_plan(resolve(spec, model), device=device, precision=precision)
+    return build_from_plan(resolve(spec, model), device=device, precision=precision, batch=batch)

@@ -126,7 +126,7 @@ def _smoke(plan, args: argparse.Namespace) -> dict[str, Any]:
     model = build_from_plan(plan, device=args.device, precision="fp32")
     dev = next(model.parameters()).device
     n_params = sum(p.numel() for p in model.parameters())
-    b = args.batch
+    b = args.batch or 2
     if plan.task == "lm":
         seq = min(args.seq or plan.seq, plan.seq)
         x = torch.randint(0, plan.vocab, (b, seq), device=dev)
@@ -186,7 +186,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from blockdsl.tune import tune_plan
 
         summary["tuning"] = tune_plan(plan, device=args.device, precision=args.precision,
-                                      verbose=not args.json)
+                                      verbose=not args.json, batch=args.batch)
     if args.smoke:
         smoke = _smoke(plan, args)
         summary["smoke"] = smoke
@@ -247,7 +247,9 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    help="build the module and run one forward+backward pass on random input")
     c.add_argument("--tune", action="store_true",
                    help="time each implementation choice on this spec's shapes and cache the fastest")
-    c.add_argument("--batch", type=int, default=2, help="batch size for --smoke (default 2)")
+    c.add_argument("--batch", type=int, default=None,
+                   help="sequences (images) per step: --tune times the kernels at this batch "
+                   "(default 4096 tokens' worth) and --smoke runs it (default 2)")
     c.add_argument("--seq", type=int, default=None, help="sequence length for --smoke (default: the model's)")
     c.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     c.add_argument("--precision", default="fp32", choices=["fp32", "fp32-medium", "bf16"],

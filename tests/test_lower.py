@@ -102,6 +102,9 @@ def test_tuned_choice_is_cached_and_used_by_lowering(tmp_path, monkeypatch) -> N
     explicit = TINY.replace("mha(heads=2, bias=false)", "mha(heads=2, bias=false, impl=manual)")
     model = blockdsl.build(explicit.replace("PLACEMENT", "pre"), device="cpu")
     assert model.units[0][0].fn.impl == "manual"
+    bmm = explicit.replace("impl=manual", "impl=bmm").replace("PLACEMENT", "pre")
+    model = blockdsl.build(bmm, device="cpu")
+    assert model.units[0][0].fn.impl == "bmm"
     monkeypatch.setenv("BLOCKDSL_TUNE", "off")
     assert lookup(attn, plan.d, plan.seq, "fp32", torch.device("cpu")) is None
 
