@@ -145,3 +145,29 @@ def test_tuning_runs_are_kept_per_token_count(tmp_path, monkeypatch) -> None:
 
     assert build_from_plan(plan, device="cpu", batch=1).units[0][0].fn.impl == "manual"
     assert build_from_plan(plan, device="cpu", batch=128).units[0][0].fn.impl == "bmm"
+
+
+def test_whole_model_check_reverts_layer_winners_that_lose(tmp_path, monkeypatch) -> None:
+    from blockdsl import tune
+
+    monkeypatch.setenv("BLOCKDSL_CACHE", str(tmp_path))
+    plan = blockdsl.resolve(TINY.replace("PLACEMENT", "pre"))
+    cpu = torch.device("cpu")
+    # The real race: both variants build, train a step, and get a time.
+    key = tune.shape_key(plan.layers[0], plan.d, plan.seq, "fp32", cpu)
+    chk = tune.whole_model_check(plan, {key: "manual"}, cpu, "fp32", batch=2, rounds=1)
+    assert chk["tuned_s"] > 0 and chk["default_s"] > 0 and chk["batch"] == 2
+
+    def fake_layer(layer, plan, device, precision, tokens):
+        return {"choice": "manual", "tokens": tokens, "precision": precision,
+                "candidates": {"manual": {"ok": True, "seconds": 1e-3, "error": 0.0}}}
+
+    monkeypatch.setattr(tune, "tune_layer", fake_layer)
+    for tuned_s, kept in ((2.0, False), (1.0, True)):
+        monkeypatch.setattr(tune, "whole_model_check",
+                            lambda *a, t=tuned_s, **k: {"tuned_s": t, "default_s": 1.0, "batch": 2})
+        (rec,) = tune.tune_plan(plan, device="cpu", precision="fp32", verbose=False, batch=2).values()
+        assert rec["default"] == "sdpa"
+        assert rec["whole_model"]["kept"] is kept
+        assert rec["choice"] == ("manual" if kept else "sdpa")
+        assert tune.lookup(plan.layers[0], plan.d, plan.seq, "fp32", cpu) == rec["choice"]
