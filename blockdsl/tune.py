@@ -145,16 +145,20 @@ def _race(runs: dict[str, Any], device: torch.device, rounds: int) -> dict[str, 
 
     Round-robin, order rotated every round, so load from other processes hits every
     candidate alike; the minimum is the time least inflated by it (load only adds time).
+    Each callable gets the round number (0 is the warm-up), so that candidates can see a
+    fresh input every round, as training does: with one input repeated, routed layers
+    would see the same per-expert shapes again and again, which flatters kernels whose
+    cost is compiling a new shape (oneDNN on CPU).
     """
     names = list(runs)
     for n in names:
-        runs[n]()
+        runs[n](0)
     best = {n: float("inf") for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:
             _sync(device)
             t0 = time.perf_counter()
-            runs[n]()
+            runs[n](r + 1)
             _sync(device)
             best[n] = min(best[n], time.perf_counter() - t0)
     return best
@@ -170,7 +174,9 @@ def tune_layer(
     arg, candidates, reference = CANDIDATES[layer.prim]
     seq = plan.seq
     batch = max(1, tokens // seq)
-    x = torch.randn(batch, seq, plan.d, device=device)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, seq, plan.d, generator=gen).to(device) for _ in range(rounds + 1)]
+    x = xs[0]
     torch.manual_seed(0)
     ref_layer = replace(layer, args={**layer.args, arg: reference})
     ref_mod = _primitive(ref_layer, plan.d, 1, device, precision, seq).to(device)
@@ -191,7 +197,7 @@ def tune_layer(
                 results[cand] = {"error": err, "ok": False, "why": f"differs from {reference} by {err:.2e}"}
                 continue
             results[cand] = {"error": err, "ok": True}
-            runs[cand] = lambda m=mod: _run(m, x, device, precision)
+            runs[cand] = lambda r, m=mod: _run(m, xs[r], device, precision)
         except (RuntimeError, ValueError, NotImplementedError) as e:
             results[cand] = {"ok": False, "why": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     for cand, sec in _race(runs, device, rounds).items():
@@ -236,8 +242,9 @@ def _with_choices(plan: Plan, choices: dict[str, str], device: torch.device, pre
     return replace(plan, layers=type(plan.layers)(layers))
 
 
-def _random_batch(plan: Plan, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
+def _random_batch(plan: Plan, batch: int, device: torch.device,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     if plan.task == "lm":
         x = torch.randint(0, plan.vocab, (batch, plan.seq), generator=g)
         y = torch.randint(0, plan.vocab, (batch, plan.seq), generator=g)
@@ -259,7 +266,7 @@ def whole_model_check(plan: Plan, choices: dict[str, str], device: torch.device,
     from blockdsl.lower import build_from_plan
     from blockdsl.train import accumulate_gradients
 
-    x, y = _random_batch(plan, batch, device)
+    data = [_random_batch(plan, batch, device, seed=r) for r in range(rounds + 1)]
     with _cache_ignored():
         torch.manual_seed(0)
         tuned = build_from_plan(_with_choices(plan, choices, device, precision), device, precision)
@@ -267,8 +274,8 @@ def whole_model_check(plan: Plan, choices: dict[str, str], device: torch.device,
         default = build_from_plan(plan, device, precision)
 
     def step(m: torch.nn.Module):
-        def run() -> None:
-            accumulate_gradients(m, x, y, 1, precision, device)
+        def run(r: int) -> None:
+            accumulate_gradients(m, *data[r], 1, precision, device)
             m.zero_grad(set_to_none=True)
 
         return run

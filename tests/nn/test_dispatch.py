@@ -149,3 +149,25 @@ def test_sort_backward_passes_gradcheck(two_layer):
         )
 
     assert torch.autograd.gradcheck(f, (x, gate, w1, b1, *([w2] if two_layer else [])))
+
+
+def test_row_bucketing_is_exact_and_only_where_onednn_compiles_shapes() -> None:
+    from blockdsl.nn.dispatch import ROW_BUCKET, _mm_rows, _mm_sum, _row_bucket
+
+    torch.manual_seed(0)
+    assert _row_bucket(torch.zeros(1, dtype=torch.bfloat16)) == ROW_BUCKET
+    assert _row_bucket(torch.zeros(1)) == 1
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert _row_bucket(torch.zeros(1)) == ROW_BUCKET
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    a, b, g = torch.randn(37, 8), torch.randn(8, 5), torch.randn(37, 5)
+    torch.testing.assert_close(_mm_rows(a, b, 32), a @ b, atol=0, rtol=0)
+    out = torch.empty(37, 5)
+    assert _mm_rows(a, b, 32, out=out) is out
+    torch.testing.assert_close(out, a @ b, atol=0, rtol=0)
+    gw = torch.empty(8, 5)
+    _mm_sum(a.t(), g, 32, out=gw)
+    torch.testing.assert_close(gw, a.t() @ g, atol=1e-6, rtol=1e-6)
