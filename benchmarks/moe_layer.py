@@ -71,6 +71,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BATCHED_MM_LIMIT_BYTES = 3e9
 EAGER_LIMIT_BYTES = 40e9
 SLOW_S = 6.0
+INPUTS = 8  # distinct inputs cycled through (see _step)
 
 
 def _hf_block(s: Shape, ours: TopKMoE, dtype: torch.dtype):
@@ -104,14 +105,19 @@ def _hf_backends() -> list[str]:
     return ["eager", *sorted(ALL_EXPERTS_FUNCTIONS.keys())]
 
 
-def _step(module: nn.Module, x: torch.Tensor, autocast: bool) -> Callable[[], torch.Tensor | None]:
+def _step(module: nn.Module, xs: list[torch.Tensor], autocast: bool) -> Callable[[], torch.Tensor | None]:
+    """Forward+backward on xs[0], xs[1], ... in turn: every contender sees the same inputs
+    in the same order, and each step routes differently, as in training. (One input
+    repeated would replay the same per-expert shapes, and on CPU in bf16 oneDNN compiles a
+    kernel per new matmul shape: a repeated input hides that cost from unpadded paths.)"""
     params = [p for p in module.parameters()]
+    calls = iter(range(1 << 62))
 
     def run() -> torch.Tensor:
         for p in params:
             p.grad = None
-        xi = x.detach().requires_grad_()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        xi = xs[next(calls) % len(xs)].detach().requires_grad_()
+        with torch.autocast(xi.device.type, dtype=torch.bfloat16, enabled=autocast):
             y = module(xi)
         y.float().square().mean().backward()
         return y.detach()
@@ -150,7 +156,7 @@ def bench_shape(
     autocast = prec == "bf16"
     torch.manual_seed(0)
     ours = TopKMoE(s.d, s.d_ff, s.experts, s.k, activation="swiglu", bias=False, renormalize=True)
-    x = torch.randn(4, s.tokens // 4, s.d)
+    xs = [torch.randn(4, s.tokens // 4, s.d) for _ in range(INPUTS)]
     contenders: dict[str, Callable[[], torch.Tensor | None]] = {}
     notes: dict[str, str] = {}
     for impl in impls:
@@ -159,11 +165,11 @@ def bench_shape(
             continue
         m = TopKMoE(s.d, s.d_ff, s.experts, s.k, "swiglu", False, renormalize=True, dispatch=impl)
         m.load_state_dict(ours.state_dict())
-        contenders[f"blockdsl:{impl}"] = _step(m.to(dtype), x.to(dtype), autocast)
+        contenders[f"blockdsl:{impl}"] = _step(m.to(dtype), [x.to(dtype) for x in xs], autocast)
     if autocast:
         master = TopKMoE(s.d, s.d_ff, s.experts, s.k, "swiglu", False, renormalize=True)
         master.load_state_dict(ours.state_dict())
-        contenders["blockdsl:sort[fp32 master]"] = _step(master, x, True)
+        contenders["blockdsl:sort[fp32 master]"] = _step(master, xs, True)
     if hf_on and _hf_block(s, ours, dtype) is None:
         print("  transformers not installed: HF rows skipped (pip install transformers)")
     elif hf_on:
@@ -182,7 +188,7 @@ def bench_shape(
                 continue
             blk = _hf_block(s, ours, dtype)
             blk.experts.config._experts_implementation = backend
-            contenders[name] = _step(blk, x.to(dtype), autocast)
+            contenders[name] = _step(blk, [x.to(dtype) for x in xs], autocast)
     dense = _dense_step(s, ours.w1, ours.w2, dtype)
     contenders["dense per-expert FFN"] = dense
 
