@@ -1,14 +1,18 @@
 """Measure, don't guess: time each implementation of a primitive on the spec's real shapes.
 
-`blockdsl compile --tune` runs `tune_plan`: for every distinct primitive instance whose
-implementation is left to blockdsl (`impl=auto` / `dispatch=auto`), each candidate is
-built with the same weights, run forward+backward on the spec's shape, checked against
-the reference implementation (outputs and input/weight gradients within the stated
-tolerance), and timed; the fastest correct one is cached on disk keyed by device, torch
-version, precision and shape. `lower.py` reads the cache when it builds a model.
+`blockdsl compile --tune [--batch B]` runs `tune_plan`: for every distinct primitive
+instance whose implementation is left to blockdsl (`impl=auto` / `dispatch=auto`), each
+candidate is built with the same weights, run forward+backward on the spec's shape at
+B sequences per step, checked against the reference implementation (outputs and
+input/weight gradients within the stated tolerance), and timed round-robin against the
+others on a fresh input each round. When the winners differ from lowering's default
+rules, a train step of the whole model with them races one with the defaults, and
+winners that lose there are not kept. Decisions are cached on disk keyed by device,
+torch version, precision and shape, one run per token count; `lower.py` reads the run
+nearest to the batch it builds for.
 
 Tolerances (max abs error relative to the reference's max abs value): fp32 1e-4,
-bf16 3e-2. A candidate outside tolerance is never chosen, however fast.
+fp32-medium 5e-3, bf16 3e-2. A candidate outside tolerance is never chosen, however fast.
 """
 
 from __future__ import annotations
@@ -151,6 +155,8 @@ def _race(runs: dict[str, Any], device: torch.device, rounds: int) -> dict[str, 
     cost is compiling a new shape (oneDNN on CPU).
     """
     names = list(runs)
+    if not names:
+        return {}
     for n in names:
         runs[n](0)
     best = {n: float("inf") for n in names}
@@ -306,7 +312,6 @@ def tune_plan(
         prev = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("medium")
     decisions: dict[str, Any] = {}
-    layers: dict[str, LayerPlan] = {}
     try:
         for layer in plan.layers:
             if layer.prim not in CANDIDATES or layer.args.get(CANDIDATES[layer.prim][0]) != "auto":
@@ -316,7 +321,7 @@ def tune_plan(
                 continue
             rec = tune_layer(layer, plan, dev, precision, tokens=batch * plan.seq)
             rec["default"] = default_choice(layer, dev, precision, plan.seq)
-            decisions[key], layers[key] = rec, layer
+            decisions[key] = rec
             if verbose:
                 parts = []
                 for c, r in rec["candidates"].items():
