@@ -1538,11 +1538,14 @@ def plot_study(study: optuna.Study, path: Path) -> Path | None:
 
 
 def default_space_path() -> Path:
-    """`search/brainformer.block` in the working directory, else beside the package."""
-    here = Path(DEFAULT_SPACE)
-    if here.exists():
-        return here
-    return Path(__file__).resolve().parent.parent / DEFAULT_SPACE
+    """`search/brainformer.block` in the working directory, else the repository's (an
+    editable install), else the copy a wheel ships as `blockdsl/spaces/`."""
+    name = Path(DEFAULT_SPACE).name
+    pkg = Path(__file__).resolve().parent
+    for cand in (Path(DEFAULT_SPACE), pkg.parent / DEFAULT_SPACE, pkg / "spaces" / name):
+        if cand.exists():
+            return cand
+    return Path(DEFAULT_SPACE)  # absent everywhere: the error names the usual place
 
 
 def new_study_name(space: Space) -> str:
