@@ -19,8 +19,8 @@ step. Contenders:
                       faster one is the reference for the ratio.
 Peak memory is the process's resident-set high-water mark during one step above the
 resident set before it (Linux: VmHWM after resetting it through /proc/self/clear_refs,
-allocator caches trimmed first), plus the bytes of parameters, gradients and AdamW state;
-on CUDA it is torch.cuda.max_memory_allocated.
+allocator caches trimmed first; the gradients are allocated within it), plus the bytes of
+parameters and AdamW state; on CUDA the same with torch.cuda.max_memory_allocated.
 
 `x-transformers` is a benchmark-only extra (`pip install -e ".[bench]"`).
 
@@ -155,8 +155,9 @@ def make_step(model, opt, precision: str, device: torch.device):
 
 
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Parameters and optimizer state: what is resident before a step. Gradients are not
+    counted here: the step allocates them (zero_grad frees them), so its growth has them."""
     n = sum(p.numel() * p.element_size() for p in model.parameters())
-    n += sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # grads
     for st in opt.state.values():
         n += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim())
     return n
