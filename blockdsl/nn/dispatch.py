@@ -238,6 +238,18 @@ def _sort_forward(x, src, dst, gate, offs, w1, b1, w2, b2, activation, n_out):
     return out.to(x.dtype), h
 
 
+def _gated_out_backward(gye, ge, inp, w, b, bk, gw, ggate_dtype):
+    """Backward of gate * (inp W + b) for one expert's rows: the gate gradient, W's gradient
+    (written into `gw`), b's gradient (None without a bias) and dL/d(inp), gate included."""
+    u = _mm_rows(gye, w.t(), bk)  # dL/d(inp) before the gate
+    ggate = _rowdot(u, inp).to(ggate_dtype)
+    if b is not None:
+        ggate += torch.mv(gye, b)
+    gys = gye * ge
+    _mm_sum(inp.t(), gys, bk, out=gw)
+    return ggate, None if b is None else gys.sum(0), u.mul_(ge)
+
+
 def _sort_backward(go, x, src, dst, gate, offs, w1, b1, w2, b2, h, activation):
     gx = torch.zeros(x.shape, device=x.device, dtype=_acc(x))
     ggate = torch.zeros_like(gate)
@@ -249,26 +261,19 @@ def _sort_backward(go, x, src, dst, gate, offs, w1, b1, w2, b2, h, activation):
         ge = gate[s:t].unsqueeze(-1).to(x.dtype)
         xe = x.index_select(0, src[s:t])
         if w2 is None:
-            ue = _mm_rows(gye, w1[e].t(), bk)  # dL/dxe before the gate
-            ggate[s:t] = _rowdot(ue, xe)
-            if b1 is not None:
-                ggate[s:t] += torch.mv(gye, b1[e])
-            gys = gye * ge
-            _mm_sum(xe.t(), gys, bk, out=gw1[e])
-            if b1 is not None:
-                gb1[e] = gys.sum(0)
-            gxe = ue.mul_(ge)
+            ggate[s:t], gb, gxe = _gated_out_backward(
+                gye, ge, xe, w1[e], None if b1 is None else b1[e], bk, gw1[e], ggate.dtype
+            )
+            if gb is not None:
+                gb1[e] = gb
         else:
             ae, act_backward = _activate_with_backward(h[s:t], activation)
-            ue = _mm_rows(gye, w2[e].t(), bk)  # dL/da before the gate
-            ggate[s:t] = _rowdot(ue, ae)
-            if b2 is not None:
-                ggate[s:t] += torch.mv(gye, b2[e])
-            gys = gye * ge
-            _mm_sum(ae.t(), gys, bk, out=gw2[e])
-            if b2 is not None:
-                gb2[e] = gys.sum(0)
-            ghe = act_backward(ue.mul_(ge))
+            ggate[s:t], gb, gae = _gated_out_backward(
+                gye, ge, ae, w2[e], None if b2 is None else b2[e], bk, gw2[e], ggate.dtype
+            )
+            if gb is not None:
+                gb2[e] = gb
+            ghe = act_backward(gae)
             _mm_sum(xe.t(), ghe, bk, out=gw1[e])
             if b1 is not None:
                 gb1[e] = ghe.sum(0)
