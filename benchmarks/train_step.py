@@ -39,7 +39,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 # Passive OpenMP waiting unless the caller chose (see benchmarks/moe_layer.py).
@@ -52,6 +51,7 @@ import blockdsl  # noqa: E402
 from blockdsl.data import load_for_model  # noqa: E402
 from blockdsl.lower import build_from_plan  # noqa: E402
 from blockdsl.train import autocast, precision_context, seed_everything  # noqa: E402
+from blockdsl.tune import CANDIDATES, with_impls  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSE_GPT = "benchmarks/specs/dense-gpt.block"
@@ -116,19 +116,6 @@ def copy_into_xt(bd: torch.nn.Module, xt: torch.nn.Module) -> None:
     if missing:
         raise RuntimeError(f"x-transformers weights not mapped: {sorted(missing)[:4]}")
     xt.load_state_dict(out)
-
-
-def reference_plan(plan):
-    """The plan with every choosable kernel forced to its reference implementation."""
-    from blockdsl.tune import CANDIDATES
-
-    layers = []
-    for layer in plan.layers:
-        if layer.prim in CANDIDATES and layer.args.get(CANDIDATES[layer.prim][0]) == "auto":
-            arg, _, ref = CANDIDATES[layer.prim]
-            layer = replace(layer, args={**layer.args, arg: ref})
-        layers.append(layer)
-    return replace(plan, layers=tuple(layers) if isinstance(plan.layers, tuple) else layers)
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -214,7 +201,9 @@ def run_spec(spec: str, precision: str, args, device: torch.device) -> list[dict
         seed_everything(0)
         builders["blockdsl:untuned"] = blockdsl.build(plan, device=device, precision=precision)
         seed_everything(0)
-        builders["blockdsl:reference"] = blockdsl.build(reference_plan(plan), device=device,
+        # every choosable kernel forced to its reference implementation
+        ref_plan = with_impls(plan, lambda layer: CANDIDATES[layer.prim][2])
+        builders["blockdsl:reference"] = blockdsl.build(ref_plan, device=device,
                                                         precision=precision)
     finally:
         os.environ.pop("BLOCKDSL_TUNE", None)

@@ -120,21 +120,14 @@ def _totals_table(rep) -> Any:
 def _smoke(plan, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from blockdsl.lower import build_from_plan
+    from blockdsl.lower import build_from_plan, random_batch
 
     torch.manual_seed(0)
     model = build_from_plan(plan, device=args.device, precision="fp32")
     dev = next(model.parameters()).device
     n_params = sum(p.numel() for p in model.parameters())
     b = args.batch or 2
-    if plan.task == "lm":
-        seq = min(args.seq or plan.seq, plan.seq)
-        x = torch.randint(0, plan.vocab, (b, seq), device=dev)
-        y = torch.randint(0, plan.vocab, (b, seq), device=dev)
-    else:
-        _, sa = plan.stem
-        x = torch.randn(b, sa["channels"], sa["image"], sa["image"], device=dev)
-        y = torch.randint(0, plan.head[1]["classes"], (b,), device=dev)
+    x, y = random_batch(plan, b, dev, seq=min(args.seq or plan.seq, plan.seq))
     model.train()
     times = []
     finite = True

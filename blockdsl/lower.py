@@ -152,3 +152,20 @@ def build_from_plan(plan: Plan, device: str | torch.device | None = None,
         model.image_size, model.channels = sa["image"], sa["channels"]
         model.num_classes = ha["classes"]
     return model.to(dev)
+
+
+def random_batch(plan: Plan, batch: int, device: torch.device, seq: int | None = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs and targets of the plan's task: tokens (length `seq`, default the
+    model's) for a language model, images and labels for a classifier. With a (CPU)
+    `generator` they are drawn from it and moved to `device`; else from the device's RNG."""
+    kw: dict[str, Any] = {"device": device} if generator is None else {"generator": generator}
+    if plan.task == "lm":
+        shape = (batch, seq or plan.seq)
+        x = torch.randint(0, plan.vocab, shape, **kw)
+        y = torch.randint(0, plan.vocab, shape, **kw)
+    else:
+        sa = plan.stem[1]
+        x = torch.randn(batch, sa["channels"], sa["image"], sa["image"], **kw)
+        y = torch.randint(0, plan.head[1]["classes"], (batch,), **kw)
+    return x.to(device), y.to(device)

@@ -22,7 +22,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -237,28 +237,20 @@ def _cache_ignored() -> Iterator[None]:
             os.environ["BLOCKDSL_TUNE"] = prev
 
 
-def _with_choices(plan: Plan, choices: dict[str, str], device: torch.device, precision: str) -> Plan:
-    """The plan with each tuned layer's implementation argument set to its choice."""
+def with_impls(plan: Plan, pick: Callable[[LayerPlan], str | None]) -> Plan:
+    """The plan with each `auto` implementation argument set to `pick(layer)` (None keeps it).
+
+    Explicit `impl=` / `dispatch=` arguments stay as written, as in lowering.
+    """
     layers = []
     for layer in plan.layers:
-        key = shape_key(layer, plan.d, plan.seq, precision, device) if layer.prim in CANDIDATES else None
-        if key in choices:
-            layer = replace(layer, args={**layer.args, CANDIDATES[layer.prim][0]: choices[key]})
+        if layer.prim in CANDIDATES:
+            arg = CANDIDATES[layer.prim][0]
+            choice = pick(layer) if layer.args.get(arg) == "auto" else None
+            if choice is not None:
+                layer = replace(layer, args={**layer.args, arg: choice})
         layers.append(layer)
     return replace(plan, layers=type(plan.layers)(layers))
-
-
-def _random_batch(plan: Plan, batch: int, device: torch.device,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    if plan.task == "lm":
-        x = torch.randint(0, plan.vocab, (batch, plan.seq), generator=g)
-        y = torch.randint(0, plan.vocab, (batch, plan.seq), generator=g)
-    else:
-        sa = plan.stem[1]
-        x = torch.randn(batch, sa["channels"], sa["image"], sa["image"], generator=g)
-        y = torch.randint(0, plan.head[1]["classes"], (batch,), generator=g)
-    return x.to(device), y.to(device)
 
 
 def whole_model_check(plan: Plan, choices: dict[str, str], device: torch.device, precision: str,
@@ -269,13 +261,15 @@ def whole_model_check(plan: Plan, choices: dict[str, str], device: torch.device,
     Per-layer timings miss what only the whole model shows (shared layers applied several
     times, caches, allocation): a set of choices that loses here is not kept.
     """
-    from blockdsl.lower import build_from_plan
+    from blockdsl.lower import build_from_plan, random_batch
     from blockdsl.train import accumulate_gradients
 
-    data = [_random_batch(plan, batch, device, seed=r) for r in range(rounds + 1)]
+    data = [random_batch(plan, batch, device, generator=torch.Generator().manual_seed(r))
+            for r in range(rounds + 1)]
     with _cache_ignored():
         torch.manual_seed(0)
-        tuned = build_from_plan(_with_choices(plan, choices, device, precision), device, precision)
+        keyed = with_impls(plan, lambda la: choices.get(shape_key(la, plan.d, plan.seq, precision, device)))
+        tuned = build_from_plan(keyed, device, precision)
         torch.manual_seed(0)
         default = build_from_plan(plan, device, precision)
 

@@ -171,3 +171,20 @@ def test_whole_model_check_reverts_layer_winners_that_lose(tmp_path, monkeypatch
         assert rec["whole_model"]["kept"] is kept
         assert rec["choice"] == ("manual" if kept else "sdpa")
         assert tune.lookup(plan.layers[0], plan.d, plan.seq, "fp32", cpu) == rec["choice"]
+
+
+def test_with_impls_sets_auto_arguments_and_keeps_explicit_ones() -> None:
+    from blockdsl.tune import shape_key, with_impls
+
+    text = TINY.replace("PLACEMENT", "pre").replace("repeat 2 b", "repeat 2 b { at 1: attn.impl = manual }")
+    plan = blockdsl.resolve(text)
+    attn = [la for la in plan.layers if la.prim == "mha"]
+    # Same shape key: the explicit layer must not be taken by a choice made for the auto one.
+    cpu = torch.device("cpu")
+    keys = {shape_key(la, plan.d, plan.seq, "fp32", cpu) for la in attn}
+    assert len(attn) == 2 and len(keys) == 1
+    out = with_impls(plan, lambda layer: "bmm" if layer.prim == "mha" else None)
+    impls = [la.args["impl"] for la in out.layers if la.prim == "mha"]
+    assert impls == ["bmm", "manual"]
+    mlp_args = [[la.args for la in p.layers if la.prim == "mlp"] for p in (plan, out)]
+    assert mlp_args[0] == mlp_args[1]
