@@ -219,6 +219,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
 def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     """The argument parser; `plugins=False` leaves out the train/search subcommands."""
     p = argparse.ArgumentParser(
@@ -240,10 +250,11 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    help="build the module and run one forward+backward pass on random input")
     c.add_argument("--tune", action="store_true",
                    help="time each implementation choice on this spec's shapes and cache the fastest")
-    c.add_argument("--batch", type=int, default=None,
+    c.add_argument("--batch", type=_positive_int, default=None,
                    help="sequences (images) per step: --tune times the kernels at this batch "
                    "(default 4096 tokens' worth) and --smoke runs it (default 2)")
-    c.add_argument("--seq", type=int, default=None, help="sequence length for --smoke (default: the model's)")
+    c.add_argument("--seq", type=_positive_int, default=None,
+                   help="sequence length for --smoke (default: the model's)")
     c.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     c.add_argument("--precision", default="fp32", choices=["fp32", "fp32-medium", "bf16"],
                    help="precision to tune for (default fp32)")

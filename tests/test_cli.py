@@ -100,3 +100,12 @@ def test_compile_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert math.isfinite(smoke["loss"])
     assert smoke["params_without_grad"] == []
     assert smoke["input_shape"] == [2, 32]
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "-3"), ("--batch", "0"), ("--seq", "x")])
+def test_compile_rejects_non_positive_sizes(flag: str, value: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["compile", str(TINY_GPT), "--tune", flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}: expected a positive integer, got" in capsys.readouterr().err
