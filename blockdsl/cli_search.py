@@ -158,6 +158,18 @@ def final_report(study: Any, summary: dict[str, Any]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The subcommand; a `SearchError` (bad storage, study, space) is the user's to fix:
+    one line and exit 1 (the CLI's generic handler would make it exit 2, argparse's code)."""
+    from blockdsl.search import SearchError
+
+    try:
+        return _run(args)
+    except SearchError as e:
+        print(f"error: {e.cli_message}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     target = list(args.target)
     if target and target[0] == "show":
         if len(target) != 2:

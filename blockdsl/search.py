@@ -349,12 +349,22 @@ def open_storage(url: str | None, study: str, cfg: SearchConfig | None = None,
     cfg = cfg or SearchConfig()
     if url and "://" in url:
         return _rdb_storage(_driver_url(url), cfg)
-    path = Path(url) if url else default_storage_path(study, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = (Path(url).expanduser() if url else default_storage_path(study, root)).absolute()
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(path)))
+    from blockdsl.journal import JournalError, open_backend
+
+    try:
+        backend = open_backend(str(path))
+    except JournalError as e:
+        raise SearchError(e.cli_message) from None
+    try:
+        return JournalStorage(backend)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # Every line is a JSON record, but not one Optuna can replay (a hand-made file).
+        raise SearchError(f"{path} is not a valid Optuna journal ({type(e).__name__}: "
+                          f"{str(e)[:80]}): pass a journal that blockdsl search wrote, a new "
+                          "file name, or a database URL") from None
 
 
 def _rdb_storage(url: str, cfg: SearchConfig, attempts: int = 5) -> BaseStorage:
@@ -451,6 +461,9 @@ def load_study_info(name: str, storage_url: str | None = None,
         path = default_storage_path(name, root)
         if not path.exists():
             raise SearchError(f"no study '{name}' in {path.parent}/ (pass --storage for others)")
+    elif "://" not in storage_url and not os.path.lexists(Path(storage_url).expanduser()):
+        # Reading must not create an empty journal where the user mistyped a path.
+        raise SearchError(f"no such journal file: {storage_url}")
     storage = open_storage(storage_url, name, root=root)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
