@@ -230,16 +230,26 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
         interrupted = True
     if interrupted:
         con.print(f"[red]interrupted[/]: finished trials are kept; resume with --study {name}")
-    summary = S.write_results(study, out)
-    summary["wall_seconds_this_run"] = time.time() - t0
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    # One writer: the last worker to finish. While other workers (other `blockdsl search`
+    # drivers on this study) still run trials, they will write the complete result.
+    running = [] if interrupted else S.others_running(study, cfg.grace)
+    extra = {"wall_seconds_this_run": time.time() - t0}
+    if running:
+        summary = {**S.summarize(study), **extra, "files": None}
+    else:
+        summary = S.write_results(study, out, extra)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
         con.print(final_report(study, summary))
         _print_comparison(con, summary)
-        con.print(f"wrote {', '.join(summary['files']['blocks'] + [summary['files']['plot'] or ''])}"
-                  f", {out / 'summary.json'}")
+        if running:
+            con.print(f"other workers are still running trial(s) {', '.join(map(str, running))}:"
+                      f" the last to finish writes the results (or later: blockdsl search show "
+                      f"{name} --write)")
+        else:
+            con.print(f"wrote {', '.join(summary['files']['blocks'] + [summary['files']['plot'] or ''])}"
+                      f", {out / 'summary.json'}")
         if "://" not in storage_url:
             con.print(f"inspect: blockdsl search show {name}   |   optuna-dashboard {storage_url}")
         else:
@@ -250,13 +260,22 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
 
 def _print_comparison(con: Any, s: dict[str, Any]) -> None:
     b, best = s.get("baseline"), (s.get("best") or [None])[0]
+    if b and s.get("beats_baseline") is False:
+        c = s.get("closest")
+        closest = "" if not c else (
+            f"; the best other block, trial {c['number']}: {_num((c.get('values') or [None])[0])}"
+            f" vs the baseline's {_num((b.get('values') or [None])[0])}")
+        con.print(f"[bold]no searched block beat the baseline[/] (trial {b['number']}){closest};"
+                  " no best.block written")
+        return
     if not b or not best or best.get("val_loss") is None or b.get("val_loss") is None:
         return
     d = best["val_loss"] - b["val_loss"]
     con.print(f"best block (trial {best['number']}): val loss {best['val_loss']:.4f} vs baseline "
               f"{b['val_loss']:.4f} ({d:+.4f}); step time {best['step_time'] * 1e3:.1f} ms vs "
               f"{b['step_time'] * 1e3:.1f} ms (x{best['step_time_ratio']:.2f}); "
-              f"{s['trials']} trials in {s['wall_seconds_this_run'] / 60:.1f} min")
+              f"{s['trials']} trials" + (f" in {s['wall_seconds_this_run'] / 60:.1f} min"
+                                         if s.get("wall_seconds_this_run") else ""))
 
 
 def _run_inline(space: Any, study: Any, cfg: Any, con: Any, live: bool, t0: float) -> bool:
@@ -384,4 +403,5 @@ def cmd_show(args: argparse.Namespace, name: str) -> int:
     con.print(headline(study, budget, None))
     con.print(trials_table(study, limit=None))
     con.print(final_report(study, summary))
+    _print_comparison(con, summary)
     return 0

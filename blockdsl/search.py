@@ -46,7 +46,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1397,9 +1397,17 @@ def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best feasible trial (single objective) or the feasible Pareto set, baseline excluded."""
+    """The best feasible trial (single objective) or the feasible Pareto set, baseline excluded.
+
+    Excluded too are repeats of the baseline's architecture (a sampled point that
+    deduplicates to it, `status=copy`): reporting one as the best block would present the
+    baseline as a finding.
+    """
+    base = baseline_trial(study)
+    base_hash = base.user_attrs.get("arch_hash") if base is not None else None
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.user_attrs.get("role") != "baseline"
+                and (base_hash is None or t.user_attrs.get("arch_hash") != base_hash)
                 and all(v <= 0 for v in t.constraints.values())
                 and t.user_attrs.get("status") != "infeasible"
                 and t.user_attrs.get("copied_status") != "infeasible"]
@@ -1437,7 +1445,9 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
                 "active_params": ua.get("active_params"), "flops": ua.get("flops"),
                 "steps": ua.get("steps")}
 
-    best = best_trials(study)
+    found = best_trials(study)
+    best = [t for t in found if beats(t, base, study.directions)]
+    closest = [t for t in found if t not in best][:1] if not best else []
     started = [t.datetime_start for t in trials if t.datetime_start]
     ended = [t.datetime_complete for t in trials if t.datetime_complete]
     wall = (max(ended) - min(started)).total_seconds() if started and ended else None
@@ -1446,38 +1456,129 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
         "objectives": objectives, "constraints": study.user_attrs.get("constraints", []),
         "trials": len(trials), "counted": len(counted_trials(trials)), "by_status": statuses,
         "trained": sum(1 for t in trials if t.user_attrs.get("status") in ("trained", "pruned")),
-        "baseline": pick(base), "best": [pick(t) for t in best], "wall_seconds": wall,
+        "baseline": pick(base), "best": [pick(t) for t in best],
+        "beats_baseline": bool(best) if base is not None else None,
+        "closest": pick(closest[0]) if closest else None, "wall_seconds": wall,
     }
 
 
-def write_results(study: optuna.Study, out: Path) -> dict[str, Any]:
-    """best.block (or pareto/*.block), a PNG, and summary.json in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(study)
-    best = best_trials(study)
-    files: list[str] = []
-    multi = len(study.directions) > 1
-    if multi:
-        pdir = out / "pareto"
-        pdir.mkdir(exist_ok=True)
-        for old in pdir.glob("*.block"):
-            old.unlink()
-    for t in best:
-        text = t.user_attrs.get("block")
-        if not text:
-            continue
-        vals = ", ".join(f"{m}={_fmt(v)}" for (m, _), v in zip(summary["objectives"], t.values))
-        header = f"# blockdsl search: study {study.study_name}, trial {t.number}: {vals}\n"
-        path = (out / "pareto" / f"trial{t.number}.block") if multi else out / "best.block"
-        path.write_text(header + text, encoding="utf-8")
-        files.append(str(path))
-    base = baseline_trial(study)
-    if base is not None and base.user_attrs.get("block"):
-        (out / "baseline.block").write_text(base.user_attrs["block"], encoding="utf-8")
-    plot = plot_study(study, out / ("pareto.png" if multi else "history.png"))
-    summary["files"] = {"blocks": files, "plot": str(plot) if plot else None}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+def beats(t: FrozenTrial, base: FrozenTrial | None, directions: Sequence[Any]) -> bool:
+    """Whether `t` improves on the baseline: a better value (one objective), or a point the
+    baseline does not weakly dominate (several). Without a baseline every trial counts."""
+    if base is None or not base.values:
+        return True
+    signs = [1.0 if d.name == "MINIMIZE" else -1.0 for d in directions]
+    p = [s * v for s, v in zip(signs, t.values)]
+    q = [s * v for s, v in zip(signs, base.values)]
+    if len(p) == 1:
+        return p[0] < q[0]
+    return not all(b <= a for a, b in zip(p, q))
+
+
+def write_results(study: optuna.Study, out: Path,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """best.block (or pareto/*.block), baseline.block, a PNG, and summary.json in `out`.
+
+    Every file is written to a temporary name in the same folder and renamed over the old
+    one, so a reader (or a kill) never sees half a file; writers in several processes take
+    turns on an flock on `out/.write.lock`, and each reads the study inside it, so the last
+    to write has the freshest view. `extra` goes into summary.json with the rest (one write).
+    Only blocks that beat the baseline are written: when none does, there is no best.block
+    (a stale one is removed) and summary.json says `"beats_baseline": false`.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SearchError(f"cannot create the results folder {out}: {e.strerror}") from None
+    with _folder_lock(out):
+        summary = summarize(study)
+        if extra:
+            summary.update(extra)
+        base = baseline_trial(study)
+        best = [t for t in best_trials(study) if beats(t, base, study.directions)]
+        files: list[str] = []
+        multi = len(study.directions) > 1
+        for t in best:
+            text = t.user_attrs.get("block")
+            if not text:
+                continue
+            vals = ", ".join(f"{m}={_fmt(v)}" for (m, _), v in zip(summary["objectives"], t.values))
+            header = f"# blockdsl search: study {study.study_name}, trial {t.number}: {vals}\n"
+            path = (out / "pareto" / f"trial{t.number}.block") if multi else out / "best.block"
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, (header + text).encode("utf-8"))
+            files.append(str(path))
+        # Files of an earlier write that are no longer results (new ones are in place first).
+        stale = list((out / "pareto").glob("*.block")) if multi else [out / "best.block"]
+        for old in stale:
+            if str(old) not in files:
+                old.unlink(missing_ok=True)
+        if base is not None and base.user_attrs.get("block"):
+            atomic_write(out / "baseline.block", base.user_attrs["block"].encode("utf-8"))
+        plot = plot_study(study, out / ("pareto.png" if multi else "history.png"))
+        summary["files"] = {"blocks": files, "plot": str(plot) if plot else None}
+        atomic_write(out / "summary.json",
+                     json.dumps(summary, indent=2, default=str).encode("utf-8"))
     return summary
+
+
+def _umask() -> int:
+    """The process's umask (Linux reports it in /proc; elsewhere set-and-restore)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, data: bytes | Callable[[Any], None]) -> None:
+    """Write `path` whole or not at all: a temporary file in the same folder, renamed over it.
+
+    `data` is the bytes, or a function that writes to the open file. mkstemp creates the
+    file 0600; it gets the mode a plain `open` would have given (0666 less the umask).
+    """
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder/.write.lock` (nothing where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(folder / ".write.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def others_running(study: optuna.Study, grace: float) -> list[int]:
+    """Trials other workers are still running (after reaping those of dead workers): while
+    there are some, this worker is not the last one and leaves the results to it."""
+    reap_stale(study, grace)
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
 
 
 def plot_study(study: optuna.Study, path: Path) -> Path | None:
@@ -1541,9 +1642,7 @@ def plot_study(study: optuna.Study, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
 
 

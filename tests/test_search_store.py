@@ -215,3 +215,66 @@ def test_show_on_a_missing_journal_creates_nothing(
     assert main(["search", "show", "x", "--storage", str(path)]) == 1
     assert "no such journal file" in capsys.readouterr().err
     assert not path.exists()
+
+
+# ----------------------------------------------------------------------------- result files
+
+
+def _finished(study: optuna.Study, value: float, **attrs: object) -> None:
+    from optuna.trial import TrialState, create_trial
+
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=value,
+                                 user_attrs={"status": "trained", **attrs}))
+
+
+def test_a_copy_of_the_baseline_is_not_reported_as_the_best_block(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    journal = tmp_path / "b.journal"
+    study = optuna.create_study(study_name="b", storage=S.open_storage(str(journal), "b"))
+    block = "model m {\n  d = 32\n}\n"
+    _finished(study, 2.5, role="baseline", arch_hash="h0", arch="base", block=block)
+    _finished(study, 2.5, status="copy", copy_of=0, arch_hash="h0", arch="base", block=block)
+    _finished(study, 2.7, arch_hash="h1", arch="worse", block=block)
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "best.block").write_text("# from an earlier write\n")
+    assert main(["search", "show", "b", "--storage", str(journal), "--write", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "no searched block beat the baseline (trial 0)" in text
+    assert "trial 2: 2.7000" in text and "+0.0000" not in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"] == [] and summary["beats_baseline"] is False
+    assert summary["closest"]["number"] == 2 and summary["files"]["blocks"] == []
+    assert not (out / "best.block").exists() and (out / "baseline.block").exists()
+
+    _finished(study, 2.4, arch_hash="h2", arch="better", block=block)
+    assert main(["search", "show", "b", "--storage", str(journal), "--write", "--out", str(out),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [b["number"] for b in summary["best"]] == [3] and summary["beats_baseline"] is True
+    assert (out / "best.block").read_text().startswith("# blockdsl search: study b, trial 3")
+
+
+@pytest.mark.slow  # two worker processes that train: 20-40 s
+def test_two_workers_results_are_written_once_whole_and_with_the_users_umask(tmp_path: Path) -> None:
+    (tmp_path / "tiny.block").write_text(TINY)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(
+        ["sh", "-c", "umask 027 && exec \"$0\" -m blockdsl.cli search tiny.block --study w "
+         "--workers 2 --budget 5 --seconds 0.5 --no-live", sys.executable],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("wrote ") == 1
+    folder = tmp_path / "studies" / "w"
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.endswith(".tmp")], names  # no temp file left behind
+    for name in ("summary.json", "history.png", "baseline.block"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o640, name
+    summary = json.loads((folder / "summary.json").read_text())
+    ts = _trials(tmp_path / "studies" / "w.journal", "w")
+    assert summary["counted"] == len(S.counted_trials(ts)) == 5
+    assert summary["wall_seconds_this_run"] > 0
+    study = optuna.load_study(study_name="w", storage=S.open_storage(
+        str(tmp_path / "studies" / "w.journal"), "w"))
+    assert summary["by_status"] == S.summarize(study)["by_status"]
+    assert ("best.block" in names) == bool(summary["best"]) == summary["beats_baseline"]
