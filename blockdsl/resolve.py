@@ -44,6 +44,25 @@ class ChoiceDef:
     step: float | None = None
     log: bool = False
     span: ir.Span | None = None
+    # Categorical options computed from another choice (`{2*d | 4*d}`, d a choice): the
+    # values change from trial to trial, so a sampler must pick an option's position.
+    dynamic: bool = False
+
+
+def depends_on_choice(e: Any, assigns: dict[str, ir.Assign], seen: frozenset[str] = frozenset()) -> bool:
+    """Whether expression `e` reads a variable that is, or is computed from, a choice."""
+    if isinstance(e, ir.Choice):
+        return True
+    if isinstance(e, ir.Name):
+        a = assigns.get(e.id)
+        if a is None or e.id in seen:
+            return False
+        return depends_on_choice(a.value, assigns, seen | {e.id})
+    if isinstance(e, (tuple, list)):
+        return any(depends_on_choice(v, assigns, seen) for v in e)
+    if isinstance(e, ir.Node) and not isinstance(e, ir.Span):
+        return any(depends_on_choice(getattr(e, f), assigns, seen) for f in type(e).model_fields)
+    return False
 
 
 @dataclass(frozen=True)
@@ -215,7 +234,8 @@ class _Scope:
                 values.append(self.eval(o.value, name))
             if len(set(map(repr, values))) != len(values):
                 raise BlockError("a choice lists the same option twice", c.span)
-            cdef = ChoiceDef(name, "categorical", tuple(values), span=c.span)
+            dynamic = any(depends_on_choice(o.value, self.assigns) for o in opts)
+            cdef = ChoiceDef(name, "categorical", tuple(values), span=c.span, dynamic=dynamic)
         self.defs[name] = cdef
         value = self.chooser(cdef)
         self.bound[name] = value

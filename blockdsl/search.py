@@ -58,7 +58,15 @@ from optuna.trial import FrozenTrial, TrialState
 from blockdsl import ir
 from blockdsl.errors import BlockError
 from blockdsl.parse import load_module
-from blockdsl.resolve import ChoiceDef, Plan, eval_expr, first_option, merged, resolve
+from blockdsl.resolve import (
+    ChoiceDef,
+    Plan,
+    depends_on_choice,
+    eval_expr,
+    first_option,
+    merged,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
@@ -259,8 +267,20 @@ def make_config(space: Space, **overrides: Any) -> SearchConfig:
 # ----------------------------------------------------------------------------- choices
 
 
+OPTION_SUFFIX = "@option"
+
+
 def suggest(trial: optuna.Trial, c: ChoiceDef) -> Any:
-    """One choice of the space as an Optuna suggestion (names are the choice names)."""
+    """One choice of the space as an Optuna suggestion (names are the choice names).
+
+    A categorical choice whose options are computed from another choice (`{2*d | 4*d}`
+    with `d` a choice) has different values in every trial, which Optuna's categorical
+    distribution cannot hold: it is suggested as the option's position instead, under the
+    stable name `<choice>@option`, and the value is that option evaluated in this trial.
+    """
+    if c.kind == "categorical" and c.dynamic:
+        i = trial.suggest_categorical(c.name + OPTION_SUFFIX, list(range(len(c.values))))
+        return c.values[i]
     if c.kind == "categorical":
         values = [str(v) if isinstance(v, str) else v for v in c.values]
         return trial.suggest_categorical(c.name, values)
@@ -299,7 +319,8 @@ def bind_train_variables(space: Space, plan: Plan,
             cdef = ChoiceDef(name, "int" if is_int else "float", (), lo, hi, step, o.log, value.span)
         else:
             cdef = ChoiceDef(name, "categorical", tuple(eval_expr(o.value, env) for o in opts),
-                             span=value.span)
+                             span=value.span,
+                             dynamic=any(depends_on_choice(o.value, assigns) for o in opts))
         out[name] = (chooser or first_option)(cdef)
     return out
 

@@ -278,3 +278,42 @@ def test_two_workers_results_are_written_once_whole_and_with_the_users_umask(tmp
         str(tmp_path / "studies" / "w.journal"), "w"))
     assert summary["by_status"] == S.summarize(study)["by_status"]
     assert ("best.block" in names) == bool(summary["best"]) == summary["beats_baseline"]
+
+
+# ----------------------------------------------------------------------------- search spaces
+
+DYNAMIC = TINY.split("space tiny")[0] + """
+space dyn extends dense {
+  d = {16 | 32}
+  block cell {
+    s0 mha(heads=2, bias=false) norm=pre
+    s1 mlp(d_ff={2*d | 4*d}, act=gelu, bias=false) norm=pre
+  }
+  baseline dense
+  minimize val_loss
+  budget search(trials=6, seconds=0.3, batch_size=8, eval_batches=2, prune=false, sampler=random)
+}
+"""
+
+
+@pytest.mark.slow  # six tiny trials: ~10 s
+def test_an_inline_choice_computed_from_another_choice_is_searched(tmp_path: Path) -> None:
+    from blockdsl.parse import load_module
+    from blockdsl.resolve import resolve
+
+    (tmp_path / "dyn.block").write_text(DYNAMIC)
+    check = subprocess.run([sys.executable, "-m", "blockdsl.cli", "check", "dyn.block"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    out = _cli(["dyn.block", "--study", "dyn", "--no-live"], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ts = _trials(tmp_path / "studies" / "dyn.journal", "dyn")
+    assert len(ts) == 6 and all(t.state.name == "COMPLETE" for t in ts), \
+        [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in ts]
+    searched = [t for t in ts if t.user_attrs.get("role") != "baseline"]
+    assert {t.params["d"] for t in searched} == {16, 32}  # both widths were tried
+    for t in searched:
+        assert t.params["cell.s1.d_ff@option"] in (0, 1)
+        plan = resolve(load_module(t.user_attrs["block"]))
+        (d_ff,) = {la.args["d_ff"] for la in plan.layers if la.prim == "mlp"}
+        assert plan.d == t.params["d"] and d_ff == (2, 4)[t.params["cell.s1.d_ff@option"]] * plan.d
