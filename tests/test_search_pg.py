@@ -5,6 +5,7 @@ BLOCKDSL_PG_URL; without the variable this test is skipped. Nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -63,3 +64,55 @@ def test_two_workers_complete_the_budget_without_duplicates(tmp_path: Path) -> N
         assert baselines and baselines[0].number == 0
     finally:
         optuna.delete_study(study_name=name, storage=storage)
+
+
+def test_a_worker_killed_mid_trial_is_retried_on_resume(tmp_path: Path) -> None:
+    """kill -9 of a PostgreSQL worker while it trains: the resume fails the lost trial (its
+    process is gone), re-runs it, and finishes the budget. No torn tail can exist here: every
+    write is a transaction."""
+    import signal
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from blockdsl import search as S
+
+    S.quiet_optuna()
+    (tmp_path / "tiny.block").write_text(TINY)
+    name = f"pgk-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "blockdsl.cli", "search", "--study", name, "--storage", PG_URL,
+           "--budget", "4", "--threads", "1", "--no-live"]
+    proc = subprocess.Popen(cmd[:4] + ["tiny.block"] + cmd[4:], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    storage = S.open_storage(PG_URL, name)
+    victim = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and victim is None:
+            time.sleep(0.3)
+            try:
+                ts = optuna.load_study(study_name=name, storage=storage).get_trials()
+            except KeyError:
+                continue
+            training = [t for t in ts if t.state == TrialState.RUNNING
+                        and S.ATTR + "ticket" in t.system_attrs]
+            if any(t.state.is_finished() for t in ts) and training:
+                victim = training[0].number
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert victim is not None, proc.stdout.read() if proc.stdout else ""
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+        ts = optuna.load_study(study_name=name, storage=storage).get_trials()
+        assert ts[victim].state == TrialState.FAIL and ts[victim].user_attrs["status"] == "lost"
+        retries = [t for t in ts if t.user_attrs.get("retry_of") == victim]
+        assert len(retries) == 1 and retries[0].state.is_finished()
+        assert len(S.counted_trials(ts)) == 4 and all(t.state.is_finished() for t in ts)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(KeyError):  # never created if the first run failed early
+            optuna.delete_study(study_name=name, storage=storage)
