@@ -615,11 +615,7 @@ def resolve(
     if head_call.name == "lm" and head_args["tie"] and stem_call.name != "tokens":
         raise BlockError("tie=true needs a token embedding", head_call.span)
     seq = stem_tokens(stem_call.name, stem_args)
-    stored = stem_params(stem_call.name, stem_args, d) + head_params(
-        head_call.name, head_args, d, stem_args.get("vocab", 0)
-    )
-    if stored > MAX_PARAMS:
-        _too_many_params(stored, stem_call.span, "the stem and head")
+    stored = 0  # stored parameters of the layers so far (capped at MAX_PARAMS)
     causal = task == "lm"
     rope = stem_call.name == "tokens" and stem_args["pos"] == "rope"
     base_ctx = Ctx(d=d, seq=seq, causal=causal, rope=rope)
@@ -932,6 +928,13 @@ def resolve(
                 norm_sigs.setdefault(nrm.key, (nsig, it.span))
             layers.append(layer)
 
+    # After the layers, so an argument error in a layer (e.g. heads) is reported first.
+    stored += stem_params(stem_call.name, stem_args, d) + head_params(
+        head_call.name, head_args, d, stem_args.get("vocab", 0)
+    )
+    if stored > MAX_PARAMS:
+        _too_many_params(stored, stem_call.span, "the stem and head")
+
     # ---- AltUp
     altup = None
     if m.get("altup") is not None:
@@ -983,7 +986,7 @@ def resolve(
 
 def _too_many_params(n: int, span: ir.Span, where: str) -> None:
     raise BlockError(
-        f"the model has more than 10**15 parameters (about {n:.1e} up to {where})",
+        f"the model has more than 10**15 parameters (about {n:.1e} with {where})",
         span,
         "a size is probably a typo: the largest models trained so far have ~2e12",
     )
