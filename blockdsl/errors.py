@@ -7,6 +7,7 @@ and a caret under the offending text; the CLI prints that and exits non-zero.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,33 +17,103 @@ if TYPE_CHECKING:
 
 # Source texts by file name, so an error raised far from the parser can still show
 # the line it points at (strings parsed from Python are registered under "<text>").
-_SOURCES: dict[str, str] = {}
+# None marks a file whose lines must never be shown (see `quotable`).
+_SOURCES: dict[str, str | None] = {}
 _MAX_SHOWN = 120  # characters of a source line shown under an error
+_MAX_MESSAGE = 500  # characters of a message or hint: user text inside one can be 1 MB long
+
+# The language's number bounds, checked on every literal and every computed value.
+# 2**62 is far past any real size and keeps a typo like 10**100 (or 10**10**10) from
+# building a bignum; floats must stay finite.
+MAX_INT = 2**62
+
+
+def quotable(file: str) -> bool:
+    """May an error show lines of `file`? Only spec text: Python strings and `.block` files.
+
+    A command line may name any file (`blockdsl check /etc/passwd`), and an error in it
+    must not print what the user never wrote as a spec; includes must be `.block` files.
+    """
+    if file == "<text>":
+        return True
+    # A link named x.block to another file is judged by the file it reaches.
+    return Path(file).suffix == ".block" and os.path.realpath(file).endswith(".block")
 
 
 def register_source(file: str, text: str) -> None:
-    _SOURCES[file] = text
+    _SOURCES[file] = text if quotable(file) else None
 
 
 def source_line(file: str, line: int) -> str | None:
-    text = _SOURCES.get(file)
-    if text is None:
+    if file in _SOURCES:
+        text = _SOURCES[file]
+    elif quotable(file) and file != "<text>":
+        # A span from another process (e.g. a search worker): read the file again, with
+        # the same limits as the parser (a regular file, at most 1 MiB).
+        from blockdsl.parse import read_spec_file  # the error path only
+
         try:
-            text = Path(file).read_text(encoding="utf-8")
-        except OSError:
+            text = read_spec_file(Path(file), None)
+        except BlockError:
             return None
+    else:
+        return None
+    if text is None:
+        return None
     lines = text.splitlines()
     return lines[line - 1] if 0 < line <= len(lines) else None
+
+
+def brief(value: object, keep: int = 12) -> str:
+    """A value's text for a message, shortened: `1234…5678 (4000 digits)`.
+
+    Users can write very long numbers and names; a message quotes their ends and size.
+    """
+    text = str(value)
+    if len(text) <= 2 * keep + 8:
+        return text
+    sign = "-" if text.startswith("-") else ""
+    body = text[len(sign) :]
+    unit = "digits" if body.isdigit() else "characters"
+    return f"{sign}{body[:keep]}…{body[-keep:]} ({len(body)} {unit})"
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None or len(text) <= _MAX_MESSAGE:
+        return text
+    half = _MAX_MESSAGE // 2
+    return f"{text[:half]} … {text[-half // 2 :]}"
+
+
+def bounded(v: object, span: Span | None) -> object:
+    """`v` if the language can hold it (|int| <= 2**62, finite float), else a located error."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and abs(v) > MAX_INT:
+        digits = int(v.bit_length() * 0.30103) + 1  # an estimate: never format a bignum
+        raise BlockError(
+            f"number too large: about 10**{digits - 1}",
+            span,
+            "integers are capped at 2**62 (about 4.6e18)",
+        )
+    if isinstance(v, float) and v != v:
+        raise BlockError("the result is not a number (nan)", span)
+    if isinstance(v, float) and v in (float("inf"), float("-inf")):
+        raise BlockError("number too large", span, "floats stop near 1.8e308")
+    if isinstance(v, complex):
+        raise BlockError("the result is not a real number", span)
+    return v
 
 
 class BlockError(Exception):
     """A problem in a .block spec, located at `span`."""
 
     def __init__(self, message: str, span: Span | None = None, hint: str | None = None):
+        message = _clip(message) or ""
         super().__init__(message)
         self.message = message
         self.span = span
-        self.hint = hint
+        self.hint = _clip(hint)
 
     def format(self) -> str:
         if self.span is None:
@@ -77,7 +148,12 @@ def did_you_mean(word: str, known: Iterable[str]) -> str:
     import difflib  # only on the error path: keeps it out of `blockdsl check`'s startup
 
     known = sorted(set(known))
-    close = difflib.get_close_matches(word, known, n=3, cutoff=0.6)
+    # Bounded work: a 1 MB name is no near miss of anything, and difflib is quadratic.
+    close = difflib.get_close_matches(word, known, n=3, cutoff=0.6) if len(word) <= 100 else []
     if close:
-        return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
-    return "expected one of: " + ", ".join(known) if known else "nothing is defined here"
+        return "did you mean " + " or ".join(f"'{brief(c, 30)}'" for c in close) + "?"
+    if not known:
+        return "nothing is defined here"
+    shown = [brief(k, 30) for k in known[:20]]
+    more = f", ... ({len(known) - 20} more)" if len(known) > 20 else ""
+    return "expected one of: " + ", ".join(shown) + more

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,20 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
 from blockdsl import ir
-from blockdsl.errors import BlockError, register_source
+from blockdsl.errors import BlockError, bounded, brief, quotable, register_source
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
+
+# Input limits: every spec file (and spec text) is at most 1 MiB; one load reads at most
+# 256 files, 8 MiB in all, nested at most 64 includes deep. Real specs are a few KiB, so
+# these only stop hostile or mistaken input (a device, a log file) before it costs memory.
+MAX_FILE_BYTES = 1 << 20
+MAX_TOTAL_BYTES = 8 << 20
+MAX_FILES = 256
+MAX_INCLUDE_DEPTH = 64
+# A number literal longer than this is a mistake (2**62 has 19 digits); checked on the
+# token's text, before Python's int() (which refuses over 4300 digits, and is quadratic).
+_MAX_LITERAL = 100
 
 # Friendlier names for lark's terminal names in "expected ..." hints.
 _TOKEN_NAMES = {
@@ -64,9 +76,16 @@ def _tok_span(file: str, tok: Token) -> ir.Span:
     )
 
 
-def _number(text: str) -> int | float:
+def _number(text: str, span: ir.Span) -> int | float:
     text = text.replace("_", "")
-    if any(c in text for c in ".eE"):
+    is_int = not any(c in text for c in ".eE")
+    if (is_int and len(text.lstrip("0")) > 19) or len(text) > _MAX_LITERAL:
+        raise BlockError(
+            f"number too large: {brief(text)}" if is_int else f"number literal too long: {brief(text)}",
+            span,
+            "integers are capped at 2**62 (about 4.6e18); write large floats as 1e30",
+        )
+    if not is_int:
         value = float(text)
         # 1e6 is an integer count in this language; keep it an int when exact.
         exact = value.is_integer() and abs(value) <= 2**53
@@ -89,10 +108,9 @@ class _Build(Transformer):
 
     # ------------------------------------------------------------ expressions
     def number(self, meta, c):
-        value = _number(str(c[0]))
-        if isinstance(value, float) and not math.isfinite(value):
-            raise BlockError(f"number too large: {c[0]}", self.sp(meta), "floats stop near 1.8e308")
-        return ir.Num.model_construct(value=value, span=self.sp(meta))
+        span = self.sp(meta)
+        value = bounded(_number(str(c[0]), span), span)
+        return ir.Num.model_construct(value=value, span=span)
 
     def string(self, meta, c):
         return ir.Str.model_construct(value=str(c[0])[1:-1], span=self.sp(meta))
@@ -330,6 +348,12 @@ def _expected_hint(err: UnexpectedInput) -> str | None:
 
 def parse_text(text: str, file: str = "<text>") -> list[Any]:
     """Parse one file's text into a list of top-level IR items (includes unresolved)."""
+    if len(text) > MAX_FILE_BYTES:
+        raise BlockError(
+            f"{file} is {len(text):,} characters, more than the 1 MiB a spec may be",
+            None,
+            "a spec is a few KiB of text: is this the right file?",
+        )
     register_source(file, text)
     try:
         tree = _parser().parse(text)
@@ -346,106 +370,238 @@ def parse_text(text: str, file: str = "<text>") -> list[Any]:
         else:
             tok = getattr(err, "token", None)
             shown = str(tok) if tok is not None and str(tok) else "end of file"
-            msg, width = f"unexpected {shown!r}", max(1, len(str(tok or " ")))
+            msg, width = f"unexpected {brief(shown, 30)!r}", max(1, len(str(tok or " ")))
             if tok is not None and tok.type == "$END":
                 lines = text.splitlines() or [""]
                 line, col = len(lines), len(lines[-1]) + 1
                 msg = "unexpected end of file (an unclosed '{' or '('?)"
         span = ir.Span.model_construct(file=file, line=line, col=col, end_line=line, end_col=col + width)
+        if not quotable(file):  # not a spec file: say where, never what it contains
+            raise BlockError(
+                "this is not .block text", span, "spec files are named NAME.block; is this the right file?"
+            ) from None
         raise BlockError(msg, span, _expected_hint(err)) from None
     try:
         return _Build(file).transform(tree)
     except VisitError as err:
         if isinstance(err.orig_exc, BlockError):
             raise err.orig_exc from None
+        if isinstance(err.orig_exc, RecursionError):
+            raise _too_deep(file) from None
         raise
     except RecursionError:
-        raise BlockError(
-            "expression nested too deeply",
-            ir.Span.model_construct(file=file, line=1, col=1, end_line=1, end_col=2),
-            "simplify the expression",
-        ) from None
+        raise _too_deep(file) from None
 
 
-def _read(path: Path, include: ir.Include | None) -> str:
-    """A spec file's text, or a located error saying why it cannot be read."""
+def _too_deep(file: str) -> BlockError:
+    return BlockError(
+        "expression nested too deeply",
+        ir.Span.model_construct(file=file, line=1, col=1, end_line=1, end_col=2),
+        "simplify the expression",
+    )
+
+
+def read_spec_file(path: Path, include: ir.Include | None) -> str:
+    """A spec file's text, or a located error saying why it cannot be read.
+
+    Only a regular file is read, and at most 1 MiB of it: the file is opened without
+    blocking (a FIFO would otherwise wait for a writer forever) and checked with fstat
+    on the open descriptor (no window between a check and the open), so a FIFO, a device
+    like /dev/zero or a folder is refused before one byte is read. Error messages name
+    the file but never quote its bytes.
+    """
     span = include.span if include else None
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        return path.read_text(encoding="utf-8")
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise BlockError(f"no such file: {path}", span, "check the path") from None
     except IsADirectoryError:
-        raise BlockError(
-            f"{path} is a folder, not a .block file", span, "name a .block file inside it"
-        ) from None
+        raise _folder(path, span) from None
+    except (OSError, ValueError) as err:
+        raise BlockError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", span) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise _folder(path, span)
+        if not stat.S_ISREG(st.st_mode):
+            raise BlockError(
+                f"{path} is not a regular file (a device, pipe or socket)",
+                span,
+                "a spec is a .block text file",
+            )
+        if st.st_size > MAX_FILE_BYTES:
+            raise _too_big(path, st.st_size, span)
+        chunks, got = [], 0
+        while got <= MAX_FILE_BYTES:  # the size may have changed since fstat
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as err:
+        raise BlockError(f"cannot read {path}: {err.strerror}", span) from None
+    finally:
+        os.close(fd)
+    if got > MAX_FILE_BYTES:
+        raise _too_big(path, got, span)
+    try:
+        return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError as err:
         raise BlockError(
             f"{path} is not UTF-8 text (byte {err.start})", span, "is this really a .block file?"
         ) from None
-    except OSError as err:
-        raise BlockError(f"cannot read {path}: {err.strerror}", span) from None
 
 
-def load_module(source: str | Path, *, _stack: tuple[str, ...] = ()) -> ir.Module:
+def _too_big(path: Path, size: int, span: ir.Span | None) -> BlockError:
+    return BlockError(
+        f"{path} is more than the 1 MiB a spec file may be ({size:,} bytes or more)",
+        span,
+        "a spec is a few KiB of text: is this the right file?",
+    )
+
+
+def _folder(path: Path, span: ir.Span | None) -> BlockError:
+    return BlockError(f"{path} is a folder, not a .block file", span, "name a .block file inside it")
+
+
+class _Load:
+    """One `load_module` call: the files read so far, so each is parsed once.
+
+    A file is identified by (device, inode), so two spellings of one path, or a symlink,
+    are one file. A file included a second time (a diamond: a and b both include common)
+    contributes nothing the second time, like a header guard; so does a fan-out of
+    files including each other many times, which would otherwise be exponential.
+    """
+
+    def __init__(self) -> None:
+        self.done: set[tuple[int, int]] = set()
+        self.bytes = 0
+        self.items: dict[str, list] = {k: [] for k in ("assigns", "blocks", "models", "includes")}
+
+    def file(self, file: str, text: str, base: Path, stack: tuple) -> list[str]:
+        """Add one file's items (its includes first, where they stand); return its own model names."""
+        own: list[str] = []
+        for item in parse_text(text, file):
+            if isinstance(item, ir.Include):
+                self.include(item, base, stack)
+            elif isinstance(item, ir.Assign):
+                self.items["assigns"].append(item)
+            elif isinstance(item, ir.Block):
+                self.items["blocks"].append(item)
+            elif isinstance(item, ir.Model):
+                self.items["models"].append(item)
+                own.append(item.name)
+        return own
+
+    def include(self, item: ir.Include, base: Path, stack: tuple) -> None:
+        written = item.path
+
+        def fail(message: str) -> BlockError:
+            return BlockError(
+                message,
+                item.span,
+                f"paths are relative to the including file's folder ({_shown_dir(base)}) "
+                "and name a .block file",
+            )
+
+        if not written:
+            raise fail("an include needs a file name")
+        if "\x00" in written:
+            raise fail("bad include path: it contains a NUL character")
+        if Path(written).is_absolute() or written.startswith("~"):
+            raise BlockError(
+                f"include paths must be relative: {brief(written, 40)}",
+                item.span,
+                "paths are relative to the including file's folder (.. may climb out of it), "
+                "so a spec and its includes move together",
+            )
+        if Path(written).suffix != ".block":
+            raise fail(f"an include must name a .block file: {brief(written, 40)}")
+        try:
+            target = (base / written).resolve()
+            exists = target.exists()
+        except (ValueError, OSError, RuntimeError) as err:
+            raise fail(f"bad include path: {brief(err, 40)}") from None
+        if not exists:
+            raise fail(f"included file not found: {brief(written, 40)}")
+        if target.suffix != ".block":  # a link from x.block to some other file
+            raise fail(f"{brief(written, 40)} links to a file not named .block")
+        try:
+            st = os.stat(target)
+        except OSError as err:
+            raise BlockError(f"cannot read {target}: {err.strerror}", item.span) from None
+        key = (st.st_dev, st.st_ino)
+        if key in (k for k, _ in stack):
+            chain = " -> ".join(Path(p).name for p in [name for _, name in stack] + [str(target)])
+            raise BlockError(
+                f"include cycle: {chain}", item.span, "a file may not include itself, even indirectly"
+            )
+        if key in self.done:
+            return
+        if len(stack) >= MAX_INCLUDE_DEPTH:
+            raise BlockError(
+                f"includes nested more than {MAX_INCLUDE_DEPTH} deep", item.span, "flatten the include chain"
+            )
+        if len(self.done) >= MAX_FILES:
+            raise BlockError(f"more than {MAX_FILES} files included", item.span, "merge some of them")
+        text = read_spec_file(target, item)
+        self.bytes += len(text)
+        if self.bytes > MAX_TOTAL_BYTES:
+            raise BlockError(
+                "the included files add up to more than 8 MiB", item.span, "a spec is a few KiB of text"
+            )
+        self.done.add(key)
+        self.items["includes"].append(item)
+        self.file(str(target), text, target.parent, stack + ((key, str(target)),))
+
+
+def load_module(source: str | Path) -> ir.Module:
     """Parse a file (or text) and everything it includes into one flat `Module`.
 
     `source` is a path, or .block text when it contains a newline or a '{'.
-    Includes are resolved relative to the including file; a cycle or a missing file is
-    a located error at the include line.
+    Include rules (README, "Includes"): a path is relative to the including file's folder
+    (`..` may leave it; an absolute path is an error, so a spec tree moves as a whole); it
+    must name a regular `.block` file of at most 1 MiB; a file already included in this
+    load is skipped; a cycle or a missing file is a located error at the include line.
     """
     is_text = not isinstance(source, Path) and (
-        "\n" in source or "{" in source or ("=" in source and not Path(source).exists())
+        "\n" in source or "{" in source or ("=" in source and not _exists(source))
     )
+    load = _Load()
+    stack: tuple = ()
     if not is_text:
         path = Path(source)
-        file, text, base = str(path), _read(path, None), path.parent
+        text = read_spec_file(path, None)
+        file, base = str(path), path.parent
+        try:
+            st = os.stat(path)
+            stack = (((st.st_dev, st.st_ino), str(path.resolve())),)
+            load.done.add(stack[0][0])
+        except (OSError, RuntimeError):
+            pass
     else:
-        file, text, base = "<text>", source, Path.cwd()
-    items = parse_text(text, file)
-
-    assigns: list[ir.Assign] = []
-    blocks: list[ir.Block] = []
-    models: list[ir.Model] = []
-    includes: list[ir.Include] = []
-    own: list[str] = []
-    stack = _stack + (str(Path(file).resolve()) if file != "<text>" else file,)
-    for item in items:
-        if isinstance(item, ir.Include):
-            try:
-                target = (base / item.path).resolve()
-                target.exists()
-            except (ValueError, OSError) as err:
-                raise BlockError(f"bad include path: {err}", item.span) from None
-            if str(target) in stack:
-                chain = " -> ".join(Path(p).name for p in stack + (str(target),))
-                raise BlockError(
-                    f"include cycle: {chain}", item.span, "a file may not include itself, even indirectly"
-                )
-            if not target.exists():
-                raise BlockError(
-                    f"included file not found: {item.path}",
-                    item.span,
-                    f"paths are relative to the including file's folder ({base})",
-                )
-            _read(target, item)
-            sub = load_module(target, _stack=stack)
-            includes.append(item)
-            includes.extend(sub.includes)
-            assigns.extend(sub.assigns)
-            blocks.extend(sub.blocks)
-            models.extend(sub.models)
-        elif isinstance(item, ir.Assign):
-            assigns.append(item)
-        elif isinstance(item, ir.Block):
-            blocks.append(item)
-        elif isinstance(item, ir.Model):
-            models.append(item)
-            own.append(item.name)
+        file, text, base = "<text>", str(source), Path.cwd()
+    own = load.file(file, text, base, stack)
     return ir.Module.model_construct(
         file=file,
-        assigns=tuple(assigns),
-        blocks=tuple(blocks),
-        models=tuple(models),
-        includes=tuple(includes),
+        assigns=tuple(load.items["assigns"]),
+        blocks=tuple(load.items["blocks"]),
+        models=tuple(load.items["models"]),
+        includes=tuple(load.items["includes"]),
         own_models=tuple(own),
     )
+
+
+def _shown_dir(base: Path) -> str:
+    try:
+        return str(base.resolve())
+    except (OSError, RuntimeError):
+        return str(base)
+
+
+def _exists(source: str) -> bool:
+    try:
+        return Path(source).exists()
+    except (OSError, ValueError):
+        return False

@@ -118,8 +118,7 @@ def _default_head_dim(ctx: Ctx, a: dict[str, Any]) -> int:
         raise ArgError(
             f"heads={a['heads']} does not divide d={ctx.d}",
             "heads",
-            f"pick heads from the divisors of {ctx.d} "
-            f"({', '.join(str(h) for h in _divisors(ctx.d)[:8])}, ...) or give head_dim=",
+            _heads_hint(ctx.d, a["heads"]),
         )
     return ctx.d // a["heads"]
 
@@ -128,8 +127,26 @@ def _check_heads(ctx: Ctx, a: dict[str, Any]) -> None:
     _positive(a, "heads", "head_dim")
 
 
-def _divisors(n: int) -> list[int]:
-    return [i for i in range(1, n + 1) if n % i == 0 and i > 1] or [1]
+def _divisors(n: int, limit: int = 8, search: int = 4096) -> list[int]:
+    """The first `limit` divisors > 1 of n, looking only at candidates up to `search`.
+
+    Bounded work whatever n is (d may be up to 2**62): a hint must not take longer than
+    the check it explains. n itself is listed when it is small enough to be found.
+    """
+    return [i for i in range(2, min(n, search) + 1) if n % i == 0][:limit]
+
+
+def _heads_hint(d: int, heads: int) -> str:
+    """Divisors of d to pick heads from, and the widths near d that `heads` divides."""
+    divs = _divisors(d)
+    pick = (
+        f"pick heads from the divisors of {d} ({', '.join(map(str, divs))}, ...)"
+        if divs
+        else f"{d} has no divisor up to 4096 but 1"
+    )
+    below, above = d - d % heads, d - d % heads + heads
+    near = " or ".join(f"d={w}" for w in (below, above) if w > 0)
+    return f"{pick}, use {near} (multiples of {heads}), or give head_dim="
 
 
 # ---------------------------------------------------------------- attention

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockdsl import ir
-from blockdsl.errors import BlockError, did_you_mean
+from blockdsl.errors import MAX_INT, BlockError, bounded, brief, did_you_mean
 from blockdsl.primitives import (
     ALTUP,
     HEADS,
@@ -26,6 +26,8 @@ from blockdsl.primitives import (
     ArgError,
     ArgSpec,
     Ctx,
+    head_params,
+    stem_params,
     stem_tokens,
 )
 
@@ -141,22 +143,43 @@ _FUNCS: dict[str, Callable[..., Any]] = {
 }
 
 
-MAX_INT = 2**62  # far past any real size; keeps a typo like 10**100 from building a bignum
+__all__ = ["MAX_INT", "MAX_INSTANCES", "MAX_PARAMS", "Plan", "resolve"]
 MAX_INSTANCES = 100_000  # sublayer instances in one model
+# Stored parameters of one model: ~500x the largest models trained so far. Every size is
+# a bounded integer, but their products are not: d_ff=2**62 is a "valid" 3e20-parameter
+# layer. Past this a spec is a typo, and lowering it would only exhaust memory.
+MAX_PARAMS = 10**15
+_MAX_ROUND_DIGITS = 400  # round(x, n): int rounding builds 10**|n|
 
 
 def _bounded(v: Any, e: ir.Expr) -> Any:
-    if isinstance(v, int) and abs(v) > MAX_INT:
-        raise BlockError(
-            f"number too large: about 10**{int(v.bit_length() * 0.30103)}",
-            e.span,
-            "integers are capped at 2**62",
-        )
-    if isinstance(v, float) and not math.isfinite(v):
-        raise BlockError("number too large", e.span, "floats stop near 1.8e308")
-    if isinstance(v, complex):
-        raise BlockError("the result is not a real number", e.span)
-    return v
+    return bounded(v, e.span)
+
+
+def _pow(left: int | float, right: int | float, e: ir.Expr) -> int | float:
+    """`left ** right`, refused *before* computing when the result would be too large.
+
+    Python's semantics otherwise: a negative exponent gives a float (2 ** -1 == 0.5,
+    2 ** -1100 == 0.0), which is fine wherever a float may stand and a located "must be
+    an integer" error where one may not.
+    """
+    mag = abs(left)
+    if right > 0 and mag > 1:
+        bits = right * math.log2(mag)  # log2 of the result's magnitude
+        limit = 62 if isinstance(left, int) and isinstance(right, int) else 1024
+        if bits > limit:
+            raise BlockError(
+                f"{brief(left)} ** {brief(right)} is too large (about 2**{brief(int(bits))})",
+                e.span,
+                "integers are capped at 2**62 and floats near 1.8e308",
+            )
+    if right < 0 and 0 < mag < 1:
+        bits = -right * -math.log2(mag)
+        if bits > 1024:
+            raise BlockError(
+                f"{brief(left)} ** {brief(right)} is too large", e.span, "floats stop near 1.8e308"
+            )
+    return left**right
 
 
 class _Unbound(Exception):
@@ -243,7 +266,7 @@ class _Scope:
 
     def eval(self, e: ir.Expr | ir.Call, ctx_name: str) -> Any:
         if isinstance(e, ir.Num):
-            return e.value
+            return _bounded(e.value, e)
         if isinstance(e, (ir.Str, ir.Bool)):
             return e.value
         if isinstance(e, ir.Name):
@@ -255,7 +278,7 @@ class _Scope:
         if isinstance(e, ir.Neg):
             v = self.eval(e.operand, ctx_name)
             self._num(v, e.operand)
-            return -v
+            return _bounded(-v, e)
         if isinstance(e, ir.BinOp):
             left, right = self.eval(e.left, ctx_name), self.eval(e.right, ctx_name)
             self._num(left, e.left)
@@ -268,16 +291,15 @@ class _Scope:
                 if e.op == "*":
                     return _bounded(left * right, e)
                 if e.op == "/":
-                    v = left / right
                     ints = isinstance(left, int) and isinstance(right, int)
-                    return int(v) if ints and v.is_integer() else v  # d/heads stays an int
+                    if ints and right and left % right == 0:
+                        return _bounded(left // right, e)  # d/heads stays an int (exactly)
+                    return _bounded(left / right, e)
                 if e.op == "//":
-                    return left // right
+                    return _bounded(left // right, e)
                 if e.op == "%":
-                    return left % right
-                if abs(right) > 256 or (isinstance(left, int) and abs(left) > 2**32 and right > 2):
-                    raise BlockError(f"{left} ** {right} is too large", e.span, "exponents are capped at 256")
-                return _bounded(left**right, e)
+                    return _bounded(left % right, e)
+                return _bounded(_pow(left, right, e), e)
             except ZeroDivisionError:
                 raise BlockError("division by zero", e.span, "check the divisor's value") from None
             except OverflowError:
@@ -289,8 +311,14 @@ class _Scope:
             args = [self.eval(a, ctx_name) for a in e.args]
             for a, node in zip(args, e.args):
                 self._num(a, node)
+            if e.name == "round" and len(args) == 2 and abs(args[1]) > _MAX_ROUND_DIGITS:
+                raise BlockError(
+                    f"round(): {brief(args[1])} digits is too many",
+                    e.args[1].span,
+                    f"round to at most {_MAX_ROUND_DIGITS} digits either side of the point",
+                )
             try:
-                return fn(*args)
+                return _bounded(fn(*args), e)
             except (TypeError, ValueError, OverflowError) as err:
                 raise BlockError(f"{e.name}(): {err}", e.span) from None
         if isinstance(e, ir.Choice):
@@ -607,6 +635,7 @@ def resolve(
     if head_call.name == "lm" and head_args["tie"] and stem_call.name != "tokens":
         raise BlockError("tie=true needs a token embedding", head_call.span)
     seq = stem_tokens(stem_call.name, stem_args)
+    stored = 0  # stored parameters of the layers so far (capped at MAX_PARAMS)
     causal = task == "lm"
     rope = stem_call.name == "tokens" and stem_args["pos"] == "rope"
     base_ctx = Ctx(d=d, seq=seq, causal=causal, rope=rope)
@@ -637,6 +666,7 @@ def resolve(
     blocks: dict[str, ir.Block] = m["blocks"]
     # per unit: (block, repeat, item, forced call, overrides, key base, norm key base)
     units: list[list[tuple]] = []
+    n_inst = 0  # sublayer instances in `units` so far (a running count: no quadratic sums)
 
     # Two statements that repeat the same block (or two patterns) are distinct layers;
     # only share=, norm_share= and groups= make instances share parameters.
@@ -654,6 +684,13 @@ def resolve(
             text = stmt.text.replace(" ", "")
             if not text:
                 raise BlockError("an empty pattern", stmt.span)
+            if n_inst + len(text) > MAX_INSTANCES:
+                raise BlockError(
+                    f"a pattern of {len(text):,} letters makes more than {MAX_INSTANCES:,} instances",
+                    stmt.span,
+                    "is the pattern a typo?",
+                )
+            n_inst += len(text)
             for i, ch in enumerate(text):
                 if ch not in letters:
                     raise BlockError(
@@ -730,6 +767,14 @@ def resolve(
                     "labels name sublayers for overrides and reports; make them unique",
                 )
             labels.add(it.label)
+        # Checked before overrides expand index ranges: `at 0..N` is as long as the repeat.
+        if n_inst + n * len(items) > MAX_INSTANCES:
+            raise BlockError(
+                f"repeat {n:,} x {len(items)} sublayers is more than {MAX_INSTANCES:,} instances",
+                rep.count.span,
+                "is the repeat count a typo?",
+            )
+        n_inst += n * len(items)
         # Per-repeat overrides.
         per_rep: dict[int, dict[str, list[ir.Override]]] = {}
         for ov in rep.overrides:
@@ -742,12 +787,6 @@ def resolve(
             for idx in ov.indices:
                 for i in _indices(idx, n, scope):
                     per_rep.setdefault(i, {}).setdefault(ov.target, []).append(ov)
-        if sum(len(u) for u in units) + n * len(items) > MAX_INSTANCES:
-            raise BlockError(
-                f"repeat {n} x {len(items)} sublayers is more than {MAX_INSTANCES:,} instances",
-                rep.count.span,
-                "is the repeat count a typo?",
-            )
         for i in range(n):
             copy = i % groups if order == "abab" else i // (n // groups)
             unit = []
@@ -833,6 +872,10 @@ def resolve(
                 prim.check(ctx, args)
             except ArgError as err:
                 raise BlockError(str(err), spans.get(err.arg or "", call.span), err.hint) from None
+            if key not in prim_sigs:  # a parameter group's first use: count it once
+                stored += prim.params(ctx, args)
+                if stored > MAX_PARAMS:
+                    _too_many_params(stored, call.span, f"{blk_name}[{rep_i}].{it.label}")
             # Norms.
             nopt = it.norm
             placement = nopt.placement if nopt else "pre"
@@ -905,6 +948,13 @@ def resolve(
                 norm_sigs.setdefault(nrm.key, (nsig, it.span))
             layers.append(layer)
 
+    # After the layers, so an argument error in a layer (e.g. heads) is reported first.
+    stored += stem_params(stem_call.name, stem_args, d) + head_params(
+        head_call.name, head_args, d, stem_args.get("vocab", 0)
+    )
+    if stored > MAX_PARAMS:
+        _too_many_params(stored, stem_call.span, "the stem and head")
+
     # ---- AltUp
     altup = None
     if m.get("altup") is not None:
@@ -951,6 +1001,14 @@ def resolve(
         choices=tuple(scope.defs.values()),
         span=mdl.span,
         default_norm=default_norm,
+    )
+
+
+def _too_many_params(n: int, span: ir.Span, where: str) -> None:
+    raise BlockError(
+        f"the model has more than 10**15 parameters (about {n:.1e} with {where})",
+        span,
+        "a size is probably a typo: the largest models trained so far have ~2e12",
     )
 
 

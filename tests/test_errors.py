@@ -8,6 +8,7 @@ at; its line:col is computed from the spec text, so the assertion is exact.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -364,3 +365,217 @@ def test_unknown_variable_as_repeat_count(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     check_case(tmp_path, spec("  block layer { ffn mlp() }\n  repeat layers layer"),
                Err("layers layer", ("unknown variable", "'layers'")), capsys)
+
+
+# --------------------------------------------------------------------------- hostile input
+# Issue 10: inputs that cost unbounded time or memory. Each case is a spec a user (or a
+# fuzzer) can write; each must end promptly with a located error and exit code 1.
+
+BIG_PRIME = 2**62 - 57  # the largest prime the language's integers hold
+
+
+HOSTILE = [
+    pytest.param(layer("ffn mlp(d_ff=int(1e300))"), Err("int(1e300)", ("number too large", "10**300"),
+                 ("2**62",)), id="int-of-a-huge-float"),
+    pytest.param(layer("ffn mlp(d_ff=round(1e300))"), Err("round(1e300)", ("number too large",)),
+                 id="round-of-a-huge-float"),
+    pytest.param(layer("ffn mlp(d_ff=ceil(0-1e300))"), Err("ceil(0-1e300)", ("number too large",)),
+                 id="ceil-of-a-huge-float"),
+    pytest.param(layer("ffn mlp(d_ff=1e300 // 1e-300)"), Err("1e300 // 1e-300", ("number too large",)),
+                 id="floordiv-to-infinity"),
+    pytest.param(layer("ffn mlp(d_ff=(2**62) // 1 * 2)"), Err("(2**62) // 1 * 2",
+                 ("number too large",)), id="product-past-the-cap"),
+    pytest.param(layer("ffn mlp(d_ff=round(5, 0-100000))"), Err("0-100000", ("round()", "too many"),
+                 ("digits",)), id="round-to-a-bignum-power-of-ten"),
+    pytest.param(layer("ffn mlp(d_ff=2**10**10)"), Err("2**10**10", ("too large",), ("2**62",)),
+                 id="power-tower"),
+    pytest.param(layer("ffn mlp(dropout=0.5**(0-5000))"), Err("0.5**(0-5000)", ("too large",)),
+                 id="negative-power-of-a-fraction"),
+    pytest.param(layer("ffn mlp(d_ff=2**(0-1000))"), Err("d_ff=2**(0-1000)",
+                 ("'d_ff' expects an integer", "e-302"),), id="negative-exponent-is-a-small-float"),
+    pytest.param(layer("ffn mlp(d_ff=2**62)"), Err("mlp(d_ff=2**62)",
+                 ("more than 10**15 parameters", "5.9e+20"), ("typo",)), id="d-ff-at-the-cap"),
+    pytest.param(layer("ffn mlp()").replace("vocab=100", "vocab=2**62"),
+                 Err("tokens(vocab=2**62", ("more than 10**15 parameters",)), id="vocab-at-the-cap"),
+    pytest.param(layer("moe topk(experts=2**40, k=2, d_ff=64)"), Err("topk(experts=2**40",
+                 ("more than 10**15 parameters",)), id="experts-past-sense"),
+    pytest.param(layer("attn mha(heads=7)").replace("d = 64", f"d = {BIG_PRIME}"),
+                 Err("heads=7", ("heads=7 does not divide", str(BIG_PRIME)),
+                     ("no divisor up to 4096", f"d={BIG_PRIME - BIG_PRIME % 7}",
+                      f"d={BIG_PRIME - BIG_PRIME % 7 + 7}", "head_dim=")), id="heads-hint-on-a-huge-prime"),
+    pytest.param(layer("ffn mlp()", "repeat 2**62 layer { at 0..2**62-1: ffn.d_ff = 8 }"),
+                 Err("2**62 layer", ("more than 100,000 instances",), ("typo",)),
+                 id="overrides-over-a-huge-repeat"),
+    pytest.param(spec('  pattern "' + "F" * 200_000 + '" F=mlp()'), Err('pattern "FFF', ("pattern",
+                 "200,000 letters", "100,000 instances"),), id="pattern-of-200k-letters"),
+]
+
+
+@pytest.mark.parametrize(("text", "e"), HOSTILE)
+def test_hostile_value_is_a_located_error(tmp_path: Path, text: str, e: Err,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    if len(text) > 10_000:  # a line too long to show whole: check the head line only
+        path = tmp_path / "bad.block"
+        path.write_text(text, encoding="utf-8")
+        rc, out, err = run_main(capsys, "check", str(path))
+        line, col = loc(text, e.needle)
+        assert rc == 1 and "Traceback" not in err and len(err) < 2000
+        head = err.splitlines()[0]
+        assert head.startswith(f"{path}:{line}:{col}: error: ")
+        assert all(w.lower() in head.lower() for w in e.words), head
+        return
+    check_case(tmp_path, text, e, capsys)
+
+
+def test_negative_exponent_is_a_float_where_one_may_stand() -> None:
+    plan = blockdsl.check(layer("ffn mlp(dropout=2**(0-1000))"))
+    assert plan.layers[0].args["dropout"] == 2.0**-1000
+    assert blockdsl.check(layer("ffn mlp(d_ff=2**-1 * 128)")).layers[0].args["d_ff"] == 64
+
+
+@pytest.mark.parametrize("digits", [40, 4000, 5000, 300_000])
+def test_long_integer_literal_is_located_and_shortened(tmp_path: Path, digits: int,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The literal is refused from its token (Python's int() stops at 4300 digits);
+    with heads not dividing it, the divisor hint was a loop over every integer below d."""
+    number = "7" * digits
+    text = layer("attn mha(heads=3)").replace("d = 64", f"d = {number}")
+    path = tmp_path / "bad.block"
+    path.write_text(text, encoding="utf-8")
+    rc, out, err = run_main(capsys, "check", str(path))
+    assert rc == 1 and out == "" and "Traceback" not in err
+    lines = err.splitlines()
+    assert lines[0] == f"{path}:2:5: error: number too large: 777777777777…777777777777 ({digits} digits)"
+    assert len(err) < 1000  # the number is never printed whole
+    assert lines[-1] == "  hint: integers are capped at 2**62 (about 4.6e18); write large floats as 1e30"
+
+
+def test_long_names_and_strings_are_shortened(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    name = "v" * 500_000
+    for sub in (f"ffn mlp(d_ff={name})", f'ffn mlp(act="{name}")'):
+        path = tmp_path / "bad.block"
+        path.write_text(layer(sub), encoding="utf-8")
+        rc, out, err = run_main(capsys, "check", str(path))
+        assert rc == 1 and "Traceback" not in err
+        assert err.startswith(f"{path}:7:") and len(err) < 2000, err[:300]
+
+
+# ---- includes
+
+BODY = spec("  block layer { ffn mlp() }\n  repeat 1 layer")
+SECRET = "root:x:0:0:TOP-SECRET-LINE:/root:/bin/bash\n"
+UP = "../" * 40  # far enough up from any tmp folder to reach /
+
+
+def include_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str,
+                  *words: str) -> str:
+    text = f'include "{target}"\n' + BODY
+    path = tmp_path / "top.block"
+    path.write_text(text, encoding="utf-8")
+    rc, out, err = run_main(capsys, "check", str(path))
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert err.startswith(f"{path}:1:1: error: "), err
+    for w in words:
+        assert w in err.splitlines()[0], err
+    assert "TOP-SECRET" not in err and "root:" not in err
+    return err
+
+
+def test_include_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Relative paths to regular .block files only; content of other files is never shown."""
+    (tmp_path / "secret.txt").write_text(SECRET)
+    (tmp_path / "secret.block").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "zero.block").symlink_to("/dev/zero")
+    (tmp_path / "dir.block").mkdir()
+    include_error(tmp_path, capsys, "/etc/passwd", "include paths must be relative")
+    include_error(tmp_path, capsys, str(tmp_path / "secret.txt"), "must be relative")
+    include_error(tmp_path, capsys, UP + "etc/passwd", "must name a .block file")
+    include_error(tmp_path, capsys, "secret.txt", "must name a .block file")
+    include_error(tmp_path, capsys, "secret.block", "links to a file not named .block")
+    include_error(tmp_path, capsys, "/dev/zero", "must be relative")
+    include_error(tmp_path, capsys, UP + "dev/zero", "must name a .block file")
+    include_error(tmp_path, capsys, "dir.block", "is a folder")
+    include_error(tmp_path, capsys, "zero.block", "links to a file not named .block")
+    (tmp_path / "big.block").write_text("# x\n" * 300_000)  # 1.2 MB of comments
+    include_error(tmp_path, capsys, "big.block", "more than the 1 MiB")
+    (tmp_path / "bin.block").write_bytes(b"d = 1\n\xff\xfe" + SECRET.encode())
+    include_error(tmp_path, capsys, "bin.block", "not UTF-8")
+    # `..` may leave the including file's folder: the shipped specs include "../x.block"
+    (tmp_path / "lib.block").write_text("vocab = 77\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.block").write_text('include "../lib.block"\n'
+                                              + BODY.replace("vocab=100", "vocab=vocab"))
+    assert blockdsl.check(tmp_path / "sub" / "m.block").vocab == 77
+
+
+def test_spec_that_is_not_block_text_is_never_quoted(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text(SECRET)
+    (tmp_path / "link.block").symlink_to(tmp_path / "notes.txt")
+    for f in ("notes.txt", "link.block"):
+        rc, out, err = run_main(capsys, "check", str(tmp_path / f))
+        assert rc == 1 and "Traceback" not in err
+        assert err.splitlines()[0] == f"{tmp_path / f}:1:5: error: this is not .block text"
+        assert "TOP-SECRET" not in err and "root:x" not in err
+    rc, out, err = run_main(capsys, "check", "/etc/passwd")
+    assert rc == 1 and "root:x" not in err and err.startswith("/etc/passwd:1:")
+
+
+def test_include_once_per_load(tmp_path: Path) -> None:
+    """A diamond reads the shared file once, so a later override of it stands."""
+    (tmp_path / "common.block").write_text("vocab = 50\n")
+    (tmp_path / "a.block").write_text('include "common.block"\nvocab = 60\n')
+    (tmp_path / "b.block").write_text('include "common.block"\n')
+    (tmp_path / "top.block").write_text('include "a.block"\ninclude "b.block"\n'
+                                        + BODY.replace("vocab=100", "vocab=vocab"))
+    module = blockdsl.load(tmp_path / "top.block")
+    assert [i.path for i in module.includes] == ["a.block", "common.block", "b.block"]
+    assert blockdsl.check(module).vocab == 60
+
+
+def test_include_depth_and_count_are_capped(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    for i in range(70):
+        (tmp_path / f"f{i}.block").write_text(f'include "f{i + 1}.block"\n')
+    (tmp_path / "f70.block").write_text("")
+    rc, _, err = run_main(capsys, "check", str(tmp_path / "f0.block"))
+    assert rc == 1 and "includes nested more than 64 deep" in err.splitlines()[0]
+
+
+def test_hostile_files_through_the_command_line(tmp_path: Path) -> None:
+    """Real processes, each with a timeout: a FIFO or /dev/zero used to hang or eat memory,
+    and 40 files that each include the next twice used to take 2**40 parses."""
+    fifo = tmp_path / "pipe.block"
+    os.mkfifo(fifo)
+    (tmp_path / "inc-fifo.block").write_text('include "pipe.block"\n' + BODY)
+    for i in range(40):
+        (tmp_path / f"c{i}.block").write_text(f'include "c{i + 1}.block"\ninclude "c{i + 1}.block"\n'
+                                              f"v{i} = {i}\n" + (BODY if i == 0 else ""))
+    (tmp_path / "c40.block").write_text("v40 = 40\n")
+    (tmp_path / "huge.block").write_text(layer("ffn mlp()").replace("d = 64", "d = " + "9" * 5000))
+    runs = {
+        "fifo": ([str(fifo)], "is not a regular file"),
+        "inc-fifo": ([str(tmp_path / "inc-fifo.block")], "is not a regular file"),
+        "zero": (["/dev/zero"], "is not a regular file"),
+        "urandom": (["/dev/urandom"], "is not a regular file"),
+        "huge": ([str(tmp_path / "huge.block")], "(5000 digits)"),
+        "chain": ([str(tmp_path / "c0.block")], None),
+    }
+    procs = {k: subprocess.Popen([sys.executable, "-m", "blockdsl.cli", "check", *argv], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, (argv, _) in runs.items()}
+    try:
+        res = {k: (*p.communicate(timeout=60), p.returncode) for k, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for k, (out, err, rc) in res.items():
+        assert "Traceback" not in err, (k, err)
+        words = runs[k][1]
+        if words is None:
+            assert rc == 0 and out.startswith("ok: "), (k, out, err)
+        else:
+            assert rc == 1 and words in err.splitlines()[0], (k, err)
