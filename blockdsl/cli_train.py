@@ -59,6 +59,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the estimated memory exceeds what the device has")
     p.set_defaults(func=run)
 
 
@@ -80,7 +82,14 @@ def run(args: argparse.Namespace) -> int:
     """Build, train, print the summary; a TrainError prints as one line and exits 1."""
     import blockdsl
     from blockdsl.lower import build_from_plan
-    from blockdsl.train import TrainConfig, TrainError, resolve_device, seed_everything, train
+    from blockdsl.train import (
+        TrainConfig,
+        TrainError,
+        memory_guard,
+        resolve_device,
+        seed_everything,
+        train,
+    )
 
     out = args.out
     if out is None:
@@ -92,8 +101,14 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(args.seed)  # fixes the initial weights too
         # Kernels tuned by `compile --tune --batch` for the nearest per-device batch are used.
         micro = max(1, args.batch_size // max(1, args.accum) // int(os.environ.get("WORLD_SIZE", "1")))
-        model = build_from_plan(blockdsl.resolve(args.spec, args.model), device=device,
-                                precision=args.precision, batch=micro)
+        plan = blockdsl.resolve(args.spec, args.model)
+        # refuse before building: a model or batch far beyond the machine would otherwise
+        # swap or die in the allocator (one micro-batch is what a process holds at once)
+        memory_guard(plan, batch=micro, seq=args.seq_len, precision=args.precision,
+                     optimizer=True, device=device, force=args.force, what="train",
+                     hint="use a smaller --batch-size (or a larger --accum) or --seq-len, "
+                     "or pass --force to try anyway")
+        model = build_from_plan(plan, device=device, precision=args.precision, batch=micro)
         rep = blockdsl.report(args.spec, args.model)
         # the report counts per token; a classifier's unit of throughput is one image
         flops = float(rep.flops_per_token) * (rep.seq if model.task == "classify" else 1)
