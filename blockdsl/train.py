@@ -515,6 +515,21 @@ def load_checkpoint(path: Path, model: nn.Module,
 # ----------------------------------------------------------------------------- output
 
 
+def _strict_json(record: dict[str, Any]) -> str:
+    """One metrics line: strict JSON, a non-finite number written as null (not `NaN`,
+    which Python's json emits by default and no other JSON reader accepts)."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(x) for x in v]
+        return v
+
+    return json.dumps(fix(record), allow_nan=False)
+
+
 class _RunFiles:
     """The run folder (rank 0 only): metrics.jsonl, loss.png and checkpoints."""
 
@@ -528,9 +543,10 @@ class _RunFiles:
         if resume_step is not None and self.metrics_path.is_file():
             # keep the history up to the checkpoint; later lines belong to the lost tail
             for line in self.metrics_path.read_text().splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        lines.append(line)
+                with contextlib.suppress(ValueError, AttributeError):
+                    rec = json.loads(line)
+                    if rec.get("step", 0) <= resume_step:
+                        lines.append(_strict_json(rec))  # an older file's bare NaN -> null
         data_mod.atomic_write_bytes(
             self.metrics_path, "".join(line + "\n" for line in lines).encode()
         )
@@ -538,7 +554,7 @@ class _RunFiles:
 
     def log(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps(record) + "\n")
+            self._fh.write(_strict_json(record) + "\n")
 
     def close(self) -> None:
         if self._fh is not None:
@@ -733,12 +749,18 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError(f"precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
     for name in ("steps", "tokens", "seconds", "eval_every", "log_every", "ckpt_every"):
         v = getattr(cfg, name)
-        if v is not None and v <= 0:
-            raise TrainError(f"{name} must be positive, got {v}")
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise TrainError(f"{name} must be a positive finite number, got {v}")
     if cfg.batch_size < 1 or cfg.accum < 1:
         raise TrainError(f"batch_size ({cfg.batch_size}) and accum ({cfg.accum}) must be >= 1")
     if cfg.warmup < 0:
         raise TrainError(f"warmup must be >= 0, got {cfg.warmup}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise TrainError(f"lr must be a positive finite number, got {cfg.lr}")
+    for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise TrainError(f"{name} must be a finite number >= 0, got {v}")
 
 
 def train(model: nn.Module, config: TrainConfig | None = None, *,
@@ -895,6 +917,7 @@ class _Run:
         dist.average_grads(self.params)
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                      if cfg.grad_clip > 0 else None)
+        self.check_finite(loss, aux, grad_norm)  # before the update: the weights stay as they are
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -923,6 +946,45 @@ class _Run:
         if self.step % cfg.log_every == 0:
             self.log_train(lr, grad_norm)
 
+    def check_finite(self, loss: Tensor, aux: dict[str, Tensor], grad_norm: Tensor | None) -> None:
+        """Stop the run at the step whose loss, aux loss or gradient norm is NaN or infinite.
+
+        Checked on every rank before the optimizer applies the step (one flag is summed over
+        ranks, so all stop together), so no update made of NaN reaches the weights; the
+        run then ends without writing a checkpoint, and the last one written stays `latest`.
+        """
+        vals = [loss.detach().float().reshape(())]
+        vals += [v.detach().float().reshape(()) for v in aux.values()]
+        if grad_norm is not None:
+            vals.append(grad_norm.detach().float().reshape(()))
+        bad = (~torch.isfinite(torch.stack(vals))).any().float().cpu().reshape(1)
+        if float(self.dist.all_reduce_sum(bad)[0]) == 0:
+            return
+        step = self.step + 1  # the step being computed, numbered as its metrics row would be
+        if not math.isfinite(float(loss)):
+            what = f"non-finite training loss ({float(loss)})"
+        elif any(not math.isfinite(float(v)) for v in aux.values()):
+            what = "non-finite aux loss (" + ", ".join(
+                f"{k} {float(v)}" for k, v in aux.items() if not math.isfinite(float(v))) + ")"
+        elif grad_norm is not None and not math.isfinite(float(grad_norm)):
+            what = f"non-finite gradient norm ({float(grad_norm)})"
+        else:
+            what = "a non-finite loss on another process"
+        self.diverged(step, what)
+
+    def diverged(self, step: int, what: str) -> None:
+        """Log a strict-JSON error row and raise the one-line TrainError that ends the run."""
+        self.files.log({"kind": "error", "step": step, "loss": None,
+                        "error": f"{what} at step {step}"})
+        if self.out is None:
+            kept = "nothing was saved (no output folder)"
+        else:
+            last = self.last_ckpt or latest_checkpoint(self.out)
+            kept = (f"the last checkpoint, {last}, is kept" if last is not None
+                    else "no checkpoint had been written (see --ckpt-every)")
+        raise TrainError(f"{what} at step {step}: training diverged and was stopped; {kept}; "
+                         "try a lower learning rate")
+
     def log_train(self, lr: float, grad_norm: Tensor | None) -> None:
         n = min(self.cfg.log_every, len(self.losses))
         rec: dict[str, Any] = {
@@ -942,6 +1004,8 @@ class _Run:
         """Evaluate, log, call back; True when the callback asked (on rank 0) to stop."""
         metrics = evaluate(self.model, self.val_batches, self.cfg.precision, self.device,
                            self.dist, self.byte_level)
+        if not math.isfinite(metrics["val_loss"]):  # identical on all ranks (all-reduced)
+            self.diverged(self.step, f"non-finite validation loss ({metrics['val_loss']})")
         self.last_eval_step = self.step
         if self.losses:
             metrics["train_loss"] = float(torch.stack(self.losses[-self.cfg.log_every:]).mean())

@@ -334,3 +334,111 @@ def test_cli_train_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     rc = main(["train", str(REPO / "specs/tiny/gpt.block"), "--data", str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert rc == 1 and err.strip() == f"error: data path not found: {tmp_path / 'nope'}"
+
+
+# ----------------------------------------------------------------------------- diverging runs, flags
+
+
+def _strict_rows(path: Path) -> list[dict]:
+    """metrics.jsonl parsed as strict JSON: a bare NaN/Infinity fails the test."""
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in {path}: not JSON")
+
+    return [json.loads(line, parse_constant=no_constants)
+            for line in path.read_text().splitlines()]
+
+
+CLI_FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "3", "--eval-batches", "1",
+            "--precision", "fp32", "--quiet"]
+
+
+def test_cli_huge_lr_stops_at_the_step_and_keeps_the_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockdsl.cli import main
+
+    spec = str(REPO / "specs/tiny/gpt.block")
+    out = tmp_path / "run"
+    rc = main(["train", spec, "--lr", "1e30", "--steps", "30", "--ckpt-every", "1",
+               "--eval-every", "10", "--out", str(out), *CLI_FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: non-finite ") and " at step 2: training diverged" in err
+    assert f"the last checkpoint, {out / 'ckpt-00000001'}, is kept" in err
+    # the weights that produced the NaN were never checkpointed; step 1's still load
+    assert latest_checkpoint(out) == out / "ckpt-00000001"
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000001"]
+    rows = _strict_rows(out / "metrics.jsonl")
+    assert rows[-1] == {"kind": "error", "step": 2, "loss": None,
+                        "error": err.split(": training")[0].removeprefix("error: ")}
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
+
+
+class EvalNaNGPT(TinyGPT):
+    """Trains normally, but from step `bad` on its eval-mode forward gives NaN logits
+    (as a BatchNorm with corrupted running statistics would)."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad = bad
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        out = super().forward(x)
+        if self.training:
+            self.steps_seen += 1
+        elif self.steps_seen >= self.bad:
+            return ModelOutput(out.logits * float("nan"), out.aux)
+        return out
+
+
+def test_nan_validation_loss_stops_without_checkpointing(tmp_path: Path) -> None:
+    seed_everything(0)
+    with pytest.raises(TrainError) as e:
+        train(EvalNaNGPT(bad=4), TrainConfig(steps=20, out=tmp_path, ckpt_every=2,
+                                             **{**FAST, "eval_every": 2}))
+    msg = str(e.value)
+    assert msg.startswith("non-finite validation loss (nan) at step 4: training diverged")
+    assert f"the last checkpoint, {tmp_path / 'ckpt-00000002'}, is kept" in msg
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-00000002"
+    assert not (tmp_path / "ckpt-00000004").exists()
+    rows = _strict_rows(tmp_path / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), ("eval", 2), ("error", 4)]
+
+
+def test_library_run_stops_on_nan_before_the_update() -> None:
+    model = gpt()
+    with pytest.raises(TrainError, match=r"non-finite .* at step \d+: training diverged") as e:
+        train(model, TrainConfig(steps=20, **{**FAST, "lr": 1e30, "eval_every": 100}))
+    assert "\n" not in str(e.value)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # no NaN update applied
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--lr", "nan", "a finite number > 0"), ("--lr", "-1", "a finite number > 0"),
+    ("--lr", "inf", "a finite number > 0"), ("--lr", "0", "a finite number > 0"),
+    ("--batch-size", "0", "an integer > 0"), ("--steps", "-5", "an integer > 0"),
+    ("--steps", "2.5", "an integer > 0"), ("--seq-len", "0", "an integer > 0"),
+    ("--warmup", "-1", "an integer >= 0"), ("--seconds", "inf", "a finite number > 0"),
+    ("--weight-decay", "nan", "a finite number >= 0"), ("--eval-every", "0", "an integer > 0"),
+    ("--accum", "0", "an integer > 0"), ("--ckpt-every", "0", "an integer > 0"),
+])
+def test_cli_train_flags_are_validated(flag: str, value: str, expected: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from blockdsl.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error, before anything runs
+        main(["train", str(REPO / "specs/tiny/gpt.block"), flag, value,
+              "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected {expected}, got '{value}'" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_library_rejects_non_finite_settings() -> None:
+    for kw, msg in (({"lr": float("nan")}, "lr must be a positive finite"),
+                    ({"lr": -1.0}, "lr must be a positive finite"),
+                    ({"seconds": float("inf")}, "seconds must be a positive finite"),
+                    ({"weight_decay": float("nan")}, "weight_decay must be a finite")):
+        with pytest.raises(TrainError, match=msg):
+            train(gpt(), TrainConfig(steps=1, **{**FAST, **kw}))
