@@ -120,14 +120,39 @@ def _totals_table(rep) -> Any:
 def _smoke(plan, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from blockdsl.graph import human_bytes
+    from blockdsl.train import memory_guard, resolve_device
+
+    b = args.batch or 2
+    seq = min(args.seq or plan.seq, plan.seq)
+    dev = resolve_device(args.device or "auto")
+    # Before anything is built: a spec can describe terabytes (d_ff=2**28) or a 1B model
+    # whose smoke step takes minutes and most of the machine; refuse it with the numbers.
+    est = memory_guard(plan, batch=b, seq=seq, precision="fp32", optimizer=False, device=dev,
+                       force=args.force, what="compile --smoke",
+                       hint="use a smaller --batch or --seq, or pass --force to build it anyway")
+    try:
+        return _smoke_run(plan, b, seq, dev, est)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+            raise
+        # only reachable past the guard (--force, or an estimate that fell short)
+        raise BlockError(
+            f"compile --smoke of model {plan.name} ran out of memory on {dev.type} "
+            f"(estimated {human_bytes(est.total)}): {str(e).splitlines()[0][:160]}",
+            plan.span, "use a smaller --batch or --seq",
+        ) from None
+
+
+def _smoke_run(plan, b: int, seq: int, dev, est) -> dict[str, Any]:
+    import torch
+
     from blockdsl.lower import build_from_plan, random_batch
 
     torch.manual_seed(0)
-    model = build_from_plan(plan, device=args.device, precision="fp32")
-    dev = next(model.parameters()).device
+    model = build_from_plan(plan, device=dev, precision="fp32")
     n_params = sum(p.numel() for p in model.parameters())
-    b = args.batch or 2
-    x, y = random_batch(plan, b, dev, seq=min(args.seq or plan.seq, plan.seq))
+    x, y = random_batch(plan, b, dev, seq=seq)
     model.train()
     times = []
     finite = True
@@ -155,6 +180,8 @@ def _smoke(plan, args: argparse.Namespace) -> dict[str, Any]:
         "aux": {k: v.item() for k, v in out.aux.items()},
         "finite": finite,
         "params_without_grad": no_grad,
+        "memory_estimate": {"weights": est.weights, "grads": est.grads,
+                            "activations": est.activations, "total": est.total},
     }
 
 
@@ -256,6 +283,8 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     c.add_argument("--seq", type=_positive_int, default=None,
                    help="sequence length for --smoke (default: the model's)")
     c.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    c.add_argument("--force", action="store_true",
+                   help="--smoke even when the estimated memory exceeds what the device has")
     c.add_argument("--precision", default="fp32", choices=["fp32", "fp32-medium", "bf16"],
                    help="precision to tune for (default fp32)")
     c.set_defaults(func=cmd_compile)
@@ -297,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(err, "cli_message", None):
             print("  (an internal error; set BLOCKDSL_DEBUG=1 for a traceback and report it)",
                   file=sys.stderr)
-        return 2
+        # an exception that carries a one-line message for the user is their mistake: 1
+        return 1 if getattr(err, "cli_message", None) else 2
     finally:
         if argv is None:
             # The process's own command line, so it exits next: move every object to the

@@ -7,12 +7,42 @@ only maps flags to a `TrainConfig` and renders the result.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 DEFAULT_STEPS = 300
+
+
+def _number(kind: type, low: float, inclusive: bool) -> Any:
+    """An argparse type: a finite `kind` above `low` (or at it when inclusive).
+
+    A bad value is a usage error, reported by argparse as `argument --lr: ...` (exit 2),
+    as `compile --batch` does: before anything is built or written. NaN and infinity are
+    refused by name, since `float("nan")` parses and then fails every comparison.
+    """
+    bound = f">= {low:g}" if inclusive else f"> {low:g}"
+    noun = "an integer" if kind is int else "a finite number"
+
+    def parse(text: str) -> float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} {bound}, got {text!r}") from None
+        if not math.isfinite(v) or v < low or (v == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {noun} {bound}, got {text!r}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+_POS_INT = _number(int, 0, inclusive=False)
+_NONNEG_INT = _number(int, 0, inclusive=True)
+_POS_FLOAT = _number(float, 0.0, inclusive=False)
+_NONNEG_FLOAT = _number(float, 0.0, inclusive=True)
 
 
 def register(subparsers: Any) -> None:
@@ -32,33 +62,35 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", default=None,
                    help="text file or folder (LM), or image folder root/<class>/<img>")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None,
+    budget.add_argument("--steps", type=_POS_INT, default=None,
                         help=f"optimizer steps (default {DEFAULT_STEPS})")
-    budget.add_argument("--tokens", type=int, default=None,
+    budget.add_argument("--tokens", type=_POS_INT, default=None,
                         help="tokens to train on (images for classifiers)")
-    budget.add_argument("--seconds", type=float, default=None,
+    budget.add_argument("--seconds", type=_POS_FLOAT, default=None,
                         help="training wall-clock seconds (evaluation excluded)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--batch-size", type=_POS_INT, default=16,
                    help="global sequences/images per step (default 16)")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=_POS_INT, default=None,
                    help="training context (default: the spec's; may only be shorter)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps (default 20)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--accum", type=_POS_INT, default=1, help="gradient accumulation micro-steps")
+    p.add_argument("--lr", type=_POS_FLOAT, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--warmup", type=_NONNEG_INT, default=20, help="linear warm-up steps (default 20)")
+    p.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=0.1)
     p.add_argument("--precision", choices=("fp32", "fp32-medium", "bf16"), default="bf16",
                    help="bf16 autocast with fp32 weights (default), fp32, or fp32 with "
                    "'medium' matmul precision")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
-    p.add_argument("--eval-batches", type=int, default=8,
+    p.add_argument("--eval-every", type=_POS_INT, default=50, help="steps between evaluations")
+    p.add_argument("--eval-batches", type=_NONNEG_INT, default=8,
                    help="validation batches per evaluation (0 = the whole split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="run folder (default runs/<spec name>, numbered if taken)")
-    p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--ckpt-every", type=_POS_INT, default=None, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the estimated memory exceeds what the device has")
     p.set_defaults(func=run)
 
 
@@ -80,7 +112,14 @@ def run(args: argparse.Namespace) -> int:
     """Build, train, print the summary; a TrainError prints as one line and exits 1."""
     import blockdsl
     from blockdsl.lower import build_from_plan
-    from blockdsl.train import TrainConfig, TrainError, resolve_device, seed_everything, train
+    from blockdsl.train import (
+        TrainConfig,
+        TrainError,
+        memory_guard,
+        resolve_device,
+        seed_everything,
+        train,
+    )
 
     out = args.out
     if out is None:
@@ -92,8 +131,14 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(args.seed)  # fixes the initial weights too
         # Kernels tuned by `compile --tune --batch` for the nearest per-device batch are used.
         micro = max(1, args.batch_size // max(1, args.accum) // int(os.environ.get("WORLD_SIZE", "1")))
-        model = build_from_plan(blockdsl.resolve(args.spec, args.model), device=device,
-                                precision=args.precision, batch=micro)
+        plan = blockdsl.resolve(args.spec, args.model)
+        # refuse before building: a model or batch far beyond the machine would otherwise
+        # swap or die in the allocator (one micro-batch is what a process holds at once)
+        memory_guard(plan, batch=micro, seq=args.seq_len, precision=args.precision,
+                     optimizer=True, device=device, force=args.force, what="train",
+                     hint="use a smaller --batch-size (or a larger --accum) or --seq-len, "
+                     "or pass --force to try anyway")
+        model = build_from_plan(plan, device=device, precision=args.precision, batch=micro)
         rep = blockdsl.report(args.spec, args.model)
         # the report counts per token; a classifier's unit of throughput is one image
         flops = float(rep.flops_per_token) * (rep.seq if model.task == "classify" else 1)

@@ -12,6 +12,7 @@ No torch: `blockdsl check` and summaries stay instant.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -201,3 +202,146 @@ def to_graph(plan: Plan) -> nx.DiGraph:
     g.add_node("head", kind=plan.head[0], group="head")
     g.add_edge(prev, "head")
     return g
+
+
+# ---------------------------------------------------------------- memory estimate
+
+_GIB = 1024**3
+
+
+def human_bytes(n: float) -> str:
+    """2.5e9 -> '2.33 GiB': binary units, as /proc/meminfo and CUDA report memory."""
+    for unit, div in (("TiB", 1024**4), ("GiB", _GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes one process needs for a step of `plan` at `batch` x `seq`, by part.
+
+    `weights` are the fp32 parameters (plus the bf16 copies autocast caches for the
+    step); `grads` one fp32 gradient per parameter; `optimizer` AdamW's two fp32
+    moments; `activations` what the forward saves for backward at this batch, plus the
+    largest layer's worth again for the gradients in flight during its backward.
+    """
+
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    batch: int
+    seq: int
+    precision: str
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def parts(self) -> str:
+        named = (("weights", self.weights), ("gradients", self.grads),
+                 ("AdamW state", self.optimizer), ("activations", self.activations))
+        return ", ".join(f"{k} {human_bytes(v)}" for k, v in named if v)
+
+
+def _attention_saves_scores(layer_args: dict[str, Any], device_type: str, precision: str,
+                            seq: int) -> bool:
+    """Whether an mha layer runs the explicit-softmax path, which saves the T x T scores.
+
+    Mirrors `lower.attention_impl`'s default rule (torch-free here): an explicit
+    impl=manual/bmm, the CPU bf16/fp32-medium default at seq <= 512, or dropout (bmm falls
+    back to the reference path). SDPA's fused kernels save only a log-sum-exp per row.
+    A tuned 'auto' may pick either; counting the scores then is the conservative side.
+    """
+    impl = layer_args.get("impl", "auto")
+    if impl in ("manual", "bmm") or layer_args.get("dropout", 0.0) > 0:
+        return True
+    if impl == "auto":
+        return device_type == "cpu" and precision in ("bf16", "fp32-medium") and seq <= 512
+    return False
+
+
+def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: str = "fp32",
+                    optimizer: bool = True, device_type: str = "cpu") -> MemoryEstimate:
+    """A conservative upper estimate of one training step's memory, from the Plan alone.
+
+    Activations are counted per layer application (a shared layer saves its tensors each
+    time it runs) from what the modules keep for backward, with N = batch x seq tokens,
+    e = 2 bytes under bf16 autocast else 4, fp32 (4 bytes) where the code computes in fp32:
+    - every norm: its fp32 input, N·d·4;
+    - mha: the projection input N·d·e, q/k/v N·(h+2·kv)·dh·e (twice with RoPE), the
+      output-projection input N·h·dh·e, the log-sum-exp N·h·4; the explicit-softmax
+      path adds the scores and probabilities, B·h·T²·(4+e) (see `_attention_saves_scores`);
+    - switchhead: input, q, k, the V/O expert inputs and outputs of its k experts,
+      N·h·dh·(3+2k)·e, plus fp32 selector logits and probabilities for V and O;
+    - mlp: input N·d·e and hidden N·(g+1)·f·e (g = 2 for gated activations);
+    - topk / sigma_moe: fp32 router logits and probabilities N·E·8 and, for each of the
+      k copies of a token the dispatch gathers, its input, hidden and output; expert
+      choice the same with the capacity factor in place of k;
+    - the head: its input, the logits in the autocast dtype, their fp32 copy and
+      cross-entropy's log-softmax, N·V·(e+8); AltUp keeps K streams per block.
+    Gradients of the activations live only while one layer runs backward: the largest
+    layer's activations are added once more. The search never uses this estimate to
+    rank models; it only decides whether a run can start.
+    """
+    e = 2 if precision == "bf16" else 4
+    seq = seq or plan.seq
+    n = batch * seq
+    d, w = plan.d, io_width(plan)
+    stored = report(plan).stored_params
+    ctx = ctx_for(plan)
+    weights = stored * 4 + (stored * 2 if precision == "bf16" else 0)
+    grads = stored * 4
+    opt = stored * 8 if optimizer else 0
+
+    def ffn_hidden(act: str, f: int) -> int:
+        # kept for backward: the pre-activation(s) and the activation's output, and for a
+        # gated unit also the product that feeds the output projection
+        return (4 if act in ("swiglu", "geglu", "reglu") else 2) * f
+
+    per_layer: list[int] = []  # saved for backward, per application
+    transient = 0  # the largest extra a single layer holds while it runs
+    for layer in plan.layers:
+        a, p = layer.args, layer.prim
+        acts = len(layer.norms) * n * d * 4
+        extra = 0
+        if p == "mha":
+            h, kv, dh = a["heads"], a["kv_heads"], a["head_dim"]
+            qkv = (h + 2 * kv) * dh * (2 if a["rope"] else 1)
+            acts += n * (d + qkv + 2 * h * dh) * e + n * h * 4
+            if _attention_saves_scores(a, device_type, precision, seq):
+                acts += batch * h * seq * seq * (4 + e)
+        elif p == "switchhead":
+            h, dh, k = a["heads"], a["head_dim"], (a["k"] if a["experts"] > 1 else 1)
+            acts += n * d * e + n * h * dh * (5 + 2 * k) * e + n * h * 4
+            acts += n * 2 * h * a["experts"] * 8
+        elif p == "mlp":
+            acts += n * (d + ffn_hidden(a["act"], a["d_ff"])) * e
+        elif p in ("topk", "expert_choice", "sigma_moe"):
+            if p == "sigma_moe":
+                copies, hidden = a["k"], 2 * a["expert_size"]
+            else:
+                hidden = ffn_hidden(a["act"], a["d_ff"])
+                copies = a["k"] if p == "topk" else min(a["capacity_factor"], a["experts"])
+            m = int(math.ceil(n * copies))  # token-expert assignments
+            acts += n * d * e + n * a["experts"] * 8 + m * hidden * e
+            extra = m * 2 * d * e  # gathered inputs and per-assignment outputs
+            if a.get("shared_d_ff"):
+                acts += n * ffn_hidden(a["act"], a["shared_d_ff"]) * e
+        if e == 2:  # the bf16 copy of the layer's weights its matmuls keep, per application
+            acts += PRIMITIVES[p].params(ctx, a) * 2
+        per_layer.append(acts)
+        transient = max(transient, acts + extra)
+    total_acts = sum(per_layer) + n * w * 4  # + the stem's output
+    if plan.altup:
+        total_acts += plan.n_units * plan.altup["k"] * n * d * 4 * 2
+    if plan.final_norm:
+        total_acts += n * w * 4
+    if plan.task == "lm":
+        head = n * w * e + n * plan.vocab * (e + 8)
+    else:
+        head = batch * (w * e + plan.head[1]["classes"] * 12)
+    total_acts += head + max(transient, head)
+    return MemoryEstimate(weights=weights, grads=grads, optimizer=opt, activations=total_acts,
+                          batch=batch, seq=seq, precision=precision)

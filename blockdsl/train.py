@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import sys
@@ -49,6 +50,7 @@ from blockdsl.data import DataError, TaskData
 PRECISIONS = ("fp32", "fp32-medium", "bf16")
 CKPT_PREFIX = "ckpt-"
 LATEST = "latest"
+_CKPT_NAME = re.compile(re.escape(CKPT_PREFIX) + r"(\d+)")
 
 EvalCallback = Callable[[int, dict[str, float]], "bool | None"]
 """`on_eval(step, metrics) -> bool | None`: called on rank 0 after each evaluation.
@@ -263,6 +265,72 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ----------------------------------------------------------------------------- memory guard
+
+
+def available_memory(device: torch.device) -> tuple[int | None, str]:
+    """Bytes a new allocation can get on `device`, and where the number came from.
+
+    CUDA: the device's free memory. CPU (Linux): MemAvailable from /proc/meminfo, lowered
+    to a cgroup's remaining limit when one is set (a container's MemAvailable shows the
+    host's memory). Elsewhere (None, reason): the guard is skipped.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {device}"
+    if device.type != "cpu":
+        return None, f"no way to read free memory on {device.type}"
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None, "no /proc/meminfo on this system"
+    avail = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines()
+                  if line.startswith("MemAvailable:")), None)
+    if avail is None:
+        return None, "no MemAvailable in /proc/meminfo"
+    source = "MemAvailable"
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):
+            left = int(Path(limit).read_text()) - int(Path(usage).read_text())
+            if left < avail:
+                avail, source = max(left, 0), "the cgroup's memory limit"
+    return avail, source
+
+
+def memory_guard(plan: Any, *, batch: int, seq: int | None, precision: str, optimizer: bool,
+                 device: torch.device, force: bool, what: str, hint: str) -> Any:
+    """Refuse (a located BlockError, exit 1) a step whose estimated memory exceeds what the
+    device has, before anything is allocated; `force` skips the refusal.
+
+    The estimate (`graph.estimate_memory`) is deliberately on the high side, so a refused
+    run may in fact fit: `--force` is the way to try. Several processes of one torchrun on
+    a CPU host share its memory, so there the estimate counts once per local process.
+    """
+    from blockdsl.errors import BlockError
+    from blockdsl.graph import estimate_memory, human_bytes
+
+    est = estimate_memory(plan, batch, seq, precision, optimizer=optimizer,
+                          device_type=device.type)
+    if force:
+        return est
+    avail, source = available_memory(device)
+    if avail is None:
+        return est
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    need = est.total * procs
+    if need <= avail:
+        return est
+    each = f" x {procs} processes" if procs > 1 else ""
+    raise BlockError(
+        f"{what} of model {plan.name} needs about {human_bytes(need)} at batch {est.batch} x "
+        f"seq {est.seq} ({precision}{each}: {est.parts()}), more than the "
+        f"{human_bytes(avail)} available on {device.type} ({source})",
+        plan.span, hint,
+    )
+
+
 # ----------------------------------------------------------------------------- distributed
 
 
@@ -387,21 +455,28 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
     from safetensors.torch import save_model
 
     final = out / f"{CKPT_PREFIX}{step:08d}"
-    if not final.exists():
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
-        try:
-            save_model(model, str(tmp / "model.safetensors"))
-            payload = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), **state}
-            torch.save(payload, tmp / "train_state.pt")
-            meta = {
-                "step": step,
-                "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        payload = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), **state}
+        torch.save(payload, tmp / "train_state.pt")
+        meta = {
+            "step": step,
+            "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            # a folder of this step from a lost tail (e.g. a damaged checkpoint newer than
+            # the one a run resumed from): this run's state replaces it, never the reverse
+            stale = Path(tempfile.mkdtemp(dir=out, prefix=".old-ckpt-"))
+            os.replace(final, stale / final.name)
             os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     data_mod.atomic_write_bytes(out / LATEST, final.name.encode())
     ckpts = sorted(p for p in out.glob(f"{CKPT_PREFIX}*") if p.is_dir())
     for old in ckpts[: max(0, len(ckpts) - keep)]:
@@ -411,12 +486,46 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The folder out/latest names, or None when there is no checkpoint yet."""
+    """The folder out/latest names, or None when there is no `latest` file.
+
+    `latest` is data, maybe damaged or hostile: it must name a `ckpt-<step>` folder
+    directly inside `out` (after resolving symlinks), or this raises a TrainError rather
+    than follow it (`../../../../etc` would otherwise be loaded, and later pruned).
+    Only its first 256 bytes are read.
+    """
     pointer = out / LATEST
-    if not pointer.is_file():
+    if not (pointer.exists() or pointer.is_symlink()):
         return None
-    name = pointer.read_text().strip()
-    return out / name
+    if not pointer.is_file():
+        raise TrainError(f"{pointer} is not a regular file: remove it, or resume from a "
+                         f"{CKPT_PREFIX}<step> folder by deleting it")
+    try:
+        with pointer.open("rb") as f:
+            name = f.read(256).decode("utf-8", "replace").strip()
+    except OSError as e:
+        raise TrainError(f"cannot read {pointer}: {e.strerror or e}") from None
+    path = out / name
+    inside = False
+    with contextlib.suppress(OSError, RuntimeError):
+        inside = path.resolve().parent == out.resolve()
+    if not (_CKPT_NAME.fullmatch(name) and inside):
+        raise TrainError(f"{pointer} names {name[:80]!r}, not a {CKPT_PREFIX}<step> folder inside "
+                         f"{out}: refusing to follow it; delete {pointer} to resume from the "
+                         "newest checkpoint that loads")
+    return path
+
+
+def checkpoint_folders(out: Path) -> list[Path]:
+    """The `ckpt-<step>` folders directly inside `out` (no symlink leading out), newest first."""
+    found = []
+    with contextlib.suppress(OSError):
+        root = out.resolve()
+        for p in out.iterdir():
+            m = _CKPT_NAME.fullmatch(p.name)
+            with contextlib.suppress(OSError, RuntimeError):
+                if m and p.is_dir() and p.resolve().parent == root:
+                    found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def load_checkpoint(path: Path, model: nn.Module,
@@ -449,6 +558,21 @@ def load_checkpoint(path: Path, model: nn.Module,
 # ----------------------------------------------------------------------------- output
 
 
+def _strict_json(record: dict[str, Any]) -> str:
+    """One metrics line: strict JSON, a non-finite number written as null (not `NaN`,
+    which Python's json emits by default and no other JSON reader accepts)."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(x) for x in v]
+        return v
+
+    return json.dumps(fix(record), allow_nan=False)
+
+
 class _RunFiles:
     """The run folder (rank 0 only): metrics.jsonl, loss.png and checkpoints."""
 
@@ -462,9 +586,10 @@ class _RunFiles:
         if resume_step is not None and self.metrics_path.is_file():
             # keep the history up to the checkpoint; later lines belong to the lost tail
             for line in self.metrics_path.read_text().splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        lines.append(line)
+                with contextlib.suppress(ValueError, AttributeError):
+                    rec = json.loads(line)
+                    if rec.get("step", 0) <= resume_step:
+                        lines.append(_strict_json(rec))  # an older file's bare NaN -> null
         data_mod.atomic_write_bytes(
             self.metrics_path, "".join(line + "\n" for line in lines).encode()
         )
@@ -472,7 +597,7 @@ class _RunFiles:
 
     def log(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps(record) + "\n")
+            self._fh.write(_strict_json(record) + "\n")
 
     def close(self) -> None:
         if self._fh is not None:
@@ -667,12 +792,18 @@ def _validate(cfg: TrainConfig) -> None:
         raise TrainError(f"precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
     for name in ("steps", "tokens", "seconds", "eval_every", "log_every", "ckpt_every"):
         v = getattr(cfg, name)
-        if v is not None and v <= 0:
-            raise TrainError(f"{name} must be positive, got {v}")
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise TrainError(f"{name} must be a positive finite number, got {v}")
     if cfg.batch_size < 1 or cfg.accum < 1:
         raise TrainError(f"batch_size ({cfg.batch_size}) and accum ({cfg.accum}) must be >= 1")
     if cfg.warmup < 0:
         raise TrainError(f"warmup must be >= 0, got {cfg.warmup}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise TrainError(f"lr must be a positive finite number, got {cfg.lr}")
+    for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise TrainError(f"{name} must be a finite number >= 0, got {v}")
 
 
 def train(model: nn.Module, config: TrainConfig | None = None, *,
@@ -771,18 +902,24 @@ class _Run:
 
         self.out = Path(cfg.out).expanduser() if cfg.out is not None else None
         ckpt = latest_checkpoint(self.out) if self.out is not None else None
+        found = checkpoint_folders(self.out) if self.out is not None else []
         if self.out is not None and dist.main:
             _check_out(self.out)
-            if ckpt is not None and not cfg.resume:
-                raise TrainError(f"{self.out} already holds a checkpoint ({ckpt.name}); "
+            if (ckpt is not None or found) and not cfg.resume:
+                raise TrainError(f"{self.out} already holds a checkpoint "
+                                 f"({(ckpt or found[0]).name}); "
                                  "resume it or choose another output folder")
         model.to(self.device)
         seed_everything(cfg.seed)  # identical on every rank, so rank 0's RNG state fits all
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = make_adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas, self.device)
-        self.resumed = cfg.resume and ckpt is not None
-        if ckpt is not None and self.resumed:
-            state = load_checkpoint(ckpt, model, self.opt)
+        self.resumed = cfg.resume and (ckpt is not None or bool(found))
+        self.recent: dict[str, list[Tensor]] = {}
+        if self.resumed:
+            if ckpt is not None:
+                state = load_checkpoint(ckpt, model, self.opt)
+            else:
+                ckpt, state = self._newest_loadable(found)
             for name in ("seed", "batch_size"):
                 if state["config"][name] != getattr(cfg, name):
                     raise TrainError(
@@ -791,7 +928,28 @@ class _Run:
                     )
             self.step, self.tokens = state["step"], state["tokens"]
             self.train_time = state["train_time"]
+            # the per-step losses of the log window the checkpoint fell in, so the first
+            # logged window after a resume averages the same steps as an uninterrupted run
+            self.recent = {k: list(v.unbind()) for k, v in state.get("recent", {}).items()}
             _set_rng_state(state["rng"])
+
+    def _newest_loadable(self, found: list[Path]) -> tuple[Path, dict[str, Any]]:
+        """No `latest` (lost, or never written): the newest checkpoint that verifies and
+        loads, said on stderr; if none does, refuse rather than start over on top of them."""
+        skipped: list[str] = []
+        for path in found:
+            try:
+                state = load_checkpoint(path, self.model, self.opt)
+            except TrainError as e:
+                skipped.append(f"{path.name}: {str(e).split(': ', 1)[-1]}")
+                continue
+            if self.dist.main and not self.cfg.quiet:
+                extra = f" (skipped {'; '.join(skipped)})" if skipped else ""
+                print(f"note: {self.out} has no '{LATEST}': resuming from {path.name}, the "
+                      f"newest checkpoint that loads{extra}", file=sys.stderr, flush=True)
+            return path, state
+        raise TrainError(f"{self.out} has no '{LATEST}' and none of its checkpoints loads "
+                         f"({'; '.join(skipped)[:400]}); nothing was changed")
 
     # -- pieces of the loop
 
@@ -829,6 +987,7 @@ class _Run:
         dist.average_grads(self.params)
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                      if cfg.grad_clip > 0 else None)
+        self.check_finite(loss, aux, grad_norm)  # before the update: the weights stay as they are
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -857,18 +1016,66 @@ class _Run:
         if self.step % cfg.log_every == 0:
             self.log_train(lr, grad_norm)
 
+    def check_finite(self, loss: Tensor, aux: dict[str, Tensor], grad_norm: Tensor | None) -> None:
+        """Stop the run at the step whose loss, aux loss or gradient norm is NaN or infinite.
+
+        Checked on every rank before the optimizer applies the step (one flag is summed over
+        ranks, so all stop together), so no update made of NaN reaches the weights; the
+        run then ends without writing a checkpoint, and the last one written stays `latest`.
+        """
+        vals = [loss.detach().float().reshape(())]
+        vals += [v.detach().float().reshape(()) for v in aux.values()]
+        if grad_norm is not None:
+            vals.append(grad_norm.detach().float().reshape(()))
+        bad = (~torch.isfinite(torch.stack(vals))).any().float().cpu().reshape(1)
+        if float(self.dist.all_reduce_sum(bad)[0]) == 0:
+            return
+        step = self.step + 1  # the step being computed, numbered as its metrics row would be
+        if not math.isfinite(float(loss)):
+            what = f"non-finite training loss ({float(loss)})"
+        elif any(not math.isfinite(float(v)) for v in aux.values()):
+            what = "non-finite aux loss (" + ", ".join(
+                f"{k} {float(v)}" for k, v in aux.items() if not math.isfinite(float(v))) + ")"
+        elif grad_norm is not None and not math.isfinite(float(grad_norm)):
+            what = f"non-finite gradient norm ({float(grad_norm)})"
+        else:
+            what = "a non-finite loss on another process"
+        self.diverged(step, what)
+
+    def diverged(self, step: int, what: str) -> None:
+        """Log a strict-JSON error row and raise the one-line TrainError that ends the run."""
+        self.files.log({"kind": "error", "step": step, "loss": None,
+                        "error": f"{what} at step {step}"})
+        if self.out is None:
+            kept = "nothing was saved (no output folder)"
+        else:
+            last = self.last_ckpt or latest_checkpoint(self.out)
+            kept = (f"the last checkpoint, {last}, is kept" if last is not None
+                    else "no checkpoint had been written (see --ckpt-every)")
+        raise TrainError(f"{what} at step {step}: training diverged and was stopped; {kept}; "
+                         "try a lower learning rate")
+
+    def window(self, key: str, vals: list[Tensor]) -> list[Tensor]:
+        """The last `log_every` per-step values, reaching into the ones the resumed
+        checkpoint carried when this call has run fewer steps than that."""
+        n = self.cfg.log_every
+        if len(vals) >= n:
+            return vals[-n:]
+        prior = self.recent.get(key, [])
+        return prior[max(0, len(prior) - (n - len(vals))):] + vals
+
     def log_train(self, lr: float, grad_norm: Tensor | None) -> None:
-        n = min(self.cfg.log_every, len(self.losses))
+        n = min(self.cfg.log_every, len(self.losses))  # steps timed in this call's window
         rec: dict[str, Any] = {
             "kind": "train", "step": self.step,
-            "loss": float(torch.stack(self.losses[-n:]).mean()), "lr": lr,
+            "loss": float(torch.stack(self.window("loss", self.losses)).mean()), "lr": lr,
             "tokens": self.tokens, "tokens_per_s": n * self.per_step / max(self.window_time, 1e-9),
             "train_seconds": self.train_time,
         }
         if grad_norm is not None:
             rec["grad_norm"] = float(grad_norm)
         for k, vals in self.aux_steps.items():
-            rec[f"aux/{k}"] = float(torch.stack(vals[-n:]).mean())
+            rec[f"aux/{k}"] = float(torch.stack(self.window(f"aux/{k}", vals)).mean())
         self.files.log(rec)
         self.window_time = 0.0
 
@@ -876,9 +1083,12 @@ class _Run:
         """Evaluate, log, call back; True when the callback asked (on rank 0) to stop."""
         metrics = evaluate(self.model, self.val_batches, self.cfg.precision, self.device,
                            self.dist, self.byte_level)
+        if not math.isfinite(metrics["val_loss"]):  # identical on all ranks (all-reduced)
+            self.diverged(self.step, f"non-finite validation loss ({metrics['val_loss']})")
         self.last_eval_step = self.step
-        if self.losses:
-            metrics["train_loss"] = float(torch.stack(self.losses[-self.cfg.log_every:]).mean())
+        recent = self.window("loss", self.losses)
+        if recent:
+            metrics["train_loss"] = float(torch.stack(recent).mean())
         metrics.update(tokens=float(self.tokens), train_seconds=self.train_time)
         self.evals.append((self.step, metrics))
         self.files.log({"kind": "eval", "step": self.step, **metrics})
@@ -895,8 +1105,13 @@ class _Run:
     def checkpoint(self) -> None:
         if self.out is None or not self.dist.main:
             return
+        if self.last_ckpt is not None and self.last_ckpt.name == f"{CKPT_PREFIX}{self.step:08d}":
+            return  # the end-of-run checkpoint of a step that --ckpt-every just wrote
+        recent = {"loss": self.window("loss", self.losses)}
+        recent.update({f"aux/{k}": self.window(f"aux/{k}", v) for k, v in self.aux_steps.items()})
         state = {
             "step": self.step, "tokens": self.tokens, "train_time": self.train_time,
+            "recent": {k: torch.stack(v) for k, v in recent.items() if v},
             "config": {k: (str(v) if isinstance(v, Path) else v)
                        for k, v in asdict(self.cfg).items()},
         }
@@ -933,17 +1148,18 @@ class _Run:
         tok_s = len(self.losses) * self.per_step / run_time if run_time > 0 else 0.0
         flops = 3 * cfg.flops_per_token * tok_s if cfg.flops_per_token else None
         losses = [float(v) for v in self.losses]
+        recent = [float(v) for v in self.window("loss", self.losses)]
         r = TrainResult(
             steps=self.step, tokens=self.tokens, train_seconds=self.train_time,
             wall_seconds=time.perf_counter() - self.wall0,
-            train_loss=float(np.mean(losses[-cfg.log_every:])) if losses else float("nan"),
+            train_loss=float(np.mean(recent)) if recent else float("nan"),
             val=self.evals[-1][1] if self.evals else {},
             first_val=self.evals[0][1] if self.evals else {},
             losses=losses, evals=self.evals, tokens_per_s=tok_s, stopped_by=self.stopped_by,
             flops_per_s=flops, peak_flops_per_s=self.peak,
             mfu=flops / self.peak if flops and self.peak else None,
             checkpoint=self.last_ckpt, metrics_path=self.files.metrics_path,
-            aux={k: float(torch.stack(v[-cfg.log_every:]).mean())
+            aux={k: float(torch.stack(self.window(f"aux/{k}", v)).mean())
                  for k, v in self.aux_steps.items()},
         )
         if self.dist.main and self.out is not None:

@@ -334,3 +334,239 @@ def test_cli_train_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     rc = main(["train", str(REPO / "specs/tiny/gpt.block"), "--data", str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert rc == 1 and err.strip() == f"error: data path not found: {tmp_path / 'nope'}"
+
+
+# ----------------------------------------------------------------------------- diverging runs, flags
+
+
+def _strict_rows(path: Path) -> list[dict]:
+    """metrics.jsonl parsed as strict JSON: a bare NaN/Infinity fails the test."""
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in {path}: not JSON")
+
+    return [json.loads(line, parse_constant=no_constants)
+            for line in path.read_text().splitlines()]
+
+
+CLI_FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "3", "--eval-batches", "1",
+            "--precision", "fp32", "--quiet"]
+
+
+def test_cli_huge_lr_stops_at_the_step_and_keeps_the_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockdsl.cli import main
+
+    spec = str(REPO / "specs/tiny/gpt.block")
+    out = tmp_path / "run"
+    rc = main(["train", spec, "--lr", "1e30", "--steps", "30", "--ckpt-every", "1",
+               "--eval-every", "10", "--out", str(out), *CLI_FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: non-finite ") and " at step 2: training diverged" in err
+    assert f"the last checkpoint, {out / 'ckpt-00000001'}, is kept" in err
+    # the weights that produced the NaN were never checkpointed; step 1's still load
+    assert latest_checkpoint(out) == out / "ckpt-00000001"
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000001"]
+    rows = _strict_rows(out / "metrics.jsonl")
+    assert rows[-1] == {"kind": "error", "step": 2, "loss": None,
+                        "error": err.split(": training")[0].removeprefix("error: ")}
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
+
+
+class EvalNaNGPT(TinyGPT):
+    """Trains normally, but from step `bad` on its eval-mode forward gives NaN logits
+    (as a BatchNorm with corrupted running statistics would)."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad = bad
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        out = super().forward(x)
+        if self.training:
+            self.steps_seen += 1
+        elif self.steps_seen >= self.bad:
+            return ModelOutput(out.logits * float("nan"), out.aux)
+        return out
+
+
+def test_nan_validation_loss_stops_without_checkpointing(tmp_path: Path) -> None:
+    seed_everything(0)
+    with pytest.raises(TrainError) as e:
+        train(EvalNaNGPT(bad=4), TrainConfig(steps=20, out=tmp_path, ckpt_every=2,
+                                             **{**FAST, "eval_every": 2}))
+    msg = str(e.value)
+    assert msg.startswith("non-finite validation loss (nan) at step 4: training diverged")
+    assert f"the last checkpoint, {tmp_path / 'ckpt-00000002'}, is kept" in msg
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-00000002"
+    assert not (tmp_path / "ckpt-00000004").exists()
+    rows = _strict_rows(tmp_path / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), ("eval", 2), ("error", 4)]
+
+
+def test_library_run_stops_on_nan_before_the_update() -> None:
+    model = gpt()
+    with pytest.raises(TrainError, match=r"non-finite .* at step \d+: training diverged") as e:
+        train(model, TrainConfig(steps=20, **{**FAST, "lr": 1e30, "eval_every": 100}))
+    assert "\n" not in str(e.value)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # no NaN update applied
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--lr", "nan", "a finite number > 0"), ("--lr", "-1", "a finite number > 0"),
+    ("--lr", "inf", "a finite number > 0"), ("--lr", "0", "a finite number > 0"),
+    ("--batch-size", "0", "an integer > 0"), ("--steps", "-5", "an integer > 0"),
+    ("--steps", "2.5", "an integer > 0"), ("--seq-len", "0", "an integer > 0"),
+    ("--warmup", "-1", "an integer >= 0"), ("--seconds", "inf", "a finite number > 0"),
+    ("--weight-decay", "nan", "a finite number >= 0"), ("--eval-every", "0", "an integer > 0"),
+    ("--accum", "0", "an integer > 0"), ("--ckpt-every", "0", "an integer > 0"),
+])
+def test_cli_train_flags_are_validated(flag: str, value: str, expected: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from blockdsl.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error, before anything runs
+        main(["train", str(REPO / "specs/tiny/gpt.block"), flag, value,
+              "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected {expected}, got '{value}'" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_library_rejects_non_finite_settings() -> None:
+    for kw, msg in (({"lr": float("nan")}, "lr must be a positive finite"),
+                    ({"lr": -1.0}, "lr must be a positive finite"),
+                    ({"seconds": float("inf")}, "seconds must be a positive finite"),
+                    ({"weight_decay": float("nan")}, "weight_decay must be a finite")):
+        with pytest.raises(TrainError, match=msg):
+            train(gpt(), TrainConfig(steps=1, **{**FAST, **kw}))
+
+
+# ----------------------------------------------------------------------------- resuming through the CLI
+
+RESUME_FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "10", "--eval-batches", "1",
+               "--precision", "fp32", "--quiet", "--eval-every", "7"]
+
+
+def _rows(out: Path, kinds: tuple[str, ...] = ("train", "eval")) -> list[dict]:
+    """Metrics rows without the wall-clock fields, which no two runs share."""
+    rows = [r for r in _strict_rows(out / "metrics.jsonl") if r["kind"] in kinds]
+    for r in rows:
+        r.pop("tokens_per_s", None)
+        r.pop("train_seconds", None)
+    return rows
+
+
+def test_cli_resume_mid_window_logs_what_the_straight_run_logs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """7 steps, then resume to 20, against 20 straight: the train window of steps 1-10 is
+    split by the resume, yet every train row (loss, aux losses) and eval row is equal.
+    Warm-up covers the first 7 steps, so the short first run's schedule is the same."""
+    from blockdsl.cli import main
+
+    spec = str(REPO / "specs/tiny/moeut.block")  # routed layers: aux losses are logged too
+    assert main(["train", spec, "--steps", "20", "--out", str(tmp_path / "a"), *RESUME_FAST]) == 0
+    assert main(["train", spec, "--steps", "7", "--out", str(tmp_path / "b"), *RESUME_FAST]) == 0
+    assert main(["train", spec, "--steps", "20", "--out", str(tmp_path / "b"), "--resume",
+                 *RESUME_FAST]) == 0
+    capsys.readouterr()
+    straight, resumed = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [(r["kind"], r["step"]) for r in resumed] == [
+        ("eval", 0), ("eval", 7), ("train", 10), ("eval", 14), ("train", 20), ("eval", 20)]
+    assert any(k.startswith("aux/") for k in resumed[2])
+    assert resumed == straight  # exact: eval losses bit for bit, train windows too
+
+
+def _checkpointed_run(tmp_path: Path) -> Path:
+    from blockdsl.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(REPO / "specs/tiny/gpt.block"), "--steps", "6", "--ckpt-every",
+                 "2", "--out", str(out), *RESUME_FAST]) == 0
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000004", "ckpt-00000006"]
+    return out
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_cli_resume_without_latest_takes_the_newest_loadable_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockdsl.cli import main
+
+    spec = str(REPO / "specs/tiny/gpt.block")
+    out = _checkpointed_run(tmp_path)
+    capsys.readouterr()
+    (out / "latest").unlink()
+    weights = out / "ckpt-00000006/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-9])  # the newest is damaged
+    before = _snapshot(out)
+    # without --resume, a folder of checkpoints is never trained over
+    rc = main(["train", spec, "--steps", "8", "--out", str(out), *RESUME_FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and "already holds a checkpoint (ckpt-00000006)" in err
+    assert _snapshot(out) == before
+    kept = [r for r in _rows(out) if r["step"] <= 4]
+    rc = main(["train", spec, "--steps", "8", "--ckpt-every", "2", "--out", str(out), "--resume",
+               *[a for a in RESUME_FAST if a != "--quiet"]])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"note: {out} has no 'latest': resuming from ckpt-00000004, the newest checkpoint " \
+           "that loads (skipped ckpt-00000006: " in err
+    rows = _rows(out)
+    assert rows[: len(kept)] == kept and [r["step"] for r in rows[len(kept):]] == [7, 8]
+    assert (out / "latest").read_text() == "ckpt-00000008"
+    # the damaged ckpt-6 was replaced by this run's own step-6 checkpoint
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000006", "ckpt-00000008"]
+    import blockdsl
+    from blockdsl.train import load_checkpoint
+
+    assert load_checkpoint(out / "ckpt-00000006", blockdsl.build(spec, device="cpu"))["step"] == 6
+
+
+def test_cli_resume_refuses_when_no_checkpoint_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockdsl.cli import main
+
+    out = _checkpointed_run(tmp_path)
+    (out / "latest").unlink()
+    for ckpt in out.glob("ckpt-*"):
+        (ckpt / "meta.json").write_text("{")
+    before = _snapshot(out)
+    capsys.readouterr()
+    rc = main(["train", str(REPO / "specs/tiny/gpt.block"), "--steps", "8", "--out", str(out),
+               "--resume", *RESUME_FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"error: {out} has no 'latest' and none of its checkpoints loads (ckpt-00000006: " in err
+    assert "nothing was changed" in err
+    assert _snapshot(out) == before  # metrics.jsonl and the checkpoints are untouched
+
+
+@pytest.mark.parametrize("pointer", ["../../../../etc", "/etc", "ckpt-00000004/../../x",
+                                     "ckpt-outside"])
+def test_cli_resume_never_follows_latest_out_of_the_run_folder(
+        pointer: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from blockdsl.cli import main
+
+    out = _checkpointed_run(tmp_path)
+    if pointer == "ckpt-outside":  # a well-named symlink to a real checkpoint elsewhere
+        elsewhere = tmp_path / "elsewhere"
+        shutil.copytree(out / "ckpt-00000006", elsewhere)
+        pointer = "ckpt-00000009"
+        (out / pointer).symlink_to(elsewhere)
+    (out / "latest").write_text(pointer)
+    before = _snapshot(out)
+    capsys.readouterr()
+    rc = main(["train", str(REPO / "specs/tiny/gpt.block"), "--steps", "8", "--out", str(out),
+               "--resume", *RESUME_FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"error: {out / 'latest'} names {pointer!r}, not a ckpt-<step> folder inside" in err
+    assert "refusing to follow it" in err
+    assert _snapshot(out) == before
