@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from blockdsl.errors import BlockError
 
@@ -256,9 +256,19 @@ def _positive_int(text: str) -> int:
     return n
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with blockdsl's exit codes: a malformed flag is the user's mistake like a bad
+    spec (exit 1), so that exit 2 means one thing only, an internal error (a bug to report).
+    Subparsers inherit the class (argparse's `add_subparsers` uses `type(self)`)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     """The argument parser; `plugins=False` leaves out the train/search subcommands."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="blockdsl", description="Compose, compile and search transformer block architectures."
     )
     sub = p.add_subparsers(dest="command", required=True)
