@@ -38,7 +38,7 @@ from torch import Tensor
 
 from blockdsl.nn.ffn import activate, is_gated
 
-IMPLS: tuple[str, ...] = ("auto", "grouped_mm", "sort", "loop")
+IMPLS: tuple[str, ...] = ("auto", "bmm", "grouped_mm", "sort", "loop")
 
 # Elementwise activation behind each FFN activation name, and its derivative written into
 # `out` given (dL/da, h). ffn.py owns the forward; the backward must be explicit because
@@ -80,8 +80,8 @@ def _activate_with_backward(
     def backward(grad_a: Tensor) -> Tensor:
         gh = torch.empty_like(h)
         f = gate.shape[-1]
-        fn(grad_a * up, gate, gh[:, :f])
-        torch.mul(grad_a, act_gate, out=gh[:, f:])
+        fn(grad_a * up, gate, gh[..., :f])
+        torch.mul(grad_a, act_gate, out=gh[..., f:])
         return gh
 
     return act_gate * up, backward
@@ -346,6 +346,79 @@ def _grouped_backward(go, x, src, dst, expert, gate, offs, w1, b1, w2, b2, h, ac
     return gx.to(x.dtype), ggate, gw1, gb1, gw2, gb2
 
 
+# "bmm": capacity-padded batched matmuls. Assignments are laid out expert-major in an
+# [E, C] grid of slots (C = the largest expert load, rounded up to a bucket), each slot
+# naming its source row, output row and gate; the empty slots of lighter experts read
+# row 0 with gate 0, so they add nothing to the output and their gradients are exactly
+# zero. Every matmul is then one `bmm` for all experts, forward and backward, and the op
+# count no longer grows with E: at the search's scale (1024 tokens, 8 experts of d = 48)
+# a matmul takes tens of microseconds and per-op overhead is a large part of the cost.
+# The price is the padding (E * C - M rows computed for nothing), which grows with the
+# routing's imbalance; `resolve_impl` says where that wins.
+# Plain autograd, not a custom op: nothing here is data-dependent once C is known, and a
+# torch.library custom op with autograd costs ~80 us of Python per forward+backward
+# (measured: a trivial one vs the same clone without it), about a quarter of a whole
+# d = 48 expert layer's step. The cost is memory: autograd keeps the gathered input, h,
+# act(h) and y (the custom ops keep h only).
+def _padded(x, src, dst, gate, w1, b1, w2, b2, activation, n_out):
+    n_exp = w1.shape[0]
+    with torch.autocast(x.device.type, enabled=False):
+        xb = x.index_select(0, src).view(n_exp, -1, x.shape[1])
+        # biases added after the product, not fused (baddbmm): rounding as in the other backends
+        y = torch.bmm(xb, w1)
+        if b1 is not None:
+            y = y + b1.unsqueeze(1)
+        if w2 is not None:
+            y = torch.bmm(_activate(y, activation), w2)
+            if b2 is not None:
+                y = y + b2.unsqueeze(1)
+        y = y.view(-1, y.shape[-1])
+        out = torch.zeros(n_out, y.shape[1], device=x.device, dtype=_acc(x))
+        return out.index_add(0, dst, y * gate.unsqueeze(-1)).to(x.dtype)  # fp32 product
+
+
+def _capacity_bucket(c: int, x: Tensor) -> int:
+    """C rounded up so that few distinct bmm shapes occur.
+
+    oneDNN (CPU bf16/fp16, or fp32 below "highest" matmul precision) compiles a kernel per
+    shape, so there C is rounded to 1/16 of its power of two (at most 6.25% padding, 16
+    shapes per doubling); MKL's fp32 and GPU kernels compile nothing: a multiple of 8.
+    """
+    if c <= 0:
+        return 0
+    if _row_bucket(x) > 1:
+        q = max(16, 1 << max(0, c.bit_length() - 5))
+    else:
+        q = 8
+    return -(-c // q) * q
+
+
+def _slots(expert: Tensor, n_exp: int, x: Tensor, max_load: int | None) -> Tensor:
+    """Assignment index of every slot of the [E, C] grid (M = empty), flattened.
+
+    A counting sort: `bincount` gives each expert's load, a stable sort by expert id lists
+    each expert's assignments in order, and an assignment's place within its expert is its
+    sorted position minus the expert's start. Skipped assignments (id E) get no slot.
+    C is the largest load: one host sync, free on CPU. A `max_load` bound (a capacity) is
+    used instead where it is exact (E * max_load <= M: every expert is full, as in expert
+    choice) or where a sync stalls a queue (GPUs), at the price of padding to the bound.
+    """
+    m = expert.shape[0]
+    counts = torch.bincount(expert, minlength=n_exp + 1)
+    if max_load is not None and (n_exp * max_load <= m or expert.device.type != "cpu"):
+        load = max_load
+    else:
+        load = int(counts[:n_exp].max()) if m else 0
+    c = _capacity_bucket(load, x)
+    order = torch.argsort(expert, stable=True)
+    e_sorted = expert.index_select(0, order)
+    starts = counts.cumsum(0).sub_(counts)
+    slot = e_sorted * c + torch.arange(m, device=expert.device) - starts.index_select(0, e_sorted)
+    inv = torch.full((n_exp * c + 1,), m, device=expert.device, dtype=order.dtype)
+    inv.index_copy_(0, slot.clamp_(max=n_exp * c), order)  # skipped ones land on the spare
+    return inv[: n_exp * c]
+
+
 # --------------------------------------------------------------------------- custom op
 @torch.library.custom_op("blockdsl::expert_ffn", mutates_args=())
 def _expert_ffn(
@@ -543,6 +616,7 @@ def expert_mixture(
     n_out: int | None = None,
     impl: str = "auto",
     skipped: bool = False,
+    max_load: int | None = None,
 ) -> Tensor:
     """Σ_m gate_m · f_{e_m}(x[src_m]) scattered into rows dst_m of an [n_out, d_out] result.
 
@@ -550,8 +624,10 @@ def expert_mixture(
     [E, d_out]. f_e(v) = act(v W1_e + b1_e) W2_e + b2_e, or v W1_e + b1_e when w2 is None
     (SwitchHead's V/O projections). dst defaults to src, n_out to N. `skipped` must be
     True when some expert ids equal E (dropped assignments); the fast backends then mask
-    rather than sync. Under autocast the matmuls run in the autocast dtype; the scatter
-    accumulates in fp32. Returns the compute dtype.
+    rather than sync. `max_load`, when the routing guarantees it (a capacity), bounds the
+    assignments any expert gets, so "bmm" can size its slots without a host sync. Under
+    autocast the matmuls run in the autocast dtype; the scatter accumulates in fp32.
+    Returns the compute dtype.
     """
     n_exp = w1.shape[0]
     dst = src if dst is None else dst
@@ -570,6 +646,12 @@ def expert_mixture(
     gdt = torch.promote_types(gate.dtype, torch.float32)  # gates stay >= fp32
     if backend == "loop":
         return _loop(x, src, dst, expert, gate.to(gdt), w1, b1, w2, b2, activation, n_out)
+    if backend == "bmm":
+        inv = _slots(expert, n_exp, x, max_load)
+        pad = lambda t: F.pad(t, (0, 1)).index_select(0, inv)  # noqa: E731  slot M: row 0, gate 0
+        src_p = pad(src)
+        dst_p = src_p if dst is src else pad(dst)
+        return _padded(x, src_p, dst_p, pad(gate.to(gdt)), w1, b1, w2, b2, activation, n_out)
 
     order = torch.argsort(expert, stable=True)
     expert_s = expert.index_select(0, order)

@@ -12,7 +12,7 @@ import torch
 from blockdsl.nn import dispatch
 from blockdsl.nn.dispatch import expert_mixture, resolve_impl
 
-FAST = ("sort", "grouped_mm")
+FAST = ("bmm", "sort", "grouped_mm")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
@@ -97,7 +97,7 @@ def test_skipped_assignments_contribute_nothing():
     w1 = torch.randn(2, 8, 8)
     src = torch.tensor([0, 1, 2])
     expert = torch.tensor([2, 2, 2])  # all skipped (id == E)
-    for impl in ("loop", "sort", "grouped_mm"):
+    for impl in ("loop", "bmm", "sort", "grouped_mm"):
         out = expert_mixture(x, src, expert, torch.ones(3), w1, torch.ones(2, 8), impl=impl, skipped=True)
         assert torch.equal(out, torch.zeros(4, 8)), impl
 
