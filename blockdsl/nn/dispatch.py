@@ -393,30 +393,61 @@ def _capacity_bucket(c: int, x: Tensor) -> int:
     return -(-c // q) * q
 
 
-def _slots(expert: Tensor, n_exp: int, x: Tensor, max_load: int | None) -> Tensor:
-    """Assignment index of every slot of the [E, C] grid (M = empty), flattened.
+# Routing is rarely balanced: in the search's proxies the busiest expert takes 2-4x the
+# mean load (measured over the first 60 steps of benchmarks/moe_search_scale.py's model),
+# and one [E, C] grid would compute that many rows for every expert. Past this padding
+# ratio the grid is cut into tiles of ~half the mean load instead, a busy expert taking
+# several tiles (its weights gathered once per tile): padding then stays under ~1.25x.
+TILE_WHEN_PADDING_OVER = 1.25
+
+
+def _slots(
+    expert: Tensor, n_exp: int, x: Tensor, max_load: int | None
+) -> tuple[Tensor, Tensor | None]:
+    """(assignment index of every slot of the [K, T] grid, flattened, M = empty; the expert
+    of each of the K tiles, or None when tile k is expert k).
 
     A counting sort: `bincount` gives each expert's load, a stable sort by expert id lists
     each expert's assignments in order, and an assignment's place within its expert is its
-    sorted position minus the expert's start. Skipped assignments (id E) get no slot.
-    C is the largest load: one host sync, free on CPU. A `max_load` bound (a capacity) is
-    used instead where it is exact (E * max_load <= M: every expert is full, as in expert
-    choice) or where a sync stalls a queue (GPUs), at the price of padding to the bound.
+    sorted position minus the expert's start; expert e's rows fill its tiles from tile
+    offset[e] on. Skipped assignments (id E) get no slot. The loads are read on the host
+    (one sync, cheap on CPU). A `max_load` bound (a capacity) is used instead, one tile of
+    that size per expert, where it is exact (E * max_load <= M: every expert full, as in
+    expert choice) or where a sync stalls a queue (GPUs), at the price of padding to it.
     """
     m = expert.shape[0]
+    dev = expert.device
     counts = torch.bincount(expert, minlength=n_exp + 1)
-    if max_load is not None and (n_exp * max_load <= m or expert.device.type != "cpu"):
-        load = max_load
+    tile_expert = None
+    if max_load is not None and (n_exp * max_load <= m or dev.type != "cpu"):
+        t = _capacity_bucket(max_load, x)
+        tiles = n_exp
+        offs = torch.arange(n_exp + 1, device=dev) * t
     else:
-        load = int(counts[:n_exp].max()) if m else 0
-    c = _capacity_bucket(load, x)
+        loads = counts.tolist()[:n_exp]
+        t = _capacity_bucket(max(loads, default=0), x)
+        tiles = n_exp
+        if t * n_exp > TILE_WHEN_PADDING_OVER * max(m, 1):
+            t = _capacity_bucket(-(-sum(loads) // (2 * n_exp)), x)
+            per = [-(-n // t) for n in loads]
+            tiles = sum(per)
+            tile_expert = torch.tensor(
+                [e for e, k in enumerate(per) for _ in range(k)], device=dev, dtype=torch.long
+            )
+            starts_h = [0]
+            for k in per:
+                starts_h.append(starts_h[-1] + k * t)
+            offs = torch.tensor(starts_h, device=dev)
+        else:
+            offs = torch.arange(n_exp + 1, device=dev) * t
     order = torch.argsort(expert, stable=True)
     e_sorted = expert.index_select(0, order)
     starts = counts.cumsum(0).sub_(counts)
-    slot = e_sorted * c + torch.arange(m, device=expert.device) - starts.index_select(0, e_sorted)
-    inv = torch.full((n_exp * c + 1,), m, device=expert.device, dtype=order.dtype)
-    inv.index_copy_(0, slot.clamp_(max=n_exp * c), order)  # skipped ones land on the spare
-    return inv[: n_exp * c]
+    slot = (offs - starts).index_select(0, e_sorted).add_(torch.arange(m, device=dev))
+    n_slots = tiles * t
+    inv = torch.full((n_slots + 1,), m, device=dev, dtype=order.dtype)
+    inv.index_copy_(0, slot.clamp_(max=n_slots), order)  # skipped ones land on the spare
+    return inv[:n_slots], tile_expert
 
 
 # --------------------------------------------------------------------------- custom op
@@ -647,10 +678,14 @@ def expert_mixture(
     if backend == "loop":
         return _loop(x, src, dst, expert, gate.to(gdt), w1, b1, w2, b2, activation, n_out)
     if backend == "bmm":
-        inv = _slots(expert, n_exp, x, max_load)
+        inv, tile_expert = _slots(expert, n_exp, x, max_load)
         pad = lambda t: F.pad(t, (0, 1)).index_select(0, inv)  # noqa: E731  slot M: row 0, gate 0
         src_p = pad(src)
         dst_p = src_p if dst is src else pad(dst)
+        if tile_expert is not None:  # each tile's own copy of its expert's weights
+            w1, b1, w2, b2 = (
+                None if w is None else w.index_select(0, tile_expert) for w in (w1, b1, w2, b2)
+            )
         return _padded(x, src_p, dst_p, pad(gate.to(gdt)), w1, b1, w2, b2, activation, n_out)
 
     order = torch.argsort(expert, stable=True)
