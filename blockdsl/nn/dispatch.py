@@ -13,8 +13,12 @@ Backends (`impl`):
 - "grouped_mm": the same sorted layout as whole-array passes, each matmul done for all
   experts in one `torch._grouped_mm` call (feature dims zero-padded to 16-byte rows when
   needed); no host sync, few large kernels: the GPU path.
-- "auto": see `resolve_impl`.
+- "bmm": assignments laid out in an [E, C] (or tiled) grid of slots by a counting sort,
+  each matmul one `bmm` for all experts: op count independent of E, for many small
+  experts and few tokens (the search's scale), at the price of padded rows.
+- "auto": see `resolve_impl` (chosen per shape, device and precision).
 
+"bmm" is plain autograd (no data-dependent loop once the grid is sized; see its notes).
 "sort" and "grouped_mm" run inside the custom op `blockdsl::expert_ffn` (with a fake
 implementation and a hand-written backward, itself the op `blockdsl::expert_ffn_backward`)
 so `torch.compile` traces a model around the data-dependent expert loop instead of into it.
@@ -109,21 +113,52 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map "auto" (and an unavailable "grouped_mm") to a concrete backend.
+# Expert weight size (d_in x first-layer width) up to which "auto" takes "bmm" on CPU.
+# Evidence (CPU, torch 2.13; see resolve_impl): every MoE slot of the default search space
+# is within it (d <= 64, d_moe <= 4d, gated: 64 x 512 = 32768), MoEUT-44M's experts
+# (412 x 128 = 52736, 412 x 256 gated) and the coarse 8x512 shape's (256 x 1024) are not.
+# Rows per expert barely separate these (256-512 in the search, 317 in MoEUT-44M).
+SMALL_EXPERT_WEIGHT = 32768
 
-    Rule: "grouped_mm" on CUDA when `_grouped_mm` runs for the compute dtype; everywhere
-    else "sort". On CPU (torch 2.13) `_grouped_mm` is itself a loop of per-group matmuls,
-    so the fused "sort" loop wins by skipping whole-array passes: measured in
-    benchmarks/moe_layer.py, about equal for 8 large experts and 1.05-2.4x faster for
-    MoEUT's 155-387 small ones (bf16 with d = 412 also needs padded weight copies).
+
+def resolve_impl(
+    impl: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    d_in: int | None = None,
+    d_hidden: int | None = None,
+) -> str:
+    """Map "auto" (and an unavailable "grouped_mm") to a concrete backend for this shape.
+
+    Rule. CPU: "bmm" when an expert's weights are small (d_in * d_hidden <=
+    SMALL_EXPERT_WEIGHT), else "grouped_mm" (if `_grouped_mm` runs, else "sort"). CUDA:
+    "grouped_mm" when it runs for the dtype (one kernel per matmul, no host sync; chosen,
+    not measured here: no GPU), else "bmm" (few large kernels; one host sync for the grid
+    unless the routing bounds the load). Without a shape the large-matmul rule applies.
+
+    Evidence, CPU (medians of interleaved rounds; ratios within one run):
+    - search scale (benchmarks/moe_search_scale.py; d = 48, 8 experts, top-2, 1024 tokens,
+      1 thread; whole-model step vs the dense model of equal FLOPs, docs/bench/
+      moe_search_scale.txt): "bmm" beats "sort" and "grouped_mm" in bf16 by 2-3x and
+      ties "grouped_mm" in fp32; "sort" (the old default) is the slowest in both. Here
+      per-op overhead rules, and "bmm" runs one op per matmul for all experts.
+    - coarse 8x512 d256 and MoEUT-44M 155x128 d412, 4096 tokens, 2 threads (the issue's
+      quiet-machine run of benchmarks/moe_layer.py): "grouped_mm" beats "sort" in fp32
+      (92% vs 85% and 91% vs 63% of the dense per-expert rate) and in bf16 (73% vs 44%,
+      49% vs 31%). There matmuls dominate, and "bmm"'s padding (up to 1.25x rows) and
+      per-tile weight copies are pure cost, while `_grouped_mm` is exact. The old rule
+      ("sort" everywhere on CPU) lost at every shape measured.
+    `blockdsl compile --tune` races all backends at the real shape and overrides this.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown dispatch {impl!r}; expected one of {', '.join(IMPLS)}")
     if impl == "auto":
-        if device.type == "cuda" and grouped_mm_available(device.type, dtype):
-            return "grouped_mm"
-        return "sort"
+        grouped = grouped_mm_available(device.type, dtype)
+        if device.type == "cuda":
+            return "grouped_mm" if grouped else "bmm"
+        if d_in is not None and d_hidden is not None and d_in * d_hidden <= SMALL_EXPERT_WEIGHT:
+            return "bmm"
+        return "grouped_mm" if grouped else "sort"
     if impl == "grouped_mm" and not grouped_mm_available(device.type, dtype):
         warnings.warn(
             f"torch._grouped_mm is unavailable for {dtype} on {device.type}; using 'sort'",
@@ -673,7 +708,7 @@ def expert_mixture(
     else:
         dt = torch.promote_types(x.dtype, w1.dtype)
         x, w1 = x.to(dt), w1.to(dt)
-    backend = resolve_impl(impl, x.device, dt)
+    backend = resolve_impl(impl, x.device, dt, x.shape[1], w1.shape[-1])
     gdt = torch.promote_types(gate.dtype, torch.float32)  # gates stay >= fp32
     if backend == "loop":
         return _loop(x, src, dst, expert, gate.to(gdt), w1, b1, w2, b2, activation, n_out)

@@ -103,7 +103,15 @@ def test_skipped_assignments_contribute_nothing():
 
 
 def test_resolve_impl(monkeypatch):
-    assert resolve_impl("auto", torch.device("cpu"), torch.float32) == "sort"
+    cpu = torch.device("cpu")
+    grouped = "grouped_mm" if dispatch.grouped_mm_available("cpu", torch.float32) else "sort"
+    # the search's MoE slots (d <= 64, d_moe <= 4d, gated) -> bmm; MoEUT-44M, coarse -> grouped
+    assert resolve_impl("auto", cpu, torch.float32, 48, 48) == "bmm"
+    assert resolve_impl("auto", cpu, torch.bfloat16, 64, 2 * 256) == "bmm"
+    assert resolve_impl("auto", cpu, torch.float32, 412, 128) == grouped
+    assert resolve_impl("auto", cpu, torch.bfloat16, 256, 2 * 512) == grouped
+    assert resolve_impl("auto", cpu, torch.float32) == grouped  # no shape: large rule
+    assert resolve_impl("bmm", cpu, torch.float32) == "bmm"
     assert resolve_impl("loop", torch.device("cpu"), torch.float32) == "loop"
     with pytest.raises(ValueError, match="unknown dispatch 'fast'"):
         resolve_impl("fast", torch.device("cpu"), torch.float32)
