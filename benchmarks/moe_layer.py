@@ -12,16 +12,18 @@ with fp32 master weights under autocast (what mixed-precision training pays).
 Useful FLOPs = 2 N k (3 d d_ff) forward, x3 for forward+backward. "dense%" compares with
 the rate of the same gated FFN, forward+backward, on contiguous [N k / E, d] blocks with
 each expert's own weights (the matmuls a perfect dispatch would run, measured in this run).
-Each contender's time is the best of its timed steps (at least --iters, more while a
+Each contender's time is the median of its timed steps (at least --iters, more while a
 table's rounds fit in --budget seconds, at most --max-iters), run round-robin so machine
-noise spreads evenly; one slower than SLOW_S per step is timed once (its warm-up step).
+noise spreads evenly, printed with the min-max spread; "dense%" and "vs HF" are ratios of
+medians taken in the same rounds. One slower than SLOW_S per step is timed once (its
+warm-up step). /proc/loadavg is printed before and after each table.
 Per-expert loops: "blockdsl:loop" (boolean masks + autograd, the numerical reference) and
 "hf:eager" (HF's own loop; skipped where its backward would write more than
 EAGER_LIMIT_BYTES of full-size weight gradients). HF "batched_mm" materialises one weight
 matrix per (token, choice) and is skipped beyond BATCHED_MM_LIMIT_BYTES.
 `transformers` is a benchmark-only extra (`pip install transformers`).
 
-    .venv/bin/python benchmarks/moe_layer.py [--iters 3] [--threads N] [--shapes a,b]
+    .venv/bin/python benchmarks/moe_layer.py [--iters 5] [--threads N] [--shapes a,b]
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blockdsl.nn.dispatch import grouped_mm_available, resolve_impl  # noqa: E402
+from blockdsl.nn.dispatch import grouped_mm_available  # noqa: E402
 from blockdsl.nn.ffn import activate  # noqa: E402
 from blockdsl.nn.moe import TopKMoE  # noqa: E402
 
@@ -229,7 +231,7 @@ def bench_shape(
             times[name].append(time.perf_counter() - t0)
 
     flops = 3 * 2 * s.tokens * s.k * 3 * s.d * s.d_ff
-    best = {n: min(ts) for n, ts in times.items()}
+    best = {n: statistics.median(ts) for n, ts in times.items()}
     dense_rate = flops / best["dense per-expert FFN"]
     hf_names = [n for n in best if n.startswith("hf:")]
     hf_best = min(hf_names, key=best.__getitem__) if hf_names else None
@@ -241,7 +243,8 @@ def bench_shape(
                 "prec": prec,
                 "impl": name,
                 "ms": 1e3 * t,
-                "median_ms": 1e3 * statistics.median(times[name]),
+                "min_ms": 1e3 * min(times[name]),
+                "max_ms": 1e3 * max(times[name]),
                 "tok_s": s.tokens / t,
                 "gflops": flops / t / 1e9,
                 "dense_pct": 100 * flops / t / dense_rate,
@@ -259,13 +262,13 @@ def bench_shape(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=3, help="minimum timed steps per contender")
+    ap.add_argument("--iters", type=int, default=5, help="minimum timed steps per contender")
     ap.add_argument("--max-iters", type=int, default=10)
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of extra rounds per table")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--impls", default="sort,grouped_mm,loop", help="blockdsl dispatch backends")
+    ap.add_argument("--impls", default="auto,bmm,sort,grouped_mm,loop", help="blockdsl dispatch backends")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers contenders")
     args = ap.parse_args()
     if args.threads:
@@ -283,11 +286,10 @@ def main() -> None:
     except ImportError:
         pass
     print(
-        f"auto dispatch here: fp32 -> {resolve_impl('auto', torch.device('cpu'), torch.float32)}, "
-        f"bf16 -> {resolve_impl('auto', torch.device('cpu'), torch.bfloat16)}"
+        "dispatch backends: " + args.impls + " (auto: see blockdsl.nn.dispatch.resolve_impl)"
     )
     header = (
-        f"{'shape':<11}{'prec':<5}{'impl':<28}{'best ms':>9}{'med ms':>9}{'tok/s':>9}"
+        f"{'shape':<11}{'prec':<5}{'impl':<28}{'med ms':>9}{'min-max':>15}{'tok/s':>9}"
         f"{'GFLOP/s':>9}{'dense%':>8}{'vs HF':>7}  note"
     )
     t_start = time.perf_counter()
@@ -299,17 +301,19 @@ def main() -> None:
                 f"[{prec}]"
             )
             print(header)
+            print(f"  loadavg before: {Path('/proc/loadavg').read_text().split()[:3]}")
             for r in bench_shape(
                 s, prec, args.iters, args.impls.split(","), not args.no_hf, args.budget, args.max_iters
             ):
                 if "ms" not in r:
-                    print(f"{r['shape']:<11}{r['prec']:<5}{r['impl']:<28}{'':>60}  {r['note']}")
+                    print(f"{r['shape']:<11}{r['prec']:<5}{r['impl']:<28}{'':>66}  {r['note']}")
                     continue
                 print(
                     f"{r['shape']:<11}{r['prec']:<5}{r['impl']:<28}{r['ms']:>9.1f}"
-                    f"{r['median_ms']:>9.1f}{r['tok_s']:>9.0f}{r['gflops']:>9.1f}"
+                    f"{r['min_ms']:>8.1f}-{r['max_ms']:<6.1f}{r['tok_s']:>9.0f}{r['gflops']:>9.1f}"
                     f"{r['dense_pct']:>7.0f}%{r['vs_hf']:>6.2f}x  {r['note']}"
                 )
+            print(f"  loadavg after: {Path('/proc/loadavg').read_text().split()[:3]}")
             sys.stdout.flush()
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 

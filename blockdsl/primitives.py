@@ -18,7 +18,7 @@ from typing import Any
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu")
 GATED = ("swiglu", "geglu", "reglu")
-DISPATCH = ("auto", "grouped_mm", "sort", "loop")
+DISPATCH = ("auto", "bmm", "grouped_mm", "sort", "loop")
 
 
 class ArgError(ValueError):

@@ -39,10 +39,10 @@ TOLERANCE = {"fp32": 1e-4, "fp32-medium": 5e-3, "bf16": 3e-2}
 # Per primitive: the argument that names the implementation, the candidates, the reference.
 CANDIDATES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "mha": ("impl", ("sdpa", "bmm", "manual"), "manual"),
-    "topk": ("dispatch", ("grouped_mm", "sort", "loop"), "loop"),
-    "expert_choice": ("dispatch", ("grouped_mm", "sort", "loop"), "loop"),
-    "sigma_moe": ("dispatch", ("grouped_mm", "sort", "loop"), "loop"),
-    "switchhead": ("dispatch", ("grouped_mm", "sort", "loop"), "loop"),
+    "topk": ("dispatch", ("bmm", "grouped_mm", "sort", "loop"), "loop"),
+    "expert_choice": ("dispatch", ("bmm", "grouped_mm", "sort", "loop"), "loop"),
+    "sigma_moe": ("dispatch", ("bmm", "grouped_mm", "sort", "loop"), "loop"),
+    "switchhead": ("dispatch", ("bmm", "grouped_mm", "sort", "loop"), "loop"),
 }
 
 
@@ -213,7 +213,19 @@ def tune_layer(
     return {"choice": choice, "tokens": batch * seq, "precision": precision, "candidates": results}
 
 
-def default_choice(layer: LayerPlan, device: torch.device, precision: str, seq: int) -> str:
+def _expert_dims(layer: LayerPlan, d: int) -> tuple[int, int]:
+    """(d_in, first-layer width) of a routed layer's expert matmuls."""
+    from blockdsl.nn.ffn import is_gated
+
+    a = layer.args
+    if layer.prim == "switchhead":  # V experts: d -> head_dim
+        return d, a["head_dim"]
+    width = a["expert_size"] if layer.prim == "sigma_moe" else a["d_ff"]
+    return d, width * (2 if is_gated(a["act"]) else 1)
+
+
+def default_choice(layer: LayerPlan, device: torch.device, precision: str, seq: int,
+                   d: int | None = None) -> str:
     """What lowering picks for this layer with no measurement (its default rule)."""
     if layer.prim == "mha":
         from blockdsl.lower import attention_impl
@@ -221,7 +233,9 @@ def default_choice(layer: LayerPlan, device: torch.device, precision: str, seq: 
         return attention_impl("auto", device, precision, seq)
     from blockdsl.nn.dispatch import resolve_impl
 
-    return resolve_impl("auto", device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dims = _expert_dims(layer, d) if d else (None, None)
+    return resolve_impl("auto", device, dtype, *dims)
 
 
 @contextmanager
@@ -314,7 +328,7 @@ def tune_plan(
             if key in decisions:
                 continue
             rec = tune_layer(layer, plan, dev, precision, tokens=batch * plan.seq)
-            rec["default"] = default_choice(layer, dev, precision, plan.seq)
+            rec["default"] = default_choice(layer, dev, precision, plan.seq, plan.d)
             decisions[key] = rec
             if verbose:
                 parts = []

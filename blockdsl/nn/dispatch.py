@@ -13,8 +13,12 @@ Backends (`impl`):
 - "grouped_mm": the same sorted layout as whole-array passes, each matmul done for all
   experts in one `torch._grouped_mm` call (feature dims zero-padded to 16-byte rows when
   needed); no host sync, few large kernels: the GPU path.
-- "auto": see `resolve_impl`.
+- "bmm": assignments laid out in an [E, C] (or tiled) grid of slots by a counting sort,
+  each matmul one `bmm` for all experts: op count independent of E, for many small
+  experts and few tokens (the search's scale), at the price of padded rows.
+- "auto": see `resolve_impl` (chosen per shape, device and precision).
 
+"bmm" is plain autograd (no data-dependent loop once the grid is sized; see its notes).
 "sort" and "grouped_mm" run inside the custom op `blockdsl::expert_ffn` (with a fake
 implementation and a hand-written backward, itself the op `blockdsl::expert_ffn_backward`)
 so `torch.compile` traces a model around the data-dependent expert loop instead of into it.
@@ -38,7 +42,7 @@ from torch import Tensor
 
 from blockdsl.nn.ffn import activate, is_gated
 
-IMPLS: tuple[str, ...] = ("auto", "grouped_mm", "sort", "loop")
+IMPLS: tuple[str, ...] = ("auto", "bmm", "grouped_mm", "sort", "loop")
 
 # Elementwise activation behind each FFN activation name, and its derivative written into
 # `out` given (dL/da, h). ffn.py owns the forward; the backward must be explicit because
@@ -80,8 +84,8 @@ def _activate_with_backward(
     def backward(grad_a: Tensor) -> Tensor:
         gh = torch.empty_like(h)
         f = gate.shape[-1]
-        fn(grad_a * up, gate, gh[:, :f])
-        torch.mul(grad_a, act_gate, out=gh[:, f:])
+        fn(grad_a * up, gate, gh[..., :f])
+        torch.mul(grad_a, act_gate, out=gh[..., f:])
         return gh
 
     return act_gate * up, backward
@@ -109,21 +113,52 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map "auto" (and an unavailable "grouped_mm") to a concrete backend.
+# Expert weight size (d_in x first-layer width) up to which "auto" takes "bmm" on CPU.
+# Evidence (CPU, torch 2.13; see resolve_impl): every MoE slot of the default search space
+# is within it (d <= 64, d_moe <= 4d, gated: 64 x 512 = 32768), MoEUT-44M's experts
+# (412 x 128 = 52736, 412 x 256 gated) and the coarse 8x512 shape's (256 x 1024) are not.
+# Rows per expert barely separate these (256-512 in the search, 317 in MoEUT-44M).
+SMALL_EXPERT_WEIGHT = 32768
 
-    Rule: "grouped_mm" on CUDA when `_grouped_mm` runs for the compute dtype; everywhere
-    else "sort". On CPU (torch 2.13) `_grouped_mm` is itself a loop of per-group matmuls,
-    so the fused "sort" loop wins by skipping whole-array passes: measured in
-    benchmarks/moe_layer.py, about equal for 8 large experts and 1.05-2.4x faster for
-    MoEUT's 155-387 small ones (bf16 with d = 412 also needs padded weight copies).
+
+def resolve_impl(
+    impl: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    d_in: int | None = None,
+    d_hidden: int | None = None,
+) -> str:
+    """Map "auto" (and an unavailable "grouped_mm") to a concrete backend for this shape.
+
+    Rule. CPU: "bmm" when an expert's weights are small (d_in * d_hidden <=
+    SMALL_EXPERT_WEIGHT), else "grouped_mm" (if `_grouped_mm` runs, else "sort"). CUDA:
+    "grouped_mm" when it runs for the dtype (one kernel per matmul, no host sync; chosen,
+    not measured here: no GPU), else "bmm" (few large kernels; one host sync for the grid
+    unless the routing bounds the load). Without a shape the large-matmul rule applies.
+
+    Evidence, CPU (medians of interleaved rounds; ratios within one run):
+    - search scale (benchmarks/moe_search_scale.py; d = 48, 8 experts, top-2, 1024 tokens,
+      1 thread; whole-model step vs the dense model of equal FLOPs, docs/bench/
+      moe_search_scale.txt): "bmm" beats "sort" and "grouped_mm" in bf16 by 2-3x and
+      ties "grouped_mm" in fp32; "sort" (the old default) is the slowest in both. Here
+      per-op overhead rules, and "bmm" runs one op per matmul for all experts.
+    - coarse 8x512 d256 and MoEUT-44M 155x128 d412, 4096 tokens, 2 threads (the issue's
+      quiet-machine run of benchmarks/moe_layer.py): "grouped_mm" beats "sort" in fp32
+      (92% vs 85% and 91% vs 63% of the dense per-expert rate) and in bf16 (73% vs 44%,
+      49% vs 31%). There matmuls dominate, and "bmm"'s padding (up to 1.25x rows) and
+      per-tile weight copies are pure cost, while `_grouped_mm` is exact. The old rule
+      ("sort" everywhere on CPU) lost at every shape measured.
+    `blockdsl compile --tune` races all backends at the real shape and overrides this.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown dispatch {impl!r}; expected one of {', '.join(IMPLS)}")
     if impl == "auto":
-        if device.type == "cuda" and grouped_mm_available(device.type, dtype):
-            return "grouped_mm"
-        return "sort"
+        grouped = grouped_mm_available(device.type, dtype)
+        if device.type == "cuda":
+            return "grouped_mm" if grouped else "bmm"
+        if d_in is not None and d_hidden is not None and d_in * d_hidden <= SMALL_EXPERT_WEIGHT:
+            return "bmm"
+        return "grouped_mm" if grouped else "sort"
     if impl == "grouped_mm" and not grouped_mm_available(device.type, dtype):
         warnings.warn(
             f"torch._grouped_mm is unavailable for {dtype} on {device.type}; using 'sort'",
@@ -346,6 +381,110 @@ def _grouped_backward(go, x, src, dst, expert, gate, offs, w1, b1, w2, b2, h, ac
     return gx.to(x.dtype), ggate, gw1, gb1, gw2, gb2
 
 
+# "bmm": capacity-padded batched matmuls. Assignments are laid out expert-major in an
+# [E, C] grid of slots (C = the largest expert load, rounded up to a bucket), each slot
+# naming its source row, output row and gate; the empty slots of lighter experts read
+# row 0 with gate 0, so they add nothing to the output and their gradients are exactly
+# zero. Every matmul is then one `bmm` for all experts, forward and backward, and the op
+# count no longer grows with E: at the search's scale (1024 tokens, 8 experts of d = 48)
+# a matmul takes tens of microseconds and per-op overhead is a large part of the cost.
+# The price is the padding (E * C - M rows computed for nothing), which grows with the
+# routing's imbalance; `resolve_impl` says where that wins.
+# Plain autograd, not a custom op: nothing here is data-dependent once C is known, and a
+# torch.library custom op with autograd costs ~80 us of Python per forward+backward
+# (measured: a trivial one vs the same clone without it), about a quarter of a whole
+# d = 48 expert layer's step. The cost is memory: autograd keeps the gathered input, h,
+# act(h) and y (the custom ops keep h only).
+def _padded(x, src, dst, gate, w1, b1, w2, b2, activation, n_out):
+    n_exp = w1.shape[0]
+    with torch.autocast(x.device.type, enabled=False):
+        xb = x.index_select(0, src).view(n_exp, -1, x.shape[1])
+        # biases added after the product, not fused (baddbmm): rounding as in the other backends
+        y = torch.bmm(xb, w1)
+        if b1 is not None:
+            y = y + b1.unsqueeze(1)
+        if w2 is not None:
+            y = torch.bmm(_activate(y, activation), w2)
+            if b2 is not None:
+                y = y + b2.unsqueeze(1)
+        y = y.view(-1, y.shape[-1])
+        out = torch.zeros(n_out, y.shape[1], device=x.device, dtype=_acc(x))
+        return out.index_add(0, dst, y * gate.unsqueeze(-1)).to(x.dtype)  # fp32 product
+
+
+def _capacity_bucket(c: int, x: Tensor) -> int:
+    """C rounded up so that few distinct bmm shapes occur.
+
+    oneDNN (CPU bf16/fp16, or fp32 below "highest" matmul precision) compiles a kernel per
+    shape, so there C is rounded to 1/16 of its power of two (at most 6.25% padding, 16
+    shapes per doubling); MKL's fp32 and GPU kernels compile nothing: a multiple of 8.
+    """
+    if c <= 0:
+        return 0
+    if _row_bucket(x) > 1:
+        q = max(16, 1 << max(0, c.bit_length() - 5))
+    else:
+        q = 8
+    return -(-c // q) * q
+
+
+# Routing is rarely balanced: in the search's proxies the busiest expert takes 2-4x the
+# mean load (measured over the first 60 steps of benchmarks/moe_search_scale.py's model),
+# and one [E, C] grid would compute that many rows for every expert. Past this padding
+# ratio the grid is cut into tiles of ~half the mean load instead, a busy expert taking
+# several tiles (its weights gathered once per tile): padding then stays under ~1.25x.
+TILE_WHEN_PADDING_OVER = 1.25
+
+
+def _slots(
+    expert: Tensor, n_exp: int, x: Tensor, max_load: int | None
+) -> tuple[Tensor, Tensor | None]:
+    """(assignment index of every slot of the [K, T] grid, flattened, M = empty; the expert
+    of each of the K tiles, or None when tile k is expert k).
+
+    A counting sort: `bincount` gives each expert's load, a stable sort by expert id lists
+    each expert's assignments in order, and an assignment's place within its expert is its
+    sorted position minus the expert's start; expert e's rows fill its tiles from tile
+    offset[e] on. Skipped assignments (id E) get no slot. The loads are read on the host
+    (one sync, cheap on CPU). A `max_load` bound (a capacity) is used instead, one tile of
+    that size per expert, where it is exact (E * max_load <= M: every expert full, as in
+    expert choice) or where a sync stalls a queue (GPUs), at the price of padding to it.
+    """
+    m = expert.shape[0]
+    dev = expert.device
+    counts = torch.bincount(expert, minlength=n_exp + 1)
+    tile_expert = None
+    if max_load is not None and (n_exp * max_load <= m or dev.type != "cpu"):
+        t = _capacity_bucket(max_load, x)
+        tiles = n_exp
+        offs = torch.arange(n_exp + 1, device=dev) * t
+    else:
+        loads = counts.tolist()[:n_exp]
+        t = _capacity_bucket(max(loads, default=0), x)
+        tiles = n_exp
+        if t * n_exp > TILE_WHEN_PADDING_OVER * max(m, 1):
+            t = _capacity_bucket(-(-sum(loads) // (2 * n_exp)), x)
+            per = [-(-n // t) for n in loads]
+            tiles = sum(per)
+            tile_expert = torch.tensor(
+                [e for e, k in enumerate(per) for _ in range(k)], device=dev, dtype=torch.long
+            )
+            starts_h = [0]
+            for k in per:
+                starts_h.append(starts_h[-1] + k * t)
+            offs = torch.tensor(starts_h, device=dev)
+        else:
+            offs = torch.arange(n_exp + 1, device=dev) * t
+    order = torch.argsort(expert, stable=True)
+    e_sorted = expert.index_select(0, order)
+    starts = counts.cumsum(0).sub_(counts)
+    slot = (offs - starts).index_select(0, e_sorted).add_(torch.arange(m, device=dev))
+    n_slots = tiles * t
+    inv = torch.full((n_slots + 1,), m, device=dev, dtype=order.dtype)
+    inv.index_copy_(0, slot.clamp_(max=n_slots), order)  # skipped ones land on the spare
+    return inv[:n_slots], tile_expert
+
+
 # --------------------------------------------------------------------------- custom op
 @torch.library.custom_op("blockdsl::expert_ffn", mutates_args=())
 def _expert_ffn(
@@ -543,6 +682,7 @@ def expert_mixture(
     n_out: int | None = None,
     impl: str = "auto",
     skipped: bool = False,
+    max_load: int | None = None,
 ) -> Tensor:
     """Σ_m gate_m · f_{e_m}(x[src_m]) scattered into rows dst_m of an [n_out, d_out] result.
 
@@ -550,8 +690,10 @@ def expert_mixture(
     [E, d_out]. f_e(v) = act(v W1_e + b1_e) W2_e + b2_e, or v W1_e + b1_e when w2 is None
     (SwitchHead's V/O projections). dst defaults to src, n_out to N. `skipped` must be
     True when some expert ids equal E (dropped assignments); the fast backends then mask
-    rather than sync. Under autocast the matmuls run in the autocast dtype; the scatter
-    accumulates in fp32. Returns the compute dtype.
+    rather than sync. `max_load`, when the routing guarantees it (a capacity), bounds the
+    assignments any expert gets, so "bmm" can size its slots without a host sync. Under
+    autocast the matmuls run in the autocast dtype; the scatter accumulates in fp32.
+    Returns the compute dtype.
     """
     n_exp = w1.shape[0]
     dst = src if dst is None else dst
@@ -566,10 +708,20 @@ def expert_mixture(
     else:
         dt = torch.promote_types(x.dtype, w1.dtype)
         x, w1 = x.to(dt), w1.to(dt)
-    backend = resolve_impl(impl, x.device, dt)
+    backend = resolve_impl(impl, x.device, dt, x.shape[1], w1.shape[-1])
     gdt = torch.promote_types(gate.dtype, torch.float32)  # gates stay >= fp32
     if backend == "loop":
         return _loop(x, src, dst, expert, gate.to(gdt), w1, b1, w2, b2, activation, n_out)
+    if backend == "bmm":
+        inv, tile_expert = _slots(expert, n_exp, x, max_load)
+        pad = lambda t: F.pad(t, (0, 1)).index_select(0, inv)  # noqa: E731  slot M: row 0, gate 0
+        src_p = pad(src)
+        dst_p = src_p if dst is src else pad(dst)
+        if tile_expert is not None:  # each tile's own copy of its expert's weights
+            w1, b1, w2, b2 = (
+                None if w is None else w.index_select(0, tile_expert) for w in (w1, b1, w2, b2)
+            )
+        return _padded(x, src_p, dst_p, pad(gate.to(gdt)), w1, b1, w2, b2, activation, n_out)
 
     order = torch.argsort(expert, stable=True)
     expert_s = expert.index_select(0, order)

@@ -94,10 +94,13 @@ class _StackedExperts(nn.Module):
             if b is not None:
                 nn.init.uniform_(b, -bound, bound)
 
-    def _mix(self, x: Tensor, token: Tensor, expert: Tensor, gate: Tensor, skipped: bool) -> Tensor:
+    def _mix(
+        self, x: Tensor, token: Tensor, expert: Tensor, gate: Tensor, skipped: bool,
+        max_load: int | None = None,
+    ) -> Tensor:
         out = expert_mixture(
             x, token, expert, gate, self.w1, self.b1, self.w2, self.b2,
-            activation=self.activation, impl=self.dispatch, skipped=skipped,
+            activation=self.activation, impl=self.dispatch, skipped=skipped, max_load=max_load,
         )  # fmt: skip
         if self.shared is not None:
             out = out + self.shared(x)
@@ -174,11 +177,10 @@ class TopKMoE(_StackedExperts):
         top_p, top_i = probs.topk(self.k, dim=-1)  # [N, k]
         gate = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p
         if self.balance_weight:
-            counts = torch.zeros(e, device=probs.device).index_add_(
-                0, top_i.reshape(-1), torch.ones(n * self.k, device=probs.device)
-            )
-            f = counts / (n * self.k)
-            aux.record("balance", self.balance_weight * e * (f * probs.mean(0)).sum())
+            # w E sum_e f_e P_e with f_e = count_e / (N k): one bincount and one dot product
+            counts = torch.bincount(top_i.reshape(-1), minlength=e).to(probs.dtype)
+            scale = self.balance_weight * e / (n * self.k)
+            aux.record("balance", torch.dot(counts, probs.mean(0)) * scale)
 
         expert = top_i.t().reshape(-1)
         token = torch.arange(n, device=sel.device).repeat(self.k)
@@ -208,7 +210,8 @@ class TopKMoE(_StackedExperts):
         b, t, d = x.shape
         sel = (x if x_norm is None else x_norm).reshape(b * t, d)
         token, expert, gate, skipped = self.route(sel)
-        return self._mix(x.reshape(b * t, d), token, expert, gate, skipped).view(b, t, d)
+        out = self._mix(x.reshape(b * t, d), token, expert, gate, skipped, self.capacity(b * t))
+        return out.view(b, t, d)
 
 
 class ExpertChoiceMoE(_StackedExperts):
@@ -266,7 +269,9 @@ class ExpertChoiceMoE(_StackedExperts):
         b, t, d = x.shape
         sel = (x if x_norm is None else x_norm).reshape(b * t, d)
         token, expert, gate = self.route(sel, b, t)
-        return self._mix(x.reshape(b * t, d), token, expert, gate, False).view(b, t, d)
+        load = token.shape[0] // self.experts  # every expert takes exactly C per group
+        out = self._mix(x.reshape(b * t, d), token, expert, gate, False, load)
+        return out.view(b, t, d)
 
 
 class SigmaMoE(nn.Module):

@@ -393,3 +393,29 @@ def test_bmm_attention_with_dropout_falls_back_to_the_reference() -> None:
     out_eval = a(x)
     a.impl = "sdpa"
     torch.testing.assert_close(a(x), out_eval, atol=1e-5, rtol=1e-5)
+
+
+def test_rmsnorm_under_bf16_autocast_takes_the_fused_kernel_without_a_warning():
+    """An fp32 weight meets a bf16 input under autocast: the weight is cast, not the kernel
+    dropped (torch warns "Mismatch dtype" and runs its composite otherwise); same values."""
+    import warnings
+
+    from blockdsl.nn.norm import make_norm
+
+    torch.manual_seed(0)
+    ours, ref = make_norm("rmsnorm", 16), torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(3, 5, 16).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ours(x)
+    assert y.dtype == torch.bfloat16 and ours.weight.dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ref(x)
+    torch.testing.assert_close(y.float(), expected.float(), rtol=0, atol=0)
+    y.float().sum().backward()
+    assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32

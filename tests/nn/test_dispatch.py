@@ -12,7 +12,7 @@ import torch
 from blockdsl.nn import dispatch
 from blockdsl.nn.dispatch import expert_mixture, resolve_impl
 
-FAST = ("sort", "grouped_mm")
+FAST = ("bmm", "sort", "grouped_mm")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
@@ -97,13 +97,21 @@ def test_skipped_assignments_contribute_nothing():
     w1 = torch.randn(2, 8, 8)
     src = torch.tensor([0, 1, 2])
     expert = torch.tensor([2, 2, 2])  # all skipped (id == E)
-    for impl in ("loop", "sort", "grouped_mm"):
+    for impl in ("loop", "bmm", "sort", "grouped_mm"):
         out = expert_mixture(x, src, expert, torch.ones(3), w1, torch.ones(2, 8), impl=impl, skipped=True)
         assert torch.equal(out, torch.zeros(4, 8)), impl
 
 
 def test_resolve_impl(monkeypatch):
-    assert resolve_impl("auto", torch.device("cpu"), torch.float32) == "sort"
+    cpu = torch.device("cpu")
+    grouped = "grouped_mm" if dispatch.grouped_mm_available("cpu", torch.float32) else "sort"
+    # the search's MoE slots (d <= 64, d_moe <= 4d, gated) -> bmm; MoEUT-44M, coarse -> grouped
+    assert resolve_impl("auto", cpu, torch.float32, 48, 48) == "bmm"
+    assert resolve_impl("auto", cpu, torch.bfloat16, 64, 2 * 256) == "bmm"
+    assert resolve_impl("auto", cpu, torch.float32, 412, 128) == grouped
+    assert resolve_impl("auto", cpu, torch.bfloat16, 256, 2 * 512) == grouped
+    assert resolve_impl("auto", cpu, torch.float32) == grouped  # no shape: large rule
+    assert resolve_impl("bmm", cpu, torch.float32) == "bmm"
     assert resolve_impl("loop", torch.device("cpu"), torch.float32) == "loop"
     with pytest.raises(ValueError, match="unknown dispatch 'fast'"):
         resolve_impl("fast", torch.device("cpu"), torch.float32)
@@ -171,3 +179,121 @@ def test_row_bucketing_is_exact_and_only_where_onednn_compiles_shapes() -> None:
     gw = torch.empty(8, 5)
     _mm_sum(a.t(), g, 32, out=gw)
     torch.testing.assert_close(gw, a.t() @ g, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ "bmm" (padded) backend
+def _layout(expert: torch.Tensor, n_exp: int, dtype=torch.float32, max_load=None):
+    inv, tile_expert = dispatch._slots(expert, n_exp, torch.zeros(1, dtype=dtype), max_load)
+    tiles = n_exp if tile_expert is None else tile_expert.numel()
+    owner = torch.arange(n_exp) if tile_expert is None else tile_expert
+    return inv, owner, tiles
+
+
+@pytest.mark.parametrize(
+    "expert,n_exp",
+    [
+        (torch.tensor([0, 1, 2, 3] * 6), 4),  # balanced: one tile per expert
+        (torch.zeros(40, dtype=torch.long), 4),  # everything on expert 0: tiled
+        (torch.tensor([3] * 30 + [1] * 2), 5),  # empty experts 0, 2, 4
+        (torch.tensor([0, 2, 2, 1, 2, 0, 2]), 2),  # id 2 == E: skipped
+        (torch.tensor([2, 2, 2]), 2),  # all skipped
+        (torch.zeros(0, dtype=torch.long), 3),  # no assignments at all
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bmm_slots_hold_every_kept_assignment_once_in_its_experts_tile(expert, n_exp, dtype):
+    m = expert.numel()
+    inv, owner, tiles = _layout(expert, n_exp, dtype)
+    assert inv.numel() % max(tiles, 1) == 0
+    t = inv.numel() // tiles if tiles else 0
+    kept = (expert < n_exp).nonzero().squeeze(1)
+    filled = inv[inv < m]
+    assert sorted(filled.tolist()) == kept.tolist()  # each kept assignment exactly once
+    for k in range(tiles):
+        rows = inv[k * t : (k + 1) * t]
+        rows = rows[rows < m]
+        assert (expert[rows] == owner[k]).all()
+    loads = torch.bincount(expert, minlength=n_exp + 1)[:n_exp]
+    # padding stays bounded: under 1.25 x M plus one bucket of rounding per tile
+    bucket = 8 if dtype == torch.float32 else 16
+    assert inv.numel() <= max(1.25 * m, int(loads.max().item() if m else 0) * n_exp) + bucket * tiles
+
+
+def test_bmm_uses_a_capacity_bound_only_where_it_is_exact():
+    expert = torch.arange(4).repeat_interleave(6)  # every expert exactly 6 (expert choice)
+    inv, _, tiles = _layout(expert, 4, max_load=6)
+    assert tiles == 4 and inv.numel() == 4 * 8  # 6 rounded up to the fp32 bucket of 8
+    light = torch.tensor([0, 1, 2, 3])  # a capacity of 6 but loads of 1: CPU reads the loads
+    inv, _, tiles = _layout(light, 4, max_load=6)
+    assert inv.numel() == 4 * 8 and (inv < 4).sum() == 4
+
+
+def test_capacity_bucket_edges():
+    b = dispatch._capacity_bucket
+    f32, bf16 = torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
+    assert [b(c, f32) for c in (0, 1, 8, 9, 16, 17)] == [0, 8, 8, 16, 16, 24]
+    # oneDNN shapes: 1/16 of the power of two, at least 16
+    assert [b(c, bf16) for c in (1, 16, 17, 255, 256, 257, 1000)] == [16, 16, 32, 256, 256, 272, 1024]
+    for c in range(1, 3000, 7):
+        assert c <= b(c, bf16) <= max(c + 15, c * 1.0625)
+
+
+@pytest.mark.parametrize("experts,skew", [(4, "one"), (5, "empty"), (3, "balanced")])
+def test_bmm_matches_loop_on_skewed_routing(experts, skew):
+    """All rows on one expert (tiled), empty experts, balanced (one tile each)."""
+    g = torch.Generator().manual_seed(3)
+    n, d, f = 40, 8, 6
+    m = 2 * n
+    if skew == "one":
+        expert = torch.zeros(m, dtype=torch.long)
+    elif skew == "empty":
+        expert = torch.where(torch.rand(m, generator=g) < 0.9, 1, 3)
+    else:
+        expert = torch.arange(m) % experts
+    src = torch.arange(n).repeat(2)
+    t = {"x": torch.randn(n, d, generator=g), "gate": torch.rand(m, generator=g),
+         "w1": torch.randn(experts, d, 2 * f, generator=g), "b1": torch.randn(experts, 2 * f, generator=g),
+         "w2": torch.randn(experts, f, d, generator=g), "b2": torch.randn(experts, d, generator=g)}
+    grad = torch.randn(n, d, generator=g)
+    results = []
+    for impl in ("loop", "bmm"):
+        leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
+        out = expert_mixture(leaves["x"], src, expert, leaves["gate"], leaves["w1"], leaves["b1"],
+                             leaves["w2"], leaves["b2"], activation="swiglu", impl=impl)
+        (out * grad).sum().backward()
+        results.append((out.detach(), {k: v.grad for k, v in leaves.items()}))
+    (ref, ref_g), (out, out_g) = results
+    assert_rel_close(out, ref, 1e-5, "forward")
+    for k in ref_g:
+        assert_rel_close(out_g[k], ref_g[k], 1e-5, f"grad {k}")
+
+
+def test_bmm_with_no_assignments_returns_zeros_and_zero_grads():
+    x = torch.randn(3, 4, requires_grad=True)
+    w1 = torch.randn(2, 4, 5, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long)
+    out = expert_mixture(x, empty, empty, torch.zeros(0), w1, impl="bmm")
+    assert torch.equal(out, torch.zeros(3, 5))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(3, 4)) and torch.equal(w1.grad, torch.zeros(2, 4, 5))
+
+
+@pytest.mark.parametrize("skew", [False, True])
+@pytest.mark.parametrize("two_layer", [True, False])
+def test_bmm_passes_gradcheck(two_layer, skew):
+    """float64 finite differences through the slot layout, one tile per expert and tiled."""
+    g = torch.Generator().manual_seed(0)
+    f64 = {"dtype": torch.float64, "generator": g}
+    x = torch.randn(6, 4, **f64).requires_grad_()
+    w1 = torch.randn(3, 4, 10 if two_layer else 5, **f64).requires_grad_()
+    b1 = torch.randn(3, w1.shape[-1], **f64).requires_grad_()
+    w2 = torch.randn(3, 5, 4, **f64).requires_grad_() if two_layer else None
+    gate = torch.rand(12, **f64).requires_grad_()
+    src = torch.randint(0, 6, (12,), generator=g)
+    expert = torch.tensor([0] * 10 + [1, 3]) if skew else torch.randint(0, 4, (12,), generator=g)
+    act = "swiglu" if two_layer else "none"
+
+    def f(x, gate, w1, b1, *w2):
+        return expert_mixture(x, src, expert, gate, w1, b1, *w2, activation=act, impl="bmm")
+
+    assert torch.autograd.gradcheck(f, (x, gate, w1, b1, *([w2] if two_layer else [])))

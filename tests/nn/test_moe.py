@@ -16,7 +16,7 @@ from blockdsl.nn.moe import ExpertChoiceMoE, SigmaMoE, TopKMoE
 
 from .test_dispatch import TOL, assert_rel_close
 
-FAST = ("sort", "grouped_mm")
+FAST = ("bmm", "sort", "grouped_mm")
 
 
 def _grads_vs_loop(make, impl: str, dtype: torch.dtype, shape=(3, 8, 16)) -> None:
@@ -265,9 +265,10 @@ def test_invalid_arguments_raise_clearly():
 
 
 @pytest.mark.compile
-def test_compiled_topk_matches_eager():
+@pytest.mark.parametrize("dispatch", ["sort", "bmm"])
+def test_compiled_topk_matches_eager(dispatch):
     torch.manual_seed(0)
-    m = TopKMoE(16, 32, 4, 2, capacity_factor=1.0, balance_weight=0.01, dispatch="sort")
+    m = TopKMoE(16, 32, 4, 2, capacity_factor=1.0, balance_weight=0.01, dispatch=dispatch)
     x = torch.randn(2, 8, 16)
     outs = []
     for fn in (m, torch.compile(m, fullgraph=False)):

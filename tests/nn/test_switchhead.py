@@ -67,7 +67,7 @@ def test_causal(experts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("impl", ["sort", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["bmm", "sort", "grouped_mm"])
 def test_fast_dispatch_matches_loop(impl, dtype):
     _grads_vs_loop(lambda: SwitchHeadAttention(16, 2, 8, 4, k=2), impl, dtype, shape=(2, 6, 16))
 
