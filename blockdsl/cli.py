@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from blockdsl.errors import BlockError
 
 # Subcommands that live in their own module: each has register(subparsers) and run(args).
-_PLUGINS = ("blockdsl.cli_train", "blockdsl.cli_search")
+_PLUGINS = ("blockdsl.cli_train", "blockdsl.cli_search", "blockdsl.cli_tokenize")
 # Subcommands defined here: running one skips importing the plugin modules.
 _CORE = ("check", "compile")
 

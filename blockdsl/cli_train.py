@@ -60,7 +60,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("spec", type=Path, help=".block file")
     p.add_argument("--model", default=None, help="model name in the file (default: the last)")
     p.add_argument("--data", default=None,
-                   help="text file or folder (LM), or image folder root/<class>/<img>")
+                   help="text file or folder (LM, byte-level), token ids (a .bin, or a folder "
+                   "with train.bin/val.bin from `blockdsl tokenize`), or image folder "
+                   "root/<class>/<img>")
+    p.add_argument("--data-dtype", choices=("uint16", "uint32"), default=None,
+                   help="id type of a .bin without meta.json (nanoGPT writes uint16)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=_POS_INT, default=None,
                         help=f"optimizer steps (default {DEFAULT_STEPS})")
@@ -104,6 +108,32 @@ def _fresh_out(spec: Path) -> Path:
     return out
 
 
+def _token_data(args: argparse.Namespace, plan: Any) -> Any:
+    """Token-id data (`--data` a .bin or a tokenized folder), loaded and checked against the
+    spec before the model is built: a vocabulary mismatch is a located error at the model
+    (exit 1) rather than a failure after minutes of building. None for any other data."""
+    from types import SimpleNamespace
+
+    from blockdsl import data as data_mod
+    from blockdsl import tokdata
+    from blockdsl.errors import BlockError
+    from blockdsl.train import TrainError
+
+    is_tokens = plan.task == "lm" and tokdata.is_token_source(args.data)
+    if not is_tokens:
+        if args.data_dtype is not None:
+            raise TrainError(f"--data-dtype applies to token ids (a .bin file, or a folder "
+                             f"with train.bin), not to {args.data or 'the default data'}")
+        return None
+    shape = SimpleNamespace(task="lm", vocab_size=plan.vocab, seq_len=plan.seq)
+    try:
+        return data_mod.load_for_model(shape, args.data, args.seq_len, args.data_dtype)
+    except tokdata.VocabMismatch as e:
+        raise BlockError(e.message, plan.span, e.hint) from None
+    except data_mod.DataError as e:
+        raise TrainError(str(e)) from None
+
+
 def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -132,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         # Kernels tuned by `compile --tune --batch` for the nearest per-device batch are used.
         micro = max(1, args.batch_size // max(1, args.accum) // int(os.environ.get("WORLD_SIZE", "1")))
         plan = blockdsl.resolve(args.spec, args.model)
+        dataset = _token_data(args, plan)  # checked against the spec before building
         # refuse before building: a model or batch far beyond the machine would otherwise
         # swap or die in the allocator (one micro-batch is what a process holds at once)
         memory_guard(plan, batch=micro, seq=args.seq_len, precision=args.precision,
@@ -152,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
             cfg.steps = DEFAULT_STEPS
-        result = train(model, cfg)
+        result = train(model, cfg, dataset=dataset)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -214,6 +214,7 @@ class TextData:
     seq_len: int
     name: str
     vocab_size: int = BYTE_VOCAB
+    bytes_per_token: float | None = 1.0  # a token is a byte: val_loss / ln 2 is bits per byte
     task: str = "lm"
     val_fraction: float = VAL_FRACTION_TEXT
     split: int = field(init=False)
@@ -395,11 +396,13 @@ def load_image_folder(path: str | Path, image_size: int, channels: int) -> Image
 
 
 def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
-                   seq_len: int | None = None) -> TaskData:
+                   seq_len: int | None = None, dtype: str | None = None) -> TaskData:
     """The data set a model trains on, checked against the model's vocabulary or image shape.
 
     `source=None` picks the default: the stdlib corpus for language models, digits for
     classifiers. `seq_len` overrides the model's training context (it may only be shorter).
+    A `.bin` file or a folder with `train.bin` is token ids (`blockdsl.tokdata`); `dtype`
+    (uint16/uint32) reads one that has no JSON sidecar.
     """
     task = getattr(model, "task", None)
     if task == "lm":
@@ -408,6 +411,13 @@ def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
         t = model_len if seq_len is None else int(seq_len)
         if t < 1 or t > model_len:
             raise DataError(f"seq_len {t} must be between 1 and the model's seq_len {model_len}")
+        from blockdsl import tokdata  # the module imports this one
+
+        if tokdata.is_token_source(source):
+            return tokdata.load_token_data(source, t, vocab, dtype)
+        if dtype is not None:
+            raise DataError(f"a data dtype ({dtype}) applies to .bin token files only, and "
+                            f"{source or 'the default corpus'} is text")
         if vocab < BYTE_VOCAB:
             raise DataError(
                 f"model vocab_size {vocab} is smaller than the 256 byte tokens of text data"
@@ -417,6 +427,8 @@ def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
         ):
             raise DataError(f"{source} holds images, but the model is a language model")
         return load_text(source, t)
+    if dtype is not None:
+        raise DataError(f"a data dtype ({dtype}) applies to a language model's .bin tokens only")
     if task == "classify":
         size, ch, ncls = int(model.image_size), int(model.channels), int(model.num_classes)
         if ch not in (1, 3):

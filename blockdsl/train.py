@@ -736,8 +736,14 @@ def _task_loss(logits: Tensor, targets: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], precision: str,
              device: torch.device, dist: _Dist | None = None,
-             byte_level: bool = False) -> dict[str, float]:
-    """Mean validation loss (and bits per byte or accuracy); batches are sharded by rank."""
+             byte_level: bool = False,
+             bytes_per_token: float | None = None) -> dict[str, float]:
+    """Mean validation loss (and bits per byte or accuracy); batches are sharded by rank.
+
+    Bits per byte = nats per token / ln 2 / bytes per token: 1 for byte-level text, the
+    validation text's measured ratio for tokenized data (its meta.json), so runs on bytes
+    and on any tokenizer compare on one scale.
+    """
     dist = dist or _Dist(device=device)
     was_training = model.training
     model.eval()
@@ -756,8 +762,10 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], precision: 
     stats = dist.all_reduce_sum(stats)
     loss = float(stats[0] / stats[1])
     metrics = {"val_loss": loss}
-    if byte_level:
-        metrics["val_bpb"] = loss / math.log(2)
+    if byte_level and bytes_per_token is None:
+        bytes_per_token = 1.0
+    if bytes_per_token is not None:
+        metrics["val_bpb"] = loss / math.log(2) / bytes_per_token
     if getattr(model, "task", None) == "classify":
         metrics["val_acc"] = float(stats[2] / stats[1])
     return metrics
@@ -898,7 +906,8 @@ class _Run:
         if cfg.tokens is not None:
             by_tokens = math.ceil(cfg.tokens / self.per_step)
             self.total_steps = by_tokens if cfg.steps is None else min(cfg.steps, by_tokens)
-        self.byte_level = getattr(self.ds, "vocab_size", None) == data_mod.BYTE_VOCAB
+        byte_level = getattr(self.ds, "vocab_size", None) == data_mod.BYTE_VOCAB
+        self.bytes_per_token = getattr(self.ds, "bytes_per_token", 1.0 if byte_level else None)
 
         self.out = Path(cfg.out).expanduser() if cfg.out is not None else None
         ckpt = latest_checkpoint(self.out) if self.out is not None else None
@@ -1082,7 +1091,7 @@ class _Run:
     def run_eval(self) -> bool:
         """Evaluate, log, call back; True when the callback asked (on rank 0) to stop."""
         metrics = evaluate(self.model, self.val_batches, self.cfg.precision, self.device,
-                           self.dist, self.byte_level)
+                           self.dist, bytes_per_token=self.bytes_per_token)
         if not math.isfinite(metrics["val_loss"]):  # identical on all ranks (all-reduced)
             self.diverged(self.step, f"non-finite validation loss ({metrics['val_loss']})")
         self.last_eval_step = self.step
