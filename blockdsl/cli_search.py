@@ -187,6 +187,26 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             "clock": args.clock}
 
 
+def _check_token_data(space: Any, data: str | None) -> None:
+    """Token ids (`--data` a .bin or a `blockdsl tokenize` folder) must fit the space's
+    vocabulary: checked once against the baseline before the study starts, rather than
+    failing every trial with the same message."""
+    from blockdsl import search as S
+    from blockdsl import tokdata
+    from blockdsl.data import DataError
+    from blockdsl.errors import BlockError
+
+    if space.task != "lm" or space.baseline is None or not tokdata.is_token_source(data):
+        return
+    plan = space.resolve_baseline()
+    try:
+        tokdata.check_vocab(data, plan.vocab)
+    except tokdata.VocabMismatch as e:
+        raise BlockError(e.message, plan.span, e.hint) from None
+    except DataError as e:
+        raise S.SearchError(str(e)) from None
+
+
 def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     from blockdsl import search as S
 
@@ -208,6 +228,7 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
                                                    if v is not None}}
     settings.setdefault("threads", 1)
     cfg = S.make_config(space, **settings)
+    _check_token_data(space, cfg.data)
     name = args.study or S.new_study_name(space)
     storage_url = args.storage or str(S.default_storage_path(name))
     storage = S.open_storage(storage_url, name, cfg)

@@ -275,3 +275,14 @@ def test_vocab_mismatch_is_a_located_error_before_building(
     assert main(["train", str(p), "--data", str(TEXT[0]), "--data-dtype", "uint16",
                  "--steps", "1"]) == 1
     assert "--data-dtype applies to token ids" in capsys.readouterr().err
+
+
+def test_search_refuses_a_vocab_mismatch_before_the_study(
+        corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = Path(__file__).resolve().parents[1] / "search" / "moeut.block"  # vocab 256
+    journal = tmp_path / "s.journal"
+    assert main(["search", str(space), "--data", str(corpus), "--budget", "2", "--seconds",
+                 "1", "--no-live", "--storage", str(journal), "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert f"{space}:" in err and "error: spec vocab 256, data vocab 384" in err
+    assert not journal.exists() and not (tmp_path / "s").exists()
