@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
         description=(
             "Tokenize text files (or every text file under a folder) with a Hugging Face "
             "tokenizer.json, or with a byte-level BPE trained here, offline, on the training "
-            "part of the text. Writes DIR/train.bin and DIR/val.bin (the last 10%% of the "
+            "part of the text. Writes DIR/train.bin and DIR/val.bin (the last 10% of the "
             "text, from a line start), DIR/meta.json (dtype, vocab_size, bytes per token) and "
             "DIR/tokenizer.json; then `blockdsl train SPEC --data DIR`. Needs "
             "pip install 'blockdsl[tokenizers]'."

@@ -408,17 +408,21 @@ def tokenize(inputs: list[str | Path], out: Path, *, tokenizer: str | Path | Non
         raise DataError(f"--train-bpe {bpe_vocab}: a byte-level BPE needs a vocabulary from "
                         f"256 (the bytes) to {MAX_TRAIN_VOCAB}")
     tk = _tokenizers()
+    out = Path(out).expanduser()
+    dest = out.resolve()
     files: list[Path] = []
     for src in inputs:
         for f in text_files(src):
-            if f not in files:
+            # never the output folder's own files (a folder input may contain it)
+            if f not in files and dest not in f.resolve().parents:
                 files.append(f)
+    if not files:
+        raise DataError(f"no text to tokenize outside the output folder {out}")
     total = sum(f.stat().st_size for f in files)
     split = _split_point(files, total)
     if split <= 0 or split >= total:
         raise DataError(f"{total} bytes of text is too little to split into train and "
                         "validation")
-    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a folder")
     taken = [n for n in ("train.bin", "val.bin", META, "tokenizer.json") if (out / n).exists()]

@@ -286,3 +286,17 @@ def test_search_refuses_a_vocab_mismatch_before_the_study(
     err = capsys.readouterr().err
     assert f"{space}:" in err and "error: spec vocab 256, data vocab 384" in err
     assert not journal.exists() and not (tmp_path / "s").exists()
+
+
+def test_tokenize_a_folder_that_holds_the_output(tmp_path: Path) -> None:
+    """Re-tokenizing a folder with --force never reads the previous corpus's own files."""
+    root = tmp_path / "notes"
+    root.mkdir()
+    for f in TEXT[:2]:
+        (root / f.name).write_bytes(f.read_bytes())
+    args = ["tokenize", str(root), "--train-bpe", "300", "--out", str(root / "tok"), "--quiet"]
+    assert main(args) == 0
+    first = json.loads((root / "tok" / "meta.json").read_text())
+    assert main([*args, "--force"]) == 0
+    again = json.loads((root / "tok" / "meta.json").read_text())
+    assert again == first and first["files"] == 2
