@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=C.PRECISION_HELP.replace("(default:", "(default, unless the space's budget "
                                                  "line or a resumed study says otherwise:"))
     p.add_argument("--device", help="cpu (default: many small trials run best one per core), "
-                   "cuda, cuda:1, ...")
+                   "auto (cuda if present), cuda, cuda:1, ...")
     p.add_argument("--data", help="training data (default: the Python stdlib corpus / digits)")
     p.add_argument("--out", help="results folder (default studies/<study>/)")
     p.add_argument("--quiet", dest="live", action="store_false",
@@ -234,15 +234,24 @@ def _run(args: argparse.Namespace) -> int:
         args.quiet = False
         return cmd_show(args, target[1])
     if len(target) > 1:
-        raise SystemExit("usage: blockdsl search [SPACE] [options] (one space file)")
+        raise SystemExit("usage: blockdsl search [SPEC] [options] (one space file)")
     return cmd_search(args, target[0] if target else None)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"trials": args.budget, "seconds": args.seconds, "sampler": args.sampler,
             "seed": args.seed, "prune": args.prune, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "precision": args.precision, "device": args.device,
+            "seq_len": args.seq_len, "precision": args.precision, "device": _device(args.device),
             "data": args.data, "threads": args.threads, "clock": args.clock}
+
+
+def _device(name: str | None) -> str | None:
+    """--device as the other commands read it (`auto` included); a bad one exits 1."""
+    if name is None:
+        return None
+    from blockdsl.train import resolve_device
+
+    return str(resolve_device(name))
 
 
 def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
@@ -391,7 +400,7 @@ def _print_new(con: Any, study: Any, printed: set[int]) -> None:
 def _run_processes(args: argparse.Namespace, space: Any, study: Any, cfg: Any, storage_url: str,
                    workers: int, con: Any, live: bool, t0: float) -> None:
     cmd = [sys.executable, "-m", "blockdsl.cli", "search", str(Path(space.file).resolve()),
-           "--space", space.name, "--study", study.study_name, "--storage", storage_url]
+           "--model", space.name, "--study", study.study_name, "--storage", storage_url]
     procs = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for i in range(workers):

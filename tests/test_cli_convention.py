@@ -176,6 +176,14 @@ def test_search_budget_must_be_positive(value: str, tmp_path: Path) -> None:
     assert "Traceback" not in p.stderr and not (tmp_path / "studies").exists()
 
 
+def test_search_device_is_checked_like_train_s(tmp_path: Path) -> None:
+    p = _cli("search", str(_space(tmp_path)), "--device", "bogus", "--budget", "1", cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("error: unknown device 'bogus'")
+    t = _cli("train", str(TINY_GPT), "--device", "bogus", cwd=tmp_path)
+    assert t.returncode == 1 and t.stderr.startswith("error: unknown device 'bogus'")
+
+
 def test_search_show_errors_and_help(tmp_path: Path) -> None:
     p = _cli("search", "show", "nope", cwd=tmp_path)
     assert p.returncode == 1 and "Traceback" not in p.stderr
