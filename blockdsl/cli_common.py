@@ -65,12 +65,13 @@ def add_spec(p: argparse.ArgumentParser, what: str = "model") -> None:
 
 
 def add_shape(p: argparse.ArgumentParser, batch_help: str, seq_help: str,
-              batch_default: int | None = None) -> None:
-    p.add_argument("--batch", type=positive_int, default=batch_default, metavar="N",
-                   help=batch_help)
-    p.add_argument("--seq", type=positive_int, default=None, metavar="N", help=seq_help)
-    alias(p, "--batch-size", "batch", type=positive_int)
-    alias(p, "--seq-len", "seq", type=positive_int)
+              batch_default: int | None = None, kind: Any = positive_int) -> None:
+    """--batch/--seq (and their old spellings); `kind` parses a value (train's own checker
+    words its messages like its other numeric flags)."""
+    p.add_argument("--batch", type=kind, default=batch_default, metavar="N", help=batch_help)
+    p.add_argument("--seq", type=kind, default=None, metavar="N", help=seq_help)
+    alias(p, "--batch-size", "batch", type=kind)
+    alias(p, "--seq-len", "seq", type=kind)
 
 
 def add_torch(p: argparse.ArgumentParser, device_default: str | None = "auto",

@@ -71,7 +71,8 @@ def register(subparsers: Any) -> None:
     budget.add_argument("--seconds", type=_POS_FLOAT, default=None,
                         help="training wall-clock seconds (evaluation excluded)")
     C.add_shape(p, batch_default=16, batch_help="global sequences/images per step (default 16)",
-                seq_help="training context (default: the spec's; may only be shorter)")
+                seq_help="training context (default: the spec's; may only be shorter)",
+                kind=_POS_INT)
     p.add_argument("--accum", type=_POS_INT, default=1, help="gradient accumulation micro-steps")
     p.add_argument("--lr", type=_POS_FLOAT, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--warmup", type=_NONNEG_INT, default=20, help="linear warm-up steps (default 20)")

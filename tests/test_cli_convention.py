@@ -135,7 +135,11 @@ def test_alias_values_are_checked_like_the_flag(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit) as exc:
         main(["train", str(TINY_GPT), "--batch-size", "0"])
     assert exc.value.code == 1
-    assert "argument --batch-size: expected a positive integer, got 0" in capsys.readouterr().err
+    assert "argument --batch-size: expected an integer > 0, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--seq-len", "-1"])
+    assert exc.value.code == 1
+    assert "argument --seq-len: expected a positive integer, got -1" in capsys.readouterr().err
 
 
 def test_check_json_and_quiet(capsys: pytest.CaptureFixture[str]) -> None:
