@@ -31,9 +31,9 @@ Design choices, each for a reason:
   SIGKILL: `blockdsl.journal` gives it a lock the kernel releases when its holder dies and
   repairs a record torn by a kill); any RDB URL (PostgreSQL) for many machines. A killed
   worker's trial is failed and re-enqueued: Optuna's heartbeat does this for RDB storages;
-  for the journal (which has no heartbeat in Optuna 5) each trial records its worker (host, boot id, pid, start time) and a
-  heartbeat attribute, and every worker reaps trials whose process is gone or whose heartbeat
-  is older than the grace period.
+  for the journal (which has no heartbeat in Optuna 5) each trial records its worker (host,
+  boot id, pid, start time) and a heartbeat attribute, and every worker reaps trials whose
+  process is gone or whose heartbeat is older than the grace period.
 """
 
 from __future__ import annotations
