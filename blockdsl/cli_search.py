@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-live", dest="live", action="store_false",
                    help="print one line per trial instead of the live table")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="TensorBoard event files per trial in <out>/tb/trial-<n> (the scalars "
+                   "of a train run); needs pip install 'blockdsl[tensorboard]'")
     p.add_argument("--write", action="store_true", help="with `show`: (re)write the result files")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -209,6 +212,17 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     settings.setdefault("threads", 1)
     cfg = S.make_config(space, **settings)
     name = args.study or S.new_study_name(space)
+    # Event files per trial, <out>/tb/trial-<n>; set (or cleared) for this run before the
+    # study records its config, which worker processes read.
+    cfg.tensorboard = None
+    if args.tensorboard:
+        from blockdsl.tblog import TensorBoardMissing, require
+
+        try:
+            require()
+        except TensorBoardMissing as e:
+            raise S.SearchError(str(e)) from None
+        cfg.tensorboard = str((Path(args.out) if args.out else S.STUDY_DIR / name) / "tb")
     storage_url = args.storage or str(S.default_storage_path(name))
     storage = S.open_storage(storage_url, name, cfg)
     study = S.create_study(space, cfg, storage, name, resume=True)

@@ -101,6 +101,7 @@ class TrainConfig:
     progress: bool | None = None  # None = on when stderr is a TTY and not quiet
     flops_per_token: float | None = None  # forward FLOPs per token (LM) or image, for MFU
     name: str | None = None  # what the run is called in the plot (default: model class)
+    tensorboard: str | Path | None = None  # folder for TensorBoard event files (rank 0); None: none
 
 
 @dataclass
@@ -574,10 +575,21 @@ def _strict_json(record: dict[str, Any]) -> str:
 
 
 class _RunFiles:
-    """The run folder (rank 0 only): metrics.jsonl, loss.png and checkpoints."""
+    """The run folder (rank 0 only): metrics.jsonl, loss.png and checkpoints; and, when
+    asked, TensorBoard event files in `tb_dir` fed the very rows metrics.jsonl gets."""
 
-    def __init__(self, out: Path | None, resume_step: int | None) -> None:
+    def __init__(self, out: Path | None, resume_step: int | None,
+                 tb_dir: Path | None = None) -> None:
         self.out = out
+        self.tb = None
+        if tb_dir is not None:
+            from blockdsl.tblog import Writer
+
+            try:
+                self.tb = Writer(tb_dir, purge_step=None if resume_step is None else resume_step + 1)
+            except OSError as e:
+                raise TrainError(f"cannot write TensorBoard logs in {tb_dir}: "
+                                 f"{e.strerror or e}") from None
         self.metrics_path = out / "metrics.jsonl" if out else None
         if self.metrics_path is None:
             self._fh = None
@@ -598,10 +610,15 @@ class _RunFiles:
     def log(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
             self._fh.write(_strict_json(record) + "\n")
+        if self.tb is not None:
+            self.tb.log(record)
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def history(self) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
         train: list[tuple[int, float]] = []
@@ -858,8 +875,9 @@ class _Run:
             raise TrainError("another process failed to set up training; see rank 0's error")
         dist.broadcast_module(model)
         self.start_time = self.train_time
+        tb = Path(cfg.tensorboard).expanduser() if cfg.tensorboard and dist.main else None
         self.files = _RunFiles(self.out if dist.main else None,
-                               self.step if self.resumed else None)
+                               self.step if self.resumed else None, tb)
         self.peak = None
         if cfg.flops_per_token and dist.main:
             self.peak = matmul_rate(self.device, cfg.precision) * dist.world
@@ -900,6 +918,13 @@ class _Run:
             self.total_steps = by_tokens if cfg.steps is None else min(cfg.steps, by_tokens)
         self.byte_level = getattr(self.ds, "vocab_size", None) == data_mod.BYTE_VOCAB
 
+        if cfg.tensorboard and dist.main:
+            from blockdsl.tblog import TensorBoardMissing, require
+
+            try:
+                require()
+            except TensorBoardMissing as e:
+                raise TrainError(str(e)) from None
         self.out = Path(cfg.out).expanduser() if cfg.out is not None else None
         ckpt = latest_checkpoint(self.out) if self.out is not None else None
         found = checkpoint_folders(self.out) if self.out is not None else []
