@@ -1188,7 +1188,8 @@ class _Run:
                  for k, v in self.aux_steps.items()},
         )
         if self.dist.main and self.out is not None:
-            self.files.log({"kind": "summary", "step": self.step, **_summary(r)})
+            self.files.log({"kind": "summary", "step": self.step, **_summary(r),
+                            "env": run_environment(self.model, self.device, self.ds)})
             self.files.close()
             train_hist, val_hist = self.files.history()
             title = f"{cfg.name or type(self.model).__name__} on {Path(self.ds.name).name}"
@@ -1198,6 +1199,67 @@ class _Run:
     def close(self) -> None:
         self.bar.close()
         self.files.close()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit(where: Path) -> str | None:
+    """The checkout's commit (+ "-dirty" with uncommitted edits), when blockdsl runs from
+    one: the version string stays 0.1.0 across commits that change the numbers."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "-uno", "."],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str, Any]:
+    """What a run's numbers depend on besides the spec, the flags and the seed.
+
+    Measured (docs/train.md, "A tiny GPT on the default corpus"): the same seed gives
+    bit-identical metrics run after run, and here 1 and 2 threads gave identical ones too;
+    but the code version (kernel defaults, e.g. the bf16 attention path), the CPU's
+    instruction set (oneDNN's bf16 kernels: `ONEDNN_MAX_CPU_ISA=AVX2` changed the loss in
+    the 5th digit at step 0), the kernels `compile --tune` picked, and the corpus (the
+    default one is this Python's standard library) each change them. The summary row
+    records all of these, so two runs' figures can be told apart before they are compared.
+    """
+    import blockdsl
+
+    kernels = sorted({f"{type(m).__name__}.{k}={getattr(m, k)}" for m in model.modules()
+                      for k in ("impl", "dispatch") if isinstance(getattr(m, k, None), str)})
+    env: dict[str, Any] = {
+        "blockdsl": blockdsl.__version__, "torch": torch.__version__,
+        "python": platform.python_version(), "device": str(device),
+        "threads": torch.get_num_threads(), "kernels": kernels,
+        "data": getattr(ds, "name", None), "data_units": len(getattr(ds, "tokens", ())) or None,
+    }
+    commit = _git_commit(Path(blockdsl.__file__).parent)
+    if commit:
+        env["git"] = commit
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = _cpu_name()
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            env["onednn_max_cpu_isa"] = os.environ["ONEDNN_MAX_CPU_ISA"]
+    return env
 
 
 def _summary(r: TrainResult) -> dict[str, Any]:
