@@ -53,6 +53,19 @@ def test_scalars_rule() -> None:
     assert scalars({"step": 3, "loss": 1.0}) == []  # no kind: not a metrics row
 
 
+def test_each_row_is_on_disk_before_close(tmp_path: Path) -> None:
+    """What a kill -9 would leave: rows logged so far are readable with the writer open."""
+    from blockdsl.tblog import Writer
+
+    w = Writer(tmp_path / "tb")
+    try:
+        for step in range(3):
+            w.log({"kind": "train", "step": step, "loss": 1.0 / (step + 1)})
+        assert events(tmp_path / "tb") == {"train/loss": [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]}
+    finally:
+        w.close()
+
+
 def test_train_tensorboard_matches_metrics_jsonl(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
