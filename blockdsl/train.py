@@ -1217,15 +1217,17 @@ def _git_commit(where: Path) -> str | None:
     import subprocess
 
     try:
-        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short=12", "HEAD"],
-                              capture_output=True, text=True, timeout=5)
-        if head.returncode != 0:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--show-toplevel",
+                               "--short=12", "HEAD"], capture_output=True, text=True, timeout=5)
+        top, _, commit = head.stdout.strip().partition("\n")
+        # an installed copy inside some other repository (a venv in a project) is not ours
+        if head.returncode != 0 or Path(top).resolve() != where.resolve().parent:
             return None
         dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "-uno", "."],
                                capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str, Any]:
@@ -1257,8 +1259,9 @@ def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str
     else:
         env["cpu"] = _cpu_name()
         env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        if os.environ.get("ONEDNN_MAX_CPU_ISA"):
-            env["onednn_max_cpu_isa"] = os.environ["ONEDNN_MAX_CPU_ISA"]
+        for var in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):  # restrict kernels
+            if os.environ.get(var):
+                env[var.lower()] = os.environ[var]
     return env
 
 

@@ -45,6 +45,10 @@ def test_same_seed_and_threads_give_identical_metrics(tmp_path: Path, threads: i
     assert env["python"] == platform.python_version() and env["device"] == "cpu"
     assert env["kernels"] == ["MultiHeadAttention.impl=bmm"]  # bf16 on CPU at seq 128
     assert env["cpu_capability"] and env["data"] and env["data_units"] > 100_000
+    if (ROOT / ".git").exists():  # a checkout: the commit, since the version string stays put
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        assert env["git"].removesuffix("-dirty") == head
     if threads == 1:  # the seed is what the numbers are a function of: another one differs
         c = run(tmp_path, "c", 1, threads)
         assert [r.get("loss") for r in c if r["kind"] == "train"] != \
