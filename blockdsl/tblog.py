@@ -15,6 +15,7 @@ run starts rather than after it has trained.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,13 @@ def require() -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError as e:  # torch raises ImportError when `tensorboard` is absent
+        try:
+            present = importlib.util.find_spec("tensorboard") is not None
+        except ValueError:  # a module set to None in sys.modules: not importable either
+            present = False
+        state = f"cannot be imported ({e})" if present else "is not installed"
         raise TensorBoardMissing(
-            f"--tensorboard needs the tensorboard package, which is not installed ({e}); "
+            f"--tensorboard needs the tensorboard package, which {state}; "
             f"install it with: {INSTALL_HINT}"
         ) from None
 
