@@ -11,8 +11,8 @@ units (`12.3K`, `5.32 MFLOP`) because a bare `5.32MF` reads as a typo.
 Colour says the family (attention, dense FFN, MoE), explained by a legend under the
 title. Every parameter group used more than once gets its own colour and a connector
 line joining its uses, so sharing is visible at a glance; only the first use (the
-owner) counts the group's parameters, the others say `shared`, so the params column
-sums to the stored total. Plain SVG text, no dependency.
+owner) counts the group's parameters, the others say `shared` (`shared +64` when that
+use has a norm of its own), so the params column sums to the stored total. Plain SVG text, no dependency.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def to_svg(rep: Report, families: dict[int, str] | None = None, plan: Any = None
             if ex:
                 out.append(f'<text x="{indent + _COL["experts"]}" y="{ty}" '
                            f'font-weight="bold">{escape(ex)}</text>')
-        ptext = si(r.params) if r.owner else "shared"
+        # a later use of a shared group may still own its norm (ALBERT keeps one per use)
+        ptext = si(r.params) if r.owner else "shared" + (f" +{si(r.params)}" if r.params else "")
         out.append(f'<text x="{indent + _COL["params"]}" y="{ty}">{ptext}</text>')
         out.append(f'<text x="{indent + _COL["flops"]}" y="{ty}">{flops_text(r.flops)}</text>')
         if r.group in colour:

@@ -110,3 +110,17 @@ def test_norm_placements_and_expert_choice(tmp_path: Path,
     assert counts["8 exp, cf=1.5"] == 2
     assert counts["6 exp, k=3"] == 2
     assert "shared" not in texts  # nothing shared: every box counts its own parameters
+
+
+def test_shared_group_with_own_norms_still_sums(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """ALBERT-style: one FFN for every layer, each use with a LayerNorm of its own (64
+    parameters at d 32): the later uses say `shared +64`, and the column still adds up."""
+    spec = ROOT / "tests" / "specs" / "shared_ffn.block"
+    texts = compile_svg(spec, tmp_path, capsys)
+    rep = blockdsl.report(spec)
+    bd = rep.breakdown
+    assert Counter(texts)["shared +64"] == 2
+    assert "ffn used ×3" in texts
+    shown = [bd["stem"], bd["head"] + bd["final_norm"]] + [r.params for r in rep.rows]
+    assert sum(shown) == rep.stored_params
