@@ -51,19 +51,29 @@ class ChoiceDef:
     dynamic: bool = False
 
 
-def depends_on_choice(e: Any, assigns: dict[str, ir.Assign], seen: frozenset[str] = frozenset()) -> bool:
-    """Whether expression `e` reads a variable that is, or is computed from, a choice."""
-    if isinstance(e, ir.Choice):
-        return True
-    if isinstance(e, ir.Name):
-        a = assigns.get(e.id)
-        if a is None or e.id in seen:
-            return False
-        return depends_on_choice(a.value, assigns, seen | {e.id})
-    if isinstance(e, (tuple, list)):
-        return any(depends_on_choice(v, assigns, seen) for v in e)
-    if isinstance(e, ir.Node) and not isinstance(e, ir.Span):
-        return any(depends_on_choice(getattr(e, f), assigns, seen) for f in type(e).model_fields)
+def depends_on_choice(e: Any, assigns: dict[str, ir.Assign]) -> bool:
+    """Whether expression `e` reads a variable that is, or is computed from, a choice.
+
+    A walk with an explicit stack that visits each variable once: variables may refer to
+    each other many times over (`v1 = v0 + v0`, `v2 = v1 + v1`, ...), where a recursive
+    walk re-entering every reference takes 2**depth steps, and chains may be deeper than
+    Python's recursion limit.
+    """
+    todo: list[Any] = [e]
+    seen: set[str] = set()
+    while todo:
+        x = todo.pop()
+        if isinstance(x, ir.Choice):
+            return True
+        if isinstance(x, ir.Name):
+            a = assigns.get(x.id)
+            if a is not None and x.id not in seen:
+                seen.add(x.id)
+                todo.append(a.value)
+        elif isinstance(x, (tuple, list)):
+            todo.extend(x)
+        elif isinstance(x, ir.Node) and not isinstance(x, ir.Span):
+            todo.extend(getattr(x, f) for f in type(x).model_fields)
     return False
 
 
