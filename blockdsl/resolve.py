@@ -192,6 +192,10 @@ def _pow(left: int | float, right: int | float, e: ir.Expr) -> int | float:
     return left**right
 
 
+# How deep variables may refer to variables that refer to variables (real specs: a few).
+MAX_VAR_DEPTH = 100
+
+
 class _Unbound(Exception):
     """Raised while checking unused variables when one would bind a new search choice."""
 
@@ -219,6 +223,15 @@ class _Scope:
         if name in self.active:
             chain = " -> ".join(self.active[self.active.index(name) :] + [name])
             raise BlockError(f"variable '{name}' depends on itself ({chain})", a.span)
+        if len(self.active) >= MAX_VAR_DEPTH:
+            # Evaluation recurses once per variable: a long chain would hit Python's
+            # recursion limit (an internal error) long before it meant anything.
+            raise BlockError(
+                f"variables nested more than {MAX_VAR_DEPTH} deep "
+                f"({self.active[0]} -> {self.active[1]} -> ... -> {name})",
+                a.span,
+                "a variable reads one that reads another, and so on: shorten the chain",
+            )
         self.active.append(name)
         try:
             if isinstance(a.value, ir.Choice):
@@ -230,6 +243,16 @@ class _Scope:
                 )
             else:
                 value = self.eval(a.value, name)
+        except RecursionError:
+            # Fewer than MAX_VAR_DEPTH variables, each deeply nested (`v1 = ------v2`):
+            # Python's stack runs out first. Raised where it ran out; an outer variable
+            # catches it instead if even this needs more stack than is left.
+            raise BlockError(
+                f"variable '{name}' is nested too deeply (variables within expressions within "
+                "variables)",
+                a.span,
+                "simplify the expressions or shorten the chain of variables",
+            ) from None
         finally:
             self.active.pop()
         self.cache[name] = value

@@ -52,3 +52,29 @@ def test_choice_over_variables_that_fan_out_is_checked_promptly(tmp_path: Path) 
     fan = "".join(f"v{i + 1} = v{i} + v{i}\n" for i in range(40)) + "v0 = 1\n"
     rc, out, err = check(tmp_path, SPACE.format(pre=fan, ffn="mlp(d_ff={v40 // 2**34 * 2 | 64})"))
     assert rc == 0 and out.startswith("ok: ") and "1 search choices" in out, (out, err)
+
+
+def test_a_long_chain_of_variables_is_a_located_error(tmp_path: Path) -> None:
+    """`v0 = v1 + 1`, `v1 = v2 + 1`, ... 500 deep (8 KB) was a RecursionError, exit 2."""
+    chain = "".join(f"v{i} = v{i + 1} + 1\n" for i in range(500)) + "v500 = 1\n"
+    text = SPACE.format(pre=chain, ffn="mlp(d_ff=v0)")
+    rc, _, err = check(tmp_path, text)
+    head = err.splitlines()[0]
+    assert rc == 1 and head.startswith(f"{tmp_path / 'spec.block'}:101:1: error: "), err
+    assert "variables nested more than 100 deep" in head and "v0 -> v1 -> ... -> v100" in head
+
+
+def test_a_chain_of_100_variables_is_fine(tmp_path: Path) -> None:
+    chain = "".join(f"v{i} = v{i + 1} + 1\n" for i in range(99)) + "v99 = 1\n"
+    rc, out, err = check(tmp_path, SPACE.format(pre=chain, ffn="mlp(d_ff=v0 - 35)"))
+    assert rc == 0 and out.startswith("ok: "), err
+
+
+def test_variables_of_deeply_nested_expressions_are_a_located_error(tmp_path: Path) -> None:
+    """99 variables, each 50 negations of the next (6 KB): within the depth cap, but
+    Python's stack ran out (RecursionError, exit 2)."""
+    chain = "".join(f"v{i} = " + "-" * 50 + f"v{i + 1}\n" for i in range(99)) + "v99 = 1\n"
+    rc, _, err = check(tmp_path, SPACE.format(pre=chain, ffn="mlp(d_ff=v0 + 63)"))
+    head = err.splitlines()[0]
+    assert rc == 1 and head.startswith(f"{tmp_path / 'spec.block'}:"), err
+    assert "is nested too deeply" in head
