@@ -78,3 +78,15 @@ def test_variables_of_deeply_nested_expressions_are_a_located_error(tmp_path: Pa
     head = err.splitlines()[0]
     assert rc == 1 and head.startswith(f"{tmp_path / 'spec.block'}:"), err
     assert "is nested too deeply" in head
+
+
+def test_a_byte_order_mark_crlf_and_tabs_are_plain_spec_text(tmp_path: Path) -> None:
+    """A spec saved by a Windows editor (BOM, CRLF, tabs) was 'unexpected character
+    \\ufeff' at 1:1; an included one too."""
+    text = SPACE.format(pre="", ffn="mlp(d_ff={32 | 64})").replace("  ", "\t").replace("\n", "\r\n")
+    (tmp_path / "inc.block").write_bytes(b"\xef\xbb\xbfw = 3\r\n")
+    rc, out, err = check(tmp_path, b"\xef\xbb\xbf" + ('include "inc.block"\r\n' + text).encode())
+    assert rc == 0 and out.startswith("ok: ") and "1 search choices" in out, err
+    # and a located error after a BOM still points at the right line and column
+    rc, _, err = check(tmp_path, b"\xef\xbb\xbf" + SPACE.format(pre="", ffn="mlp(d_ff=x)").encode())
+    assert rc == 1 and err.startswith(f"{tmp_path / 'spec.block'}:15:12: error: "), err
