@@ -29,11 +29,11 @@ Design choices, each for a reason:
   loss at that rung, the rest known before training).
 - Storage: Optuna's JournalStorage on a file by default (no server, append-only, survives
   SIGKILL: `blockdsl.journal` gives it a lock the kernel releases when its holder dies and
-  repairs a record torn by a kill); any RDB URL (PostgreSQL) for many machines. A killed worker's trial is failed and
-  re-enqueued: Optuna's heartbeat does this for RDB storages; for the journal (which has no
-  heartbeat in Optuna 5) each trial records its worker (host, boot id, pid, start time) and a
-  heartbeat attribute, and every worker reaps trials whose process is gone or whose heartbeat
-  is older than the grace period.
+  repairs a record torn by a kill); any RDB URL (PostgreSQL) for many machines. A killed
+  worker's trial is failed and re-enqueued: Optuna's heartbeat does this for RDB storages;
+  for the journal (which has no heartbeat in Optuna 5) each trial records its worker (host,
+  boot id, pid, start time) and a heartbeat attribute, and every worker reaps trials whose
+  process is gone or whose heartbeat is older than the grace period.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from blockdsl import ir
-from blockdsl.errors import BlockError
+from blockdsl.errors import BlockError, brief
 from blockdsl.parse import load_module
 from blockdsl.resolve import (
     ChoiceDef,
@@ -235,6 +235,10 @@ def load_space(path: str | Path, name: str | None = None) -> Space:
                 raise BlockError(f"budget has no setting '{a.name}'", a.span,
                                  "known: " + ", ".join(sorted(SearchConfig.keys())))
             budget[key] = _literal(a.value)
+            problem = setting_problem(key, budget[key])
+            if problem:
+                raise BlockError(f"budget setting {a.name}={brief(budget[key], 30)} {problem}",
+                                 a.span, "the budget line sets the search's defaults")
     baseline = m.get("baseline")
     if baseline is not None and module.model(baseline) is None:
         raise SearchError(f"{p}: baseline '{baseline}' is not a model in the file or its includes")
@@ -255,13 +259,61 @@ def _expr_text(e: ir.Expr) -> str:
     return type(e).__name__
 
 
+# Valid values of the numeric settings: (kind, low, low inclusive, high). A bad value from
+# a flag or the budget line is the user's mistake, reported before anything runs: NaN
+# seconds, a negative seed or batch size 0 otherwise surface as internal errors inside
+# a trial, or as a "search" whose every trial fails. Seeds: NumPy's and Optuna's samplers
+# take 0..2**32-1, and workers add their index to it.
+_SETTINGS: dict[str, tuple[type, float, bool, float | None]] = {
+    "trials": (int, 1, True, None), "seconds": (float, 0, False, None),
+    "pace": (float, 0, False, None), "steps": (int, 1, True, None),
+    "batch_size": (int, 1, True, None), "seq_len": (int, 1, True, None),
+    "eval_batches": (int, 1, True, None), "rungs": (int, 1, True, None),
+    "prune_startup": (int, 0, True, None), "prune_quantile": (float, 0, False, 1),
+    "prune_margin": (float, 0, True, None), "timing_steps": (int, 1, True, None),
+    "lr": (float, 0, False, None), "warmup": (int, 0, True, None),
+    "weight_decay": (float, 0, True, None), "seed": (int, 0, True, 2**31 - 1),
+    "startup_trials": (int, 0, True, None), "population": (int, 2, True, None),
+    "threads": (int, 1, True, None), "heartbeat": (float, 0, False, None),
+    "grace": (float, 0, False, None),
+}
+_CHOICES = {"clock": ("wall", "paired"), "sampler": ("auto", "tpe", "nsga2", "random"),
+            "precision": ("fp32", "fp32-medium", "bf16")}
+
+
+def setting_problem(key: str, v: Any) -> str | None:
+    """Why `v` is no valid value of search setting `key` (None when it is valid)."""
+    if v is None and key in ("pace", "steps", "seq_len", "threads", "data"):
+        return None
+    if key in _CHOICES:
+        return None if v in _CHOICES[key] else f"must be one of {', '.join(_CHOICES[key])}"
+    if key not in _SETTINGS:
+        return None
+    kind, low, inclusive, high = _SETTINGS[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        return "must be " + ("an integer" if kind is int else "a number")
+    if not math.isfinite(v) or v < low or (v == low and not inclusive) or (high is not None and v > high):
+        rng = f"{'>=' if inclusive else '>'} {low:g}" + (f" and <= {high}" if high is not None else "")
+        return f"must be a finite number {rng}" if kind is float else f"must be an integer {rng}"
+    return None
+
+
 def make_config(space: Space, **overrides: Any) -> SearchConfig:
-    """Defaults, then the space's budget line, then explicit overrides (None = not given)."""
+    """Defaults, then the space's budget line, then explicit overrides (None = not given).
+
+    Every value is checked (`setting_problem`); the budget line's were checked, located,
+    by `load_space`.
+    """
     cfg = SearchConfig(**{k: v for k, v in space.budget.items()})
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(given) - SearchConfig.keys()
     if unknown:
         raise TypeError(f"unknown search settings: {', '.join(sorted(unknown))}")
+    for k, v in given.items():
+        problem = setting_problem(k, v)
+        if problem:
+            flag = {"trials": "budget"}.get(k, k).replace("_", "-")
+            raise SearchError(f"--{flag} {v!r}: {problem}")
     return replace(cfg, **given)
 
 

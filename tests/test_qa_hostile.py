@@ -90,3 +90,35 @@ def test_a_byte_order_mark_crlf_and_tabs_are_plain_spec_text(tmp_path: Path) -> 
     # and a located error after a BOM still points at the right line and column
     rc, _, err = check(tmp_path, b"\xef\xbb\xbf" + SPACE.format(pre="", ffn="mlp(d_ff=x)").encode())
     assert rc == 1 and err.startswith(f"{tmp_path / 'spec.block'}:15:12: error: "), err
+
+
+def _search(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blockdsl.cli", "search", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_search_settings_are_one_line_errors_before_anything_runs(tmp_path: Path) -> None:
+    """`--seconds nan` and `--seed 99999999999999` were internal errors (exit 2); `--batch-size
+    0` or a negative time on the budget line ran a study whose every trial failed."""
+    from tests.test_search import TINY
+
+    (tmp_path / "tiny.block").write_text(TINY)
+    for flags, words in [(["--seconds", "nan"], "--seconds nan: must be a finite number > 0"),
+                         (["--seed", "99999999999999"], "--seed 99999999999999: must be an integer"),
+                         (["--seed", "-1"], "--seed -1: must be an integer >= 0"),
+                         (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+                         (["--budget", "0"], "--budget 0: must be an integer >= 1")]:
+        p = _search(tmp_path, "tiny.block", "--study", "s", *flags, "--no-live")
+        assert p.returncode == 1 and p.stderr.startswith(f"error: {words}"), (flags, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "Traceback" not in p.stderr
+    assert not (tmp_path / "studies").exists()  # refused before the study was created
+    bad = TINY.replace("seconds=1,", "seconds=0-1,")
+    (tmp_path / "bad.block").write_text(bad)
+    p = _search(tmp_path, "bad.block", "--study", "s", "--no-live")
+    line = bad.splitlines().index(next(x for x in bad.splitlines() if "seconds=0-1" in x)) + 1
+    col = bad.splitlines()[line - 1].index("seconds=") + 1
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith(f"bad.block:{line}:{col}: error: budget setting "
+                               "seconds=-1 must be a finite number > 0"), p.stderr
+    assert not (tmp_path / "studies").exists()
