@@ -122,3 +122,16 @@ def test_bad_search_settings_are_one_line_errors_before_anything_runs(tmp_path: 
     assert p.stderr.startswith(f"bad.block:{line}:{col}: error: budget setting "
                                "seconds=-1 must be a finite number > 0"), p.stderr
     assert not (tmp_path / "studies").exists()
+
+
+def test_train_seed_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    """`train --seed -1` / `--seed 1e23 as digits` were internal errors (exit 2) from seeding."""
+    for seed, words in [("-1", "expected an integer >= 0"),
+                        ("99999999999999999999999", "expected an integer from 0 to 2**63-1")]:
+        p = subprocess.run([sys.executable, "-m", "blockdsl.cli", "train",
+                            str(ROOT / "tests" / "specs" / "gqa_rope.block"), "--seed", seed,
+                            "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert f"argument --seed: {words}" in p.stderr.splitlines()[-1], p.stderr
+        assert not (tmp_path / "run").exists()
