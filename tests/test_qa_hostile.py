@@ -135,3 +135,45 @@ def test_train_seed_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
         assert f"argument --seed: {words}" in p.stderr.splitlines()[-1], p.stderr
         assert not (tmp_path / "run").exists()
+
+
+def _train(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blockdsl.cli", "train",
+                           str(ROOT / "specs" / "tiny" / "gpt.block"), "--batch-size", "4",
+                           "--seq-len", "32", "--eval-batches", "1", "--precision", "fp32",
+                           "--quiet", "--ckpt-every", "2", *argv],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_resume_in_a_damaged_run_folder(tmp_path: Path) -> None:
+    """A metrics.jsonl with bytes that are not UTF-8 or a row whose step is a string, and a
+    `latest` that is a link to a binary file, were internal errors (exit 2); the link's
+    target bytes must never be quoted."""
+    import json
+
+    out = tmp_path / "run"
+    p = _train("--steps", "4", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    good = (out / "metrics.jsonl").read_bytes()
+    (out / "metrics.jsonl").write_bytes(
+        good + b'garbage\x00\xff\n{"step": "x"}\n[1, 2]\n{"step": null}\n{"kind": "train", "st')
+    p = _train("--steps", "6", "--out", str(out), "--resume")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (out / "metrics.jsonl").read_bytes().startswith(good)
+    assert max(r["step"] for r in rows) == 6 and all(isinstance(r["step"], int) for r in rows)
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET\x00\x01 line\n")
+    for target in (secret, out / "ckpt-00000006" / "model.safetensors"):
+        (out / "latest").unlink()
+        (out / "latest").symlink_to(target)
+        p = _train("--steps", "8", "--out", str(out), "--resume")
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip() == (f"error: {out / 'latest'} is not a regular file: remove it, "
+                                    "or resume from a ckpt-<step> folder by deleting it"), p.stderr
+    (out / "latest").unlink()
+    (out / "latest").write_bytes(b"\x00\x01TOP-SECRET\xff")
+    p = _train("--steps", "8", "--out", str(out), "--resume")
+    assert p.returncode == 1 and "TOP-SECRET" not in p.stderr, p.stderr
+    assert f"{out / 'latest'} names something, not a ckpt-<step> folder" in p.stderr
