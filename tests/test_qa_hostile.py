@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SPACE = """{pre}
@@ -177,3 +179,76 @@ def test_train_resume_in_a_damaged_run_folder(tmp_path: Path) -> None:
     p = _train("--steps", "8", "--out", str(out), "--resume")
     assert p.returncode == 1 and "TOP-SECRET" not in p.stderr, p.stderr
     assert f"{out / 'latest'} names something, not a ckpt-<step> folder" in p.stderr
+
+
+HOLDER = """
+import sys, time
+from blockdsl.journal import JournalBackend
+path = sys.argv[1]
+backend = JournalBackend(path)
+backend._lock.acquire()
+with open(path, "ab") as f:
+    f.write(b'{"op_code":5,"worker_id":"live-mid-')
+    f.flush()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def _opened(pid: int, path: Path) -> bool:
+    import os
+
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.path.realpath(fd) == str(path) for fd in fds.iterdir())
+    except OSError:
+        return False
+
+
+def test_a_journal_reached_through_a_symlink_takes_the_journal_s_own_lock(tmp_path: Path) -> None:
+    """The lock file sat next to the name given, so a worker using a link to the journal
+    took another lock than one using its real path, and "repaired" (cut off) the record a
+    live writer was appending at that moment."""
+    import shutil
+    import time
+
+    from tests.test_search import TINY
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to see which lock file a process opened")
+    (tmp_path / "tiny.block").write_text(TINY)
+    p = _search(tmp_path, "tiny.block", "--study", "k", "--budget", "1", "--seconds", "0.2",
+                "--no-live")
+    assert p.returncode == 0, p.stderr
+    real = tmp_path / "data" / "k.journal"
+    real.parent.mkdir()
+    shutil.move(tmp_path / "studies" / "k.journal", real)
+    (tmp_path / "link.journal").symlink_to(real)
+    complete = real.read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(real)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    show = None
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        show = subprocess.Popen([sys.executable, "-m", "blockdsl.cli", "search", "show", "k",
+                                 "--storage", "link.journal"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lock = Path(str(real) + ".flock")
+        for _ in range(600):  # hang guard only: until show waits on the journal's own lock
+            if _opened(show.pid, lock) or show.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert show.poll() is None, show.communicate()
+        assert real.read_bytes().endswith(b'"worker_id":"live-mid-')  # the live line is intact
+        holder.kill()
+        holder.wait()
+        out, err = show.communicate(timeout=120)
+    finally:
+        for proc in (holder, show):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert show.returncode == 0, err
+    assert "its last record was cut off by a killed worker" in err  # now it is a dead one's
+    assert real.read_bytes() == complete
+    assert not (tmp_path / "link.journal.flock").exists()
