@@ -77,6 +77,20 @@ def depends_on_choice(e: Any, assigns: dict[str, ir.Assign]) -> bool:
     return False
 
 
+def _inline_choice(e: Any) -> ir.Choice | None:
+    """A choice written inside `e` itself (not reached through a variable), or None."""
+    todo: list[Any] = [getattr(e, f) for f in type(e).model_fields]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, ir.Choice):
+            return x
+        if isinstance(x, (tuple, list)):
+            todo.extend(x)
+        elif isinstance(x, ir.Node) and not isinstance(x, ir.Span):
+            todo.extend(getattr(x, f) for f in type(x).model_fields)
+    return None
+
+
 @dataclass(frozen=True)
 class NormPlan:
     kind: str
@@ -264,6 +278,17 @@ class _Scope:
         if self.probing:
             raise _Unbound(name)
         opts = c.options
+        for o in opts:
+            inner = _inline_choice(o)
+            if inner is not None:
+                # It would be a second choice under this one's name, sampled apart from
+                # the option picked (the two disagree in the trial's parameters).
+                raise BlockError(
+                    "a choice inside a choice",
+                    inner.span,
+                    "flatten it ({32 | 64 | 128}), or name the inner one (x = {32 | 64}) "
+                    "and use the name ({x | 128})",
+                )
         if len(opts) == 1 and opts[0].value is None:
             o = opts[0]
             lo, hi = self.eval(o.lo, name), self.eval(o.hi, name)

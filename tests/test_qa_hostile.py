@@ -252,3 +252,27 @@ def test_a_journal_reached_through_a_symlink_takes_the_journal_s_own_lock(tmp_pa
     assert "its last record was cut off by a killed worker" in err  # now it is a dead one's
     assert real.read_bytes() == complete
     assert not (tmp_path / "link.journal.flock").exists()
+
+
+@pytest.mark.parametrize(("ffn", "inner"), [
+    ("mlp(d_ff={ {32 | 64} | 128})", "{32 | 64}"),
+    ("mlp(d_ff={ 2 * {16 | 32} | 128 })", "{16 | 32}"),
+    ("mlp(d_ff={ 16 .. {32 | 64} })", "{32 | 64}"),
+])
+def test_a_choice_written_inside_a_choice_is_a_located_error(tmp_path: Path, ffn: str,
+                                                            inner: str) -> None:
+    """`{ {32 | 64} | 128 }` passed check, and the search then sampled the inner choice
+    under the outer one's name, apart from the option picked: trial parameters said
+    d_ff=32 for a block built with d_ff=128."""
+    text = SPACE.format(pre="", ffn=ffn)
+    rc, _, err = check(tmp_path, text)
+    line = text.splitlines().index(f"    s1 {ffn}") + 1
+    col = f"    s1 {ffn}".index(inner) + 1
+    assert rc == 1 and err.startswith(f"{tmp_path / 'spec.block'}:{line}:{col}: error: a choice "
+                                      "inside a choice"), err
+    assert "name the inner one" in err
+
+
+def test_a_named_choice_inside_a_choice_is_searched(tmp_path: Path) -> None:
+    rc, out, err = check(tmp_path, SPACE.format(pre="x = {32 | 64}", ffn="mlp(d_ff={x | 128})"))
+    assert rc == 0 and "2 search choices" in out, err
