@@ -515,12 +515,14 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
         study = optuna.create_study(study_name=name, storage=storage, directions=directions,
                                     load_if_exists=True)
     attrs = study.user_attrs
-    if "space_file" not in attrs:
-        study.set_user_attr("space_file", str(Path(space.file).resolve()))
-        study.set_user_attr("space", space.name)
-        study.set_user_attr("baseline", space.baseline)
-        study.set_user_attr("objectives", [list(o) for o in space.objectives])
-        study.set_user_attr("constraints", [c[3] for c in space.constraints])
+    # One record each: a kill between two leaves some set, so each missing one is set
+    # (not all of them only when the first is missing).
+    for key, value in (("space_file", str(Path(space.file).resolve())), ("space", space.name),
+                       ("baseline", space.baseline),
+                       ("objectives", [list(o) for o in space.objectives]),
+                       ("constraints", [c[3] for c in space.constraints])):
+        if key not in attrs:
+            study.set_user_attr(key, value)
     study.set_user_attr("config", asdict(cfg))
     if space.baseline is not None and not study.get_trials(deepcopy=False):
         # A racing worker may enqueue it too: the copy is then deduplicated, not retrained.

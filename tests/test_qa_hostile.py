@@ -276,3 +276,69 @@ def test_a_choice_written_inside_a_choice_is_a_located_error(tmp_path: Path, ffn
 def test_a_named_choice_inside_a_choice_is_searched(tmp_path: Path) -> None:
     rc, out, err = check(tmp_path, SPACE.format(pre="x = {32 | 64}", ffn="mlp(d_ff={x | 128})"))
     assert rc == 0 and "2 search choices" in out, err
+
+
+def test_a_study_killed_while_it_was_being_created_is_never_filled_from_the_default_space(
+        tmp_path: Path) -> None:
+    """Killed after the study's first record but before it recorded its space file, a study
+    resumed with `search --study NAME` ran the default (Brainformer) space inside it."""
+    import os
+    import signal
+    import time
+
+    import optuna
+
+    from blockdsl import search as S
+    from tests.test_search import TINY
+
+    (tmp_path / "tiny.block").write_text(TINY)
+    journal = tmp_path / "studies" / "c.journal"
+    p = subprocess.Popen([sys.executable, "-m", "blockdsl.cli", "search", "tiny.block", "--study",
+                          "c", "--budget", "1", "--seconds", "0.2", "--no-live"], cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(6000):  # hang guard only: until the study's first record is written
+            if journal.exists() and b"\n" in journal.read_bytes():
+                break
+            time.sleep(0.01)
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.kill()
+        p.wait()
+    storage = S.open_storage(str(journal), "c")
+    recorded = "space_file" in optuna.load_study(study_name="c", storage=storage).user_attrs
+    before = journal.read_bytes()
+    p = _search(tmp_path, "--study", "c", "--budget", "1", "--seconds", "0.2", "--no-live")
+    if not recorded:  # the usual case: the kill came before the next record
+        assert p.returncode == 1 and p.stderr.strip() == (
+            "error: study 'c' records no space file (its first run was stopped before recording "
+            "it, or another tool created it): name the space, blockdsl search SPACE --study c"), \
+            p.stderr
+        assert journal.read_bytes() == before
+        p = _search(tmp_path, "tiny.block", "--study", "c", "--budget", "1", "--seconds", "0.2",
+                    "--no-live")
+    assert p.returncode == 0, p.stderr
+    assert "space tiny" in p.stdout and "brainformer" not in p.stdout, p.stdout
+    attrs = optuna.load_study(study_name="c", storage=S.open_storage(str(journal), "c")).user_attrs
+    assert {"space_file", "space", "baseline", "objectives", "constraints"} <= set(attrs)
+    assert attrs["space"] == "tiny" and attrs["baseline"] == "dense"
+
+
+def test_a_study_with_some_of_its_space_records_gets_the_rest(tmp_path: Path) -> None:
+    """A kill between two of the records that describe the space left the rest unset for
+    good: they were written only when the first one was missing."""
+    import optuna
+
+    from blockdsl import search as S
+    from tests.test_search import TINY
+
+    (tmp_path / "tiny.block").write_text(TINY)
+    journal = tmp_path / "studies" / "c.journal"
+    journal.parent.mkdir()
+    st = optuna.create_study(study_name="c", storage=S.open_storage(str(journal), "c"))
+    st.set_user_attr("space_file", str(tmp_path / "tiny.block"))  # then the kill
+    p = _search(tmp_path, "--study", "c", "--budget", "1", "--seconds", "0.2", "--no-live")
+    assert p.returncode == 0, p.stderr
+    attrs = optuna.load_study(study_name="c", storage=S.open_storage(str(journal), "c")).user_attrs
+    assert attrs["space"] == "tiny" and attrs["baseline"] == "dense"
+    assert attrs["objectives"] == [["val_loss", "minimize"]] and attrs["constraints"] == []
