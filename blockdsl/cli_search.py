@@ -198,10 +198,11 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
         # Resuming: the study remembers its space file and settings.
         try:
             _, stored = S.load_study_info(args.study, args.storage)
+            found = True
         except S.SearchError:
-            stored = None  # no such study yet: a new one, on the default space
-        space_path = (stored or {}).get("space_file")
-        if stored is not None and space_path is None:
+            stored, found = {}, False  # no such study yet: a new one, on the default space
+        space_path = stored.get("space_file")
+        if found and space_path is None:
             # A study whose first run was killed between creating it and recording its
             # space (or one another tool made): the default space must not fill it.
             raise S.SearchError(
