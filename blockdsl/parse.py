@@ -446,7 +446,8 @@ def read_spec_file(path: Path, include: ir.Include | None) -> str:
     if got > MAX_FILE_BYTES:
         raise _too_big(path, got, span)
     try:
-        return b"".join(chunks).decode("utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is no part of the text
+        return b"".join(chunks).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise BlockError(
             f"{path} is not UTF-8 text (byte {err.start})", span, "is this really a .block file?"
