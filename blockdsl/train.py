@@ -965,6 +965,11 @@ class _Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = make_adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas, self.device)
         self.resumed = cfg.resume and (ckpt is not None or bool(found))
+        if cfg.resume and not self.resumed and self.out is not None and dist.main:
+            # not an error (a first run may ask to resume), but a mistyped --out must not
+            # pass for a resume: say that this one starts afresh
+            print(f"note: {self.out} holds no checkpoint to resume: starting a new run there",
+                  file=sys.stderr, flush=True)
         self.resumed_from: Path | None = None
         self.recent: dict[str, list[Tensor]] = {}
         if self.resumed:
