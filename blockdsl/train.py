@@ -209,13 +209,7 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpu_name()
 
 
 _RATES: dict[str, float] = {}
