@@ -17,7 +17,13 @@ Design choices, each for a reason:
   machine (and the thread count of the worker) cancels out of the ratio the constraint uses.
 - Infeasible trials are COMPLETE with constraint values set (`Trial.set_constraint`), so TPE
   and NSGA-II learn where the feasible region is; their val_loss is the untrained model's
-  (uniform prediction, ln V).
+  (uniform prediction, ln V). The values are also written as the `constraints` list that
+  optuna-dashboard reads (it does not read Optuna 5's per-name attributes).
+- The start design is the baseline's neighbourhood: the space's point nearest the baseline
+  (found by resolving alone) and its one-change neighbours are the first trials, instead of
+  random points. In the default space random points are almost all slower than the
+  baseline, so a short search that starts at random trains almost nothing; measured in
+  docs/search.md. Long searches keep TPE's model of the whole space.
 - Each trial trains for a fixed time budget (Brainformer: faster models take more steps) and
   reports validation loss at rungs (25%, 50%, 75%). By default the budget is converted to
   steps with the paired step-time ratio and the baseline's pace (`clock="paired"`), so a
@@ -483,7 +489,8 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
     if space.baseline is not None and not study.get_trials(deepcopy=False):
         # A racing worker may enqueue it too: the copy is then deduplicated, not retrained.
         study.enqueue_trial({}, user_attrs={"role": "baseline"})
-        if cfg.start == "neighbourhood":
+        # `--sampler random` is the comparison point for the samplers: random from trial 1.
+        if cfg.start == "neighbourhood" and cfg.sampler != "random":
             for params in neighbourhood(space, cfg.startup_trials, cfg.seed):
                 study.enqueue_trial(params, user_attrs={"role": "start"})
         elif cfg.start != "random":
@@ -1745,7 +1752,8 @@ def _verdict(study: optuna.Study, base: FrozenTrial | None, best: list[FrozenTri
     c = closest[0] if closest else None
     near = (f"; the closest, trial {c.number}: {c.values[0]:.4f} vs the baseline's {base_v}"
             if c is not None and c.values and base_v else "")
-    return f"no best.block: {trained} and none beat the baseline (trial {base.number}){near}"
+    return (f"no searched block beat the baseline (trial {base.number}), so no best.block: "
+            f"{trained}{near}")
 
 
 def beats(t: FrozenTrial, base: FrozenTrial | None, directions: Sequence[Any]) -> bool:
