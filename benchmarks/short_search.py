@@ -9,13 +9,13 @@ baseline's. Designs:
 - `random4`: 4 random start-up trials, then TPE;
 - `neighbourhood`: up to 10 one-change neighbours of the baseline, then TPE (the new default).
 
-    .venv/bin/python benchmarks/short_search.py                        # 3 seeds, 20 trials, 2 s
+    .venv/bin/python benchmarks/short_search.py --seconds 1.5          # 3 seeds, 20 trials
     .venv/bin/python benchmarks/short_search.py --seeds 0 1 --budget 10 --seconds 1
 
 The first 10 trials of a 20-trial run are the same as a 10-trial run (the sampler and the
 pruner see only earlier trials), so one run gives both columns. Training budgets are short
-(`--seconds 2` at the space's pace: 53 baseline steps) to keep the whole comparison to
-about 15 minutes; the study journals stay in benchmarks/out/.
+(`--seconds 1.5` at the space's pace: 40 baseline steps) to keep the whole comparison to
+about 20 minutes; the study journals stay in benchmarks/out/. Results: docs/search.md.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", default=str(S.default_space_path()))
     ap.add_argument("--budget", type=int, default=20, help="trials after the baseline")
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=1.5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
     ap.add_argument("--out", default="benchmarks/out")
