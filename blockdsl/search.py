@@ -1744,6 +1744,9 @@ def _verdict(study: optuna.Study, base: FrozenTrial | None, best: list[FrozenTri
         return f"{trained}; best block: trial {b.number} ({b.values[0]:.4f}{vs})"
     if base is None:
         return f"no block found: {trained}"
+    if searched == 0:
+        return ("no best.block: the budget ran the baseline only, nothing was searched "
+                "(raise --budget)")
     if feasible == 0:
         why = (f"{infeasible} broke {cons or 'a constraint'}" if infeasible
                else "none finished training")

@@ -168,3 +168,15 @@ def test_the_default_space_contains_its_baseline() -> None:
     nb = S.neighbourhood(sp, 10, seed=0)
     assert len(nb) == 10 and len({json.dumps(p, sort_keys=True) for p in nb}) == 10
     assert point not in nb and nb == S.neighbourhood(sp, 10, seed=0)
+
+
+def test_a_budget_of_the_baseline_alone_says_nothing_was_searched() -> None:
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study()
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=2.5,
+                                 user_attrs={"status": "trained", "role": "baseline"}))
+    s = S.summarize(study)
+    assert (s["searched"], s["feasible_trained"], s["beats_baseline"]) == (0, 0, False)
+    assert s["verdict"] == ("no best.block: the budget ran the baseline only, nothing was "
+                            "searched (raise --budget)")
