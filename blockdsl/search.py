@@ -489,12 +489,12 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
     if space.baseline is not None and not study.get_trials(deepcopy=False):
         # A racing worker may enqueue it too: the copy is then deduplicated, not retrained.
         study.enqueue_trial({}, user_attrs={"role": "baseline"})
+        if cfg.start not in ("neighbourhood", "random"):
+            raise SearchError(f"start must be neighbourhood or random, got {cfg.start!r}")
         # `--sampler random` is the comparison point for the samplers: random from trial 1.
         if cfg.start == "neighbourhood" and cfg.sampler != "random":
             for params in neighbourhood(space, cfg.startup_trials, cfg.seed):
                 study.enqueue_trial(params, user_attrs={"role": "start"})
-        elif cfg.start != "random":
-            raise SearchError(f"start must be neighbourhood or random, got {cfg.start!r}")
     return study
 
 
