@@ -1,6 +1,6 @@
 """Training-step throughput per precision, as a ratio against fp32 in the same process.
 
-    .venv/bin/python benchmarks/train_precision.py [SPEC] [--batch 16] [--rounds 5]
+    .venv/bin/python benchmarks/train_precision.py [SPEC] [--model NAME] [--batch 16] [--rounds 5]
 
 Rounds interleave the precisions so that load from other processes hits them alike; the
 median step time of each is reported, with the loss after the same steps from the same
@@ -25,6 +25,7 @@ PRECISIONS = ("fp32", "fp32-medium", "bf16")
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("spec", nargs="?", default="specs/tiny/gpt.block")
+    ap.add_argument("--model", default=None, help="model in the file (default: the last)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per round")
@@ -33,7 +34,7 @@ def main() -> None:
     models, opts = {}, {}
     for p in PRECISIONS:
         seed_everything(0)
-        models[p] = blockdsl.build(args.spec, device=dev, precision=p)
+        models[p] = blockdsl.build(args.spec, args.model, device=dev, precision=p)
         opts[p] = torch.optim.AdamW(models[p].parameters(), lr=1e-3)
     data = load_for_model(models["fp32"])
     times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
@@ -55,7 +56,8 @@ def main() -> None:
         step += args.steps
     tokens = args.batch * getattr(models["fp32"], "seq_len", 1)
     base = statistics.median(times["fp32"])
-    print(f"{args.spec}: batch {args.batch}, {torch.get_num_threads()} threads, "
+    name = args.spec + (f":{args.model}" if args.model else "")
+    print(f"{name}: batch {args.batch}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps} steps")
     for p in PRECISIONS:
         t = statistics.median(times[p])

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from blockdsl.errors import BlockError
 
 # Subcommands that live in their own module: each has register(subparsers) and run(args).
-_PLUGINS = ("blockdsl.cli_train", "blockdsl.cli_search")
+_PLUGINS = ("blockdsl.cli_train", "blockdsl.cli_search", "blockdsl.cli_tokenize")
 # Subcommands defined here: running one skips importing the plugin modules.
 _CORE = ("check", "compile")
 
@@ -50,7 +50,7 @@ def _load_plan(args: argparse.Namespace):
         from blockdsl.parse import load_module
     from blockdsl.resolve import resolve
 
-    return resolve(load_module(Path(args.file)), args.model)
+    return resolve(load_module(Path(args.spec)), args.model)
 
 
 # ---------------------------------------------------------------- check
@@ -61,10 +61,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     plan = _load_plan(args)
     rep = report(plan)
+    if args.json:
+        import json
+
+        print(json.dumps({"ok": True, "spec": args.spec, "model": plan.name,
+                          "sublayers": rep.layers, "blocks": rep.units,
+                          "shared_groups": len(rep.sharing), "search_choices": len(plan.choices),
+                          "stored_params": rep.stored_params,
+                          "active_params_per_token": rep.active_params_per_token,
+                          "flops_per_token": float(rep.flops_per_token), "seq": rep.seq}))
+        return 0
+    if args.quiet:
+        return 0
     shared = f", {len(rep.sharing)} shared groups" if rep.sharing else ""
     choices = f", {len(plan.choices)} search choices" if plan.choices else ""
     print(
-        f"ok: {args.file}: model {plan.name}: {rep.layers} sublayers in {rep.units} blocks{shared}"
+        f"ok: {args.spec}: model {plan.name}: {rep.layers} sublayers in {rep.units} blocks{shared}"
         f"{choices}; {rep.stored_params:,} stored params, {rep.active_params_per_token:,} active/token, "
         f"{human(rep.flops_per_token)} FLOPs/token at seq {rep.seq}"
     )
@@ -125,7 +137,7 @@ def _smoke(plan, args: argparse.Namespace) -> dict[str, Any]:
 
     b = args.batch or 2
     seq = min(args.seq or plan.seq, plan.seq)
-    dev = resolve_device(args.device or "auto")
+    dev = resolve_device(args.device)
     # Before anything is built: a spec can describe terabytes (d_ff=2**28) or a 1B model
     # whose smoke step takes minutes and most of the machine; refuse it with the numbers.
     est = memory_guard(plan, batch=b, seq=seq, precision="fp32", optimizer=False, device=dev,
@@ -195,7 +207,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     plan = _load_plan(args)
     rep = report(plan)
     summary = rep.to_json()
-    out_dir = Path(args.out) / plan.name
+    out_dir = Path(args.out) if args.out else Path("out") / plan.name
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "resolved.block").write_text(render(plan), encoding="utf-8")
     fam = {layer.index: layer.family for layer in plan.layers}
@@ -205,8 +217,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tune:
         from blockdsl.tune import tune_plan
 
-        summary["tuning"] = tune_plan(plan, device=args.device, precision=args.precision,
-                                      verbose=not args.json, batch=args.batch)
+        device = None if args.device == "auto" else args.device  # None: cuda if present
+        summary["tuning"] = tune_plan(plan, device=device, precision=args.precision,
+                                      verbose=not (args.json or args.quiet), batch=args.batch)
     if args.smoke:
         smoke = _smoke(plan, args)
         summary["smoke"] = smoke
@@ -218,11 +231,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if args.json:
         print(json.dumps(summary))
-    else:
-        from rich.console import Console
-
-        con = Console()
-        con.print(_summary_table(rep, plan))
+    elif not args.quiet:
+        table = _summary_table(rep, plan)
+        con = _wide_console(table)
+        con.print(table)
         con.print(_totals_table(rep))
         if rep.sharing:
             con.print(f"sharing: {len(rep.sharing)} groups used more than once: "
@@ -243,17 +255,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wide_console(table: Any) -> Any:
+    """A console wide enough that the table shows every cell whole.
+
+    rich fits a table to the console by cutting cells with an ellipsis (`2,363,9…`), and a
+    console that is not a terminal is 80 columns (or $COLUMNS): a piped or logged summary
+    lost every number. So: 160 columns when not a terminal (as `search` does), and never
+    less than the table's own minimum (its longest unbreakable word per column), so that
+    on a narrow terminal a long row wraps on screen instead of losing digits.
+    """
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    con = Console()
+    width = con.width if con.is_terminal else 160
+    need = Measurement.get(con, con.options.update(width=10_000), table).minimum
+    return con if need <= width == con.width else Console(width=max(width, need))
+
+
 # ---------------------------------------------------------------- main
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
 
 
 class _Parser(argparse.ArgumentParser):
@@ -268,35 +288,37 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     """The argument parser; `plugins=False` leaves out the train/search subcommands."""
+    from blockdsl import cli_common as C
+
     p = _Parser(
-        prog="blockdsl", description="Compose, compile and search transformer block architectures."
+        prog="blockdsl", description="Compose, compile and search transformer block architectures.",
+        epilog=C.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("check", help="parse, resolve and validate a spec (instant, no torch)")
-    c.add_argument("file")
-    c.add_argument("--model", help="model to check (default: the file's last model)")
+    c = sub.add_parser("check", help="parse, resolve and validate a spec (instant, no torch)",
+                       description="Parse, resolve and validate a spec; prints one `ok:` line.")
+    C.add_spec(c)
+    C.add_output(c, quiet_help="print nothing on success (the exit code says it)",
+                 json_help="print the counts as one JSON object on stdout")
     c.set_defaults(func=cmd_check)
 
-    c = sub.add_parser("compile", help="summarise a spec, write artifacts, optionally build and run it")
-    c.add_argument("file")
-    c.add_argument("--model", help="model to compile (default: the file's last model)")
-    c.add_argument("--out", default="out", help="artifact folder (default: out/)")
-    c.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    c = sub.add_parser("compile", help="summarise a spec, write artifacts, optionally build and run it",
+                       description="Summarise a spec (a table of its layers and totals) and write "
+                       "resolved.block, summary.json and graph.svg into --out.")
+    C.add_spec(c)
+    c.add_argument("--out", default=None, help="artifact folder (default: out/<model>)")
+    C.add_output(c, quiet_help="no tables (the artifacts are still written)")
     c.add_argument("--smoke", action="store_true",
                    help="build the module and run one forward+backward pass on random input")
     c.add_argument("--tune", action="store_true",
                    help="time each implementation choice on this spec's shapes and cache the fastest")
-    c.add_argument("--batch", type=_positive_int, default=None,
-                   help="sequences (images) per step: --tune times the kernels at this batch "
-                   "(default 4096 tokens' worth) and --smoke runs it (default 2)")
-    c.add_argument("--seq", type=_positive_int, default=None,
-                   help="sequence length for --smoke (default: the model's)")
-    c.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    C.add_shape(c, batch_help="sequences (images) per step: --tune times the kernels at this batch "
+                "(default 4096 tokens' worth) and --smoke runs it (default 2)",
+                seq_help="sequence length for --smoke (default: the model's)")
+    C.add_torch(c)
     c.add_argument("--force", action="store_true",
                    help="--smoke even when the estimated memory exceeds what the device has")
-    c.add_argument("--precision", default="fp32", choices=["fp32", "fp32-medium", "bf16"],
-                   help="precision to tune for (default fp32)")
     c.set_defaults(func=cmd_compile)
 
     for name in _PLUGINS if plugins else ():

@@ -1,7 +1,7 @@
 """`blockdsl search`: run, resume or show an architecture search (thin; logic in search.py).
 
-    blockdsl search [SPACE] [--budget N] [--workers N] [--study NAME] [--storage URL] ...
-    blockdsl search show STUDY [--storage URL] [--write]
+    blockdsl search [SPEC] [--budget N] [--workers N] [--study NAME] [--storage URL] ...
+    blockdsl search show STUDY [--storage URL] [--write] [--json]
 
 Torch and Optuna are imported only when the command runs, so `blockdsl check` stays instant.
 """
@@ -27,12 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model, checks constraints, trains it for a fixed time and reports validation loss. "
         "`blockdsl search show STUDY` lists a stored study.",
     )
-    p.add_argument("target", nargs="*", metavar="SPACE | show STUDY",
-                   help="a space file (default search/brainformer.block), or `show STUDY`")
-    p.add_argument("--space", dest="space_name", help="which space of the file (default: the last)")
-    p.add_argument("--budget", type=int, help="trials in the study, all kinds counted (default: "
-                   "the space's budget line, else 200)")
-    p.add_argument("--baseline-steps", type=int, metavar="N",
+    from blockdsl import cli_common as C
+
+    p.add_argument("target", nargs="*", metavar="SPEC",
+                   help="a .block file holding a space (default search/brainformer.block)")
+    p.add_argument("--model", dest="space_name", metavar="NAME",
+                   help="which space of the file (default: the last)")
+    C.alias(p, "--space", "space_name")
+    p.add_argument("--budget", type=C.positive_int, help="trials in the study, all kinds counted "
+                   "(default: the space's budget line, else 200)")
+    p.add_argument("--baseline-steps", type=C.positive_int, metavar="N",
                    help="training steps of the baseline per trial; a block that steps k times "
                    "faster trains k times as many (the paired clock's equal-time rule, counted "
                    "in steps; default: the space's seconds / pace, 267 for the default space)")
@@ -49,9 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "<space>-<date-time>)")
     p.add_argument("--storage", help="journal file path, or an RDB URL such as "
                    "postgresql://user:pw@host/db (default: studies/<study>.journal)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=C.positive_int, default=None,
                    help="local worker processes (default 1; each uses --threads torch threads)")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default 1: these models "
+    p.add_argument("--threads", type=C.positive_int, help="torch threads per worker (default 1: these models "
                    "are too small to gain from more, and lose badly when cores are shared)")
     p.add_argument("--clock", choices=["wall", "paired"],
                    help="paired (default): train each trial for the steps it takes in --seconds "
@@ -62,16 +66,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="sampler and training seed (default 0)")
     p.add_argument("--no-prune", dest="prune", action="store_false", default=None,
                    help="train every trial for the full budget")
-    p.add_argument("--batch-size", type=int, help="sequences per step (default: the space's)")
-    p.add_argument("--precision", choices=["fp32", "fp32-medium", "bf16"])
+    p.add_argument("--batch", dest="batch_size", type=C.positive_int, metavar="N",
+                   help="sequences per step (default: the space's)")
+    C.alias(p, "--batch-size", "batch_size", type=C.positive_int)
+    p.add_argument("--seq", dest="seq_len", type=C.positive_int, metavar="N",
+                   help="training context (default: the model's; may only be shorter)")
+    C.alias(p, "--seq-len", "seq_len", type=C.positive_int)
+    p.add_argument("--precision", choices=C.PRECISIONS,
+                   help=C.PRECISION_HELP.replace("(default:", "(default, unless the space's budget "
+                                                 "line or a resumed study says otherwise:"))
+    p.add_argument("--device", help="cpu (default: many small trials run best one per core), "
+                   "auto (cuda if present), cuda, cuda:1, ...")
     p.add_argument("--data", help="training data (default: the Python stdlib corpus / digits)")
     p.add_argument("--out", help="results folder (default studies/<study>/)")
-    p.add_argument("--no-live", dest="live", action="store_false",
-                   help="print one line per trial instead of the live table")
+    p.add_argument("--quiet", dest="live", action="store_false",
+                   help="no live table: one line per finished trial, then the result")
+    C.alias(p, "--no-live", "live", action="store_false")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.add_argument("--write", action="store_true", help="with `show`: (re)write the result files")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
+    # `search --storage X show STUDY --write` (show after options) still works the old way
+    C.alias(p, "--write", "write", action="store_true")
+    p.set_defaults(func=run, write=False)
+    _add_show(p)
+
+
+def _add_show(search: argparse.ArgumentParser) -> None:
+    """`search show STUDY` gets a parser of its own, so `search show --help` is show's help.
+
+    argparse cannot have an optional sub-command next to an optional positional (`search
+    [SPEC]`), so the search parser hands its arguments to the show parser when the first
+    one is `show`: same parser class (exit codes), same namespace as any sub-command.
+    """
+    from blockdsl import cli_common as C
+
+    base = type(search)
+    show = base(prog=f"{search.prog} show", description="List a stored study's trials, its "
+                "best block(s) against the baseline, and optionally (re)write its result files.")
+    show.add_argument("study", metavar="STUDY", help="study name")
+    show.add_argument("--storage", help="journal file path or RDB URL (default: "
+                      "studies/<study>.journal)")
+    show.add_argument("--write", action="store_true",
+                      help="(re)write best.block, history.png and summary.json into --out")
+    show.add_argument("--out", help="results folder for --write (default studies/<study>/)")
+    C.add_output(show, quiet_help="only the result table, not every trial")
+    show.set_defaults(func=run_show)
+
+    class SearchParser(base):  # type: ignore[misc, valid-type]
+        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+            if args and args[0] == "show":
+                return show.parse_known_args(args[1:], namespace)
+            return super().parse_known_args(args, namespace)
+
+    search.__class__ = SearchParser
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -181,22 +227,64 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def run_show(args: argparse.Namespace) -> int:
+    """`search show STUDY`; its errors are the user's too (exit 1)."""
+    from blockdsl.search import SearchError
+
+    try:
+        return cmd_show(args, args.study)
+    except SearchError as e:
+        print(f"error: {e.cli_message}", file=sys.stderr)
+        return 1
+
+
 def _run(args: argparse.Namespace) -> int:
     target = list(args.target)
     if target and target[0] == "show":
         if len(target) != 2:
             raise SystemExit("usage: blockdsl search show STUDY [--storage URL]")
+        args.quiet = False
         return cmd_show(args, target[1])
     if len(target) > 1:
-        raise SystemExit("usage: blockdsl search [SPACE] [options] (one space file)")
+        raise SystemExit("usage: blockdsl search [SPEC] [options] (one space file)")
     return cmd_search(args, target[0] if target else None)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"trials": args.budget, "seconds": args.seconds, "sampler": args.sampler,
             "seed": args.seed, "prune": args.prune, "batch_size": args.batch_size,
-            "precision": args.precision, "data": args.data, "threads": args.threads,
-            "clock": args.clock, "baseline_steps": args.baseline_steps, "start": args.start}
+            "seq_len": args.seq_len, "precision": args.precision, "device": _device(args.device),
+            "data": args.data, "threads": args.threads, "clock": args.clock,
+            "baseline_steps": args.baseline_steps, "start": args.start}
+
+
+def _device(name: str | None) -> str | None:
+    """--device as the other commands read it (`auto` included); a bad one exits 1."""
+    if name is None:
+        return None
+    from blockdsl.train import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _check_token_data(space: Any, data: str | None) -> None:
+    """Token ids (`--data` a .bin or a `blockdsl tokenize` folder) must fit the space's
+    vocabulary: checked once against the baseline before the study starts, rather than
+    failing every trial with the same message."""
+    from blockdsl import search as S
+    from blockdsl import tokdata
+    from blockdsl.data import DataError
+    from blockdsl.errors import BlockError
+
+    if space.task != "lm" or space.baseline is None or not tokdata.is_token_source(data):
+        return
+    plan = space.resolve_baseline()
+    try:
+        tokdata.check_vocab(data, plan.vocab)
+    except tokdata.VocabMismatch as e:
+        raise BlockError(e.message, plan.span, e.hint) from None
+    except DataError as e:
+        raise S.SearchError(str(e)) from None
 
 
 def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
@@ -220,6 +308,7 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
                                                    if v is not None}}
     settings.setdefault("threads", 1)
     cfg = S.make_config(space, **settings)
+    _check_token_data(space, cfg.data)
     name = args.study or S.new_study_name(space)
     storage_url = args.storage or str(S.default_storage_path(name))
     storage = S.open_storage(storage_url, name, cfg)
@@ -263,7 +352,10 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
             con.print(f"wrote {', '.join(summary['files']['blocks'] + [summary['files']['plot'] or ''])}"
                       f", {out / 'summary.json'}")
         if "://" not in storage_url:
-            con.print(f"inspect: blockdsl search show {name}   |   optuna-dashboard {storage_url}")
+            given = f" --storage {storage_url}" if args.storage else ""
+            # never wrapped: a command line to copy, whatever the path's length
+            con.print(f"inspect: blockdsl search show {name}{given}   |   "
+                      f"optuna-dashboard {storage_url}", soft_wrap=True, highlight=False)
         else:
             con.print(f"inspect: blockdsl search show {name} --storage URL   |   "
                       "optuna-dashboard URL")
@@ -338,7 +430,7 @@ def _print_new(con: Any, study: Any, printed: set[int]) -> None:
 def _run_processes(args: argparse.Namespace, space: Any, study: Any, cfg: Any, storage_url: str,
                    workers: int, con: Any, live: bool, t0: float) -> None:
     cmd = [sys.executable, "-m", "blockdsl.cli", "search", str(Path(space.file).resolve()),
-           "--space", space.name, "--study", study.study_name, "--storage", storage_url]
+           "--model", space.name, "--study", study.study_name, "--storage", storage_url]
     procs = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for i in range(workers):
@@ -409,7 +501,8 @@ def cmd_show(args: argparse.Namespace, name: str) -> int:
     con = _console()
     budget = (info.get("config") or {}).get("trials")
     con.print(headline(study, budget, None))
-    con.print(trials_table(study, limit=None))
+    if not args.quiet:
+        con.print(trials_table(study, limit=None))
     con.print(final_report(study, summary))
     _print_comparison(con, summary)
     return 0

@@ -7,6 +7,7 @@ only maps flags to a `TrainConfig` and renders the result.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -57,10 +58,15 @@ def register(subparsers: Any) -> None:
             "loss.png and checkpoints into --out. Under torchrun every rank takes a shard."
         ),
     )
-    p.add_argument("spec", type=Path, help=".block file")
-    p.add_argument("--model", default=None, help="model name in the file (default: the last)")
+    from blockdsl import cli_common as C
+
+    C.add_spec(p)
     p.add_argument("--data", default=None,
-                   help="text file or folder (LM), or image folder root/<class>/<img>")
+                   help="text file or folder (LM, byte-level), token ids (a .bin, or a folder "
+                   "with train.bin/val.bin from `blockdsl tokenize`), or image folder "
+                   "root/<class>/<img>")
+    p.add_argument("--data-dtype", choices=("uint16", "uint32"), default=None,
+                   help="id type of a .bin without meta.json (nanoGPT writes uint16)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=_POS_INT, default=None,
                         help=f"optimizer steps (default {DEFAULT_STEPS})")
@@ -68,40 +74,69 @@ def register(subparsers: Any) -> None:
                         help="tokens to train on (images for classifiers)")
     budget.add_argument("--seconds", type=_POS_FLOAT, default=None,
                         help="training wall-clock seconds (evaluation excluded)")
-    p.add_argument("--batch-size", type=_POS_INT, default=16,
-                   help="global sequences/images per step (default 16)")
-    p.add_argument("--seq-len", type=_POS_INT, default=None,
-                   help="training context (default: the spec's; may only be shorter)")
+    C.add_shape(p, batch_default=16, batch_help="global sequences/images per step (default 16)",
+                seq_help="training context (default: the spec's; may only be shorter)",
+                kind=_POS_INT)
     p.add_argument("--accum", type=_POS_INT, default=1, help="gradient accumulation micro-steps")
     p.add_argument("--lr", type=_POS_FLOAT, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--warmup", type=_NONNEG_INT, default=20, help="linear warm-up steps (default 20)")
     p.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=0.1)
-    p.add_argument("--precision", choices=("fp32", "fp32-medium", "bf16"), default="bf16",
-                   help="bf16 autocast with fp32 weights (default), fp32, or fp32 with "
-                   "'medium' matmul precision")
     p.add_argument("--eval-every", type=_POS_INT, default=50, help="steps between evaluations")
     p.add_argument("--eval-batches", type=_NONNEG_INT, default=8,
                    help="validation batches per evaluation (0 = the whole split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
-                   help="run folder (default runs/<spec name>, numbered if taken)")
+                   help="run folder (default runs/<model>, numbered if taken; with --resume "
+                   "runs/<model> itself)")
     p.add_argument("--ckpt-every", type=_POS_INT, default=None, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    C.add_torch(p)
+    C.add_output(p, quiet_help="no progress bar, messages or summary table",
+                 json_help="print the result (val metrics, steps, tokens/s, files) as one JSON "
+                 "object on stdout")
+    C.alias(p, "--no-live", "quiet", action="store_true")
     p.add_argument("--force", action="store_true",
                    help="start even when the estimated memory exceeds what the device has")
     p.set_defaults(func=run)
 
 
-def _fresh_out(spec: Path) -> Path:
-    """runs/<stem>, or runs/<stem>-2, -3, ... so a second run never overwrites the first."""
-    base = Path("runs") / spec.stem
+def _fresh_out(name: str) -> Path:
+    """runs/<model>, or runs/<model>-2, -3, ... so a second run never overwrites the first.
+
+    Named by the model, not the file stem: one file can hold several models, and the
+    stem (`gpt`) need not be the model's name (`gpt_tiny`)."""
+    base = Path("runs") / name
     out, n = base, 1
     while (out / "latest").exists():
         n += 1
-        out = base.with_name(f"{spec.stem}-{n}")
+        out = base.with_name(f"{name}-{n}")
     return out
+
+
+def _token_data(args: argparse.Namespace, plan: Any) -> Any:
+    """Token-id data (`--data` a .bin or a tokenized folder), loaded and checked against the
+    spec before the model is built: a vocabulary mismatch is a located error at the model
+    (exit 1) rather than a failure after minutes of building. None for any other data."""
+    from types import SimpleNamespace
+
+    from blockdsl import data as data_mod
+    from blockdsl import tokdata
+    from blockdsl.errors import BlockError
+    from blockdsl.train import TrainError
+
+    is_tokens = plan.task == "lm" and tokdata.is_token_source(args.data)
+    if not is_tokens:
+        if args.data_dtype is not None:
+            raise TrainError(f"--data-dtype applies to token ids (a .bin file, or a folder "
+                             f"with train.bin), not to {args.data or 'the default data'}")
+        return None
+    shape = SimpleNamespace(task="lm", vocab_size=plan.vocab, seq_len=plan.seq)
+    try:
+        return data_mod.load_for_model(shape, args.data, args.seq, args.data_dtype)
+    except tokdata.VocabMismatch as e:
+        raise BlockError(e.message, plan.span, e.hint) from None
+    except data_mod.DataError as e:
+        raise TrainError(str(e)) from None
 
 
 def _fmt(x: float | None, spec: str = ".3g") -> str:
@@ -121,22 +156,23 @@ def run(args: argparse.Namespace) -> int:
         train,
     )
 
-    out = args.out
-    if out is None:
-        out = Path("runs") / args.spec.stem if args.resume else _fresh_out(args.spec)
     try:
         device = resolve_device(args.device)
         if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             device = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         seed_everything(args.seed)  # fixes the initial weights too
         # Kernels tuned by `compile --tune --batch` for the nearest per-device batch are used.
-        micro = max(1, args.batch_size // max(1, args.accum) // int(os.environ.get("WORLD_SIZE", "1")))
+        micro = max(1, args.batch // max(1, args.accum) // int(os.environ.get("WORLD_SIZE", "1")))
         plan = blockdsl.resolve(args.spec, args.model)
+        dataset = _token_data(args, plan)  # checked against the spec before building
+        out = args.out
+        if out is None:
+            out = Path("runs") / plan.name if args.resume else _fresh_out(plan.name)
         # refuse before building: a model or batch far beyond the machine would otherwise
         # swap or die in the allocator (one micro-batch is what a process holds at once)
-        memory_guard(plan, batch=micro, seq=args.seq_len, precision=args.precision,
+        memory_guard(plan, batch=micro, seq=args.seq, precision=args.precision,
                      optimizer=True, device=device, force=args.force, what="train",
-                     hint="use a smaller --batch-size (or a larger --accum) or --seq-len, "
+                     hint="use a smaller --batch (or a larger --accum) or --seq, "
                      "or pass --force to try anyway")
         model = build_from_plan(plan, device=device, precision=args.precision, batch=micro)
         rep = blockdsl.report(args.spec, args.model)
@@ -144,21 +180,39 @@ def run(args: argparse.Namespace) -> int:
         flops = float(rep.flops_per_token) * (rep.seq if model.task == "classify" else 1)
         cfg = TrainConfig(
             data=args.data, steps=args.steps, tokens=args.tokens, seconds=args.seconds,
-            batch_size=args.batch_size, seq_len=args.seq_len, accum=args.accum, lr=args.lr,
+            batch_size=args.batch, seq_len=args.seq, accum=args.accum, lr=args.lr,
             warmup=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
             eval_every=args.eval_every, eval_batches=args.eval_batches or None, seed=args.seed,
             out=out, ckpt_every=args.ckpt_every, resume=args.resume, device=str(device),
-            quiet=args.quiet, flops_per_token=flops, name=rep.name,
+            quiet=args.quiet or args.json, flops_per_token=flops, name=rep.name,
         )
         if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
             cfg.steps = DEFAULT_STEPS
-        result = train(model, cfg)
+        result = train(model, cfg, dataset=dataset)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
-        _print_summary(result, model.task)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.json:
+            print(json.dumps(_json_summary(result), default=str))
+        elif args.quiet:
+            pass
+        elif result.stopped_by == "finished":
+            val = result.val.get("val_loss")
+            print(f"already finished: {out} reached its budget at step {result.steps}"
+                  + (f" (val loss {val:.4f})" if val is not None else "")
+                  + "; nothing was trained or written (raise --steps, --tokens or --seconds "
+                  "to train further)")
+        else:
+            _print_summary(result, model.task)
     return 130 if result.stopped_by == "interrupt" else 0
+
+
+def _json_summary(r: Any) -> dict[str, Any]:
+    from blockdsl.train import _summary
+
+    return {**_summary(r), "steps": r.steps, "val": r.val, "aux": r.aux,
+            "checkpoint": r.checkpoint, "metrics": r.metrics_path, "loss_plot": r.plot_path}
 
 
 def _print_summary(r: Any, task: str) -> None:

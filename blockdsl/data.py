@@ -14,6 +14,7 @@ by name, at least one when the class has two or more) are validation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -67,8 +68,22 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "blockdsl"
 
 
+def umask() -> int:
+    """The process's umask (Linux reports it in /proc; elsewhere set-and-restore)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
+    """Write via a temporary file and rename, so readers never see half a file.
+
+    mkstemp creates the file 0600; it gets the mode a plain `open` would have given (0666
+    less the umask), so a run's metrics.jsonl is as readable as its loss.png."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -76,6 +91,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -214,6 +230,7 @@ class TextData:
     seq_len: int
     name: str
     vocab_size: int = BYTE_VOCAB
+    bytes_per_token: float | None = 1.0  # a token is a byte: val_loss / ln 2 is bits per byte
     task: str = "lm"
     val_fraction: float = VAL_FRACTION_TEXT
     split: int = field(init=False)
@@ -395,11 +412,13 @@ def load_image_folder(path: str | Path, image_size: int, channels: int) -> Image
 
 
 def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
-                   seq_len: int | None = None) -> TaskData:
+                   seq_len: int | None = None, dtype: str | None = None) -> TaskData:
     """The data set a model trains on, checked against the model's vocabulary or image shape.
 
     `source=None` picks the default: the stdlib corpus for language models, digits for
     classifiers. `seq_len` overrides the model's training context (it may only be shorter).
+    A `.bin` file or a folder with `train.bin` is token ids (`blockdsl.tokdata`); `dtype`
+    (uint16/uint32) reads one that has no JSON sidecar.
     """
     task = getattr(model, "task", None)
     if task == "lm":
@@ -408,6 +427,13 @@ def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
         t = model_len if seq_len is None else int(seq_len)
         if t < 1 or t > model_len:
             raise DataError(f"seq_len {t} must be between 1 and the model's seq_len {model_len}")
+        from blockdsl import tokdata  # the module imports this one
+
+        if tokdata.is_token_source(source):
+            return tokdata.load_token_data(source, t, vocab, dtype)
+        if dtype is not None:
+            raise DataError(f"a data dtype ({dtype}) applies to .bin token files only, and "
+                            f"{source or 'the default corpus'} is text")
         if vocab < BYTE_VOCAB:
             raise DataError(
                 f"model vocab_size {vocab} is smaller than the 256 byte tokens of text data"
@@ -417,6 +443,8 @@ def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
         ):
             raise DataError(f"{source} holds images, but the model is a language model")
         return load_text(source, t)
+    if dtype is not None:
+        raise DataError(f"a data dtype ({dtype}) applies to a language model's .bin tokens only")
     if task == "classify":
         size, ch, ncls = int(model.image_size), int(model.channels), int(model.num_classes)
         if ch not in (1, 3):

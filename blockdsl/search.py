@@ -137,7 +137,7 @@ class SearchConfig:
     prune_quantile: float = 0.5  # single objective: stop when worse than this quantile at a rung
     prune_margin: float = 0.0  # multi-objective: loss must be worse by this much to be dominated
     timing_steps: int = 4  # timed steps per model in the paired timing (after 1 warm-up step)
-    precision: str = "fp32"
+    precision: str = "bf16"  # the CLI's one default for every command (cli_common.py says why)
     lr: float = 3e-3  # measured best of 2e-3..1.2e-2 for 100-250 steps of the default space
     warmup: int = 10
     weight_decay: float = 0.1
@@ -273,12 +273,14 @@ def make_config(space: Space, **overrides: Any) -> SearchConfig:
     """Defaults, then the space's budget line, then explicit overrides (None = not given)."""
     cfg = SearchConfig(**{k: v for k, v in space.budget.items()})
     given = {k: v for k, v in overrides.items() if v is not None}
-    if given.get("baseline_steps") is not None and int(given["baseline_steps"]) < 1:
-        raise SearchError(f"baseline steps must be at least 1, got {given['baseline_steps']}")
     unknown = set(given) - SearchConfig.keys()
     if unknown:
         raise TypeError(f"unknown search settings: {', '.join(sorted(unknown))}")
-    return replace(cfg, **given)
+    cfg = replace(cfg, **given)
+    if cfg.baseline_steps is not None and (not isinstance(cfg.baseline_steps, int)
+                                           or cfg.baseline_steps < 1):
+        raise SearchError(f"baseline steps must be at least 1, got {cfg.baseline_steps}")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- choices

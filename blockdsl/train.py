@@ -117,7 +117,7 @@ class TrainResult:
     losses: list[float]
     evals: list[tuple[int, dict[str, float]]]
     tokens_per_s: float
-    stopped_by: str  # "budget", "callback", "interrupt"
+    stopped_by: str  # "budget", "callback", "interrupt"; "finished": resumed with no budget left
     flops_per_s: float | None = None
     peak_flops_per_s: float | None = None
     mfu: float | None = None
@@ -457,6 +457,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
     final = out / f"{CKPT_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
     try:
+        # mkdtemp makes it 0700; a checkpoint folder gets a plain mkdir's mode (the umask's)
+        os.chmod(tmp, 0o777 & ~data_mod.umask())
         save_model(model, str(tmp / "model.safetensors"))
         payload = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), **state}
         torch.save(payload, tmp / "train_state.pt")
@@ -465,6 +467,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
             "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():  # safetensors writes its file 0600 whatever the umask
+            os.chmod(f, 0o666 & ~data_mod.umask())
         if final.exists():
             # a folder of this step from a lost tail (e.g. a damaged checkpoint newer than
             # the one a run resumed from): this run's state replaces it, never the reverse
@@ -684,7 +688,7 @@ class _Interrupt:
 class _Progress:
     """A rich progress bar on stderr (loss, throughput, ETA), or nothing."""
 
-    def __init__(self, enabled: bool, total: float | None, unit: str) -> None:
+    def __init__(self, enabled: bool, total: float | None, unit: str, step: str = "0") -> None:
         self.bar = None
         self.console = None
         if not enabled:
@@ -710,7 +714,7 @@ class _Progress:
             TimeRemainingColumn(),
             console=self.console,
         )
-        self.task = self.bar.add_task("train", total=total, step=0, loss="-", rate="-")
+        self.task = self.bar.add_task("train", total=total, step=step, loss="-", rate="-")
         self.bar.start()
 
     def update(self, completed: float, **fields: Any) -> None:
@@ -736,8 +740,14 @@ def _task_loss(logits: Tensor, targets: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], precision: str,
              device: torch.device, dist: _Dist | None = None,
-             byte_level: bool = False) -> dict[str, float]:
-    """Mean validation loss (and bits per byte or accuracy); batches are sharded by rank."""
+             byte_level: bool = False,
+             bytes_per_token: float | None = None) -> dict[str, float]:
+    """Mean validation loss (and bits per byte or accuracy); batches are sharded by rank.
+
+    Bits per byte = nats per token / ln 2 / bytes per token: 1 for byte-level text, the
+    validation text's measured ratio for tokenized data (its meta.json), so runs on bytes
+    and on any tokenizer compare on one scale.
+    """
     dist = dist or _Dist(device=device)
     was_training = model.training
     model.eval()
@@ -756,8 +766,10 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], precision: 
     stats = dist.all_reduce_sum(stats)
     loss = float(stats[0] / stats[1])
     metrics = {"val_loss": loss}
-    if byte_level:
-        metrics["val_bpb"] = loss / math.log(2)
+    if byte_level and bytes_per_token is None:
+        bytes_per_token = 1.0
+    if bytes_per_token is not None:
+        metrics["val_bpb"] = loss / math.log(2) / bytes_per_token
     if getattr(model, "task", None) == "classify":
         metrics["val_acc"] = float(stats[2] / stats[1])
     return metrics
@@ -858,7 +870,10 @@ class _Run:
             raise TrainError("another process failed to set up training; see rank 0's error")
         dist.broadcast_module(model)
         self.start_time = self.train_time
-        self.files = _RunFiles(self.out if dist.main else None,
+        # Resuming a run whose checkpoint already spent the budget: nothing to train, and
+        # nothing to write (a second final evaluation would duplicate the last eval row).
+        self.finished = self.resumed and not self.budget_left()
+        self.files = _RunFiles(self.out if dist.main and not self.finished else None,
                                self.step if self.resumed else None)
         self.peak = None
         if cfg.flops_per_token and dist.main:
@@ -866,8 +881,8 @@ class _Run:
         self.verbose = dist.main and not cfg.quiet
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         total = float(self.total_steps) if self.total_steps is not None else cfg.seconds
-        self.bar = _Progress(bool(show) and self.verbose, total,
-                             "tok" if self.ds.task == "lm" else "img")
+        self.bar = _Progress(bool(show) and self.verbose and not self.finished, total,
+                             "tok" if self.ds.task == "lm" else "img", self.step_text())
         self.val_batches = self.ds.val_batches(cfg.batch_size, cfg.eval_batches)
         self.losses: list[Tensor] = []
         self.aux_steps: dict[str, list[Tensor]] = {}
@@ -898,7 +913,8 @@ class _Run:
         if cfg.tokens is not None:
             by_tokens = math.ceil(cfg.tokens / self.per_step)
             self.total_steps = by_tokens if cfg.steps is None else min(cfg.steps, by_tokens)
-        self.byte_level = getattr(self.ds, "vocab_size", None) == data_mod.BYTE_VOCAB
+        byte_level = getattr(self.ds, "vocab_size", None) == data_mod.BYTE_VOCAB
+        self.bytes_per_token = getattr(self.ds, "bytes_per_token", 1.0 if byte_level else None)
 
         self.out = Path(cfg.out).expanduser() if cfg.out is not None else None
         ckpt = latest_checkpoint(self.out) if self.out is not None else None
@@ -914,6 +930,7 @@ class _Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = make_adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas, self.device)
         self.resumed = cfg.resume and (ckpt is not None or bool(found))
+        self.resumed_from: Path | None = None
         self.recent: dict[str, list[Tensor]] = {}
         if self.resumed:
             if ckpt is not None:
@@ -926,7 +943,8 @@ class _Run:
                         f"checkpoint {ckpt} was made with {name} {state['config'][name]}, "
                         f"not {getattr(cfg, name)}: the data order would change"
                     )
-            self.step, self.tokens = state["step"], state["tokens"]
+            self.resumed_from = ckpt
+            self.step, self.tokens = state["step"], int(state["tokens"])
             self.train_time = state["train_time"]
             # the per-step losses of the log window the checkpoint fell in, so the first
             # logged window after a resume averages the same steps as an uninterrupted run
@@ -967,6 +985,13 @@ class _Run:
         if cfg.seconds is not None:
             p = max(p, self.train_time / cfg.seconds)
         return p
+
+    def step_text(self) -> str:
+        """The bar's step: `9/300`, or with a seconds budget only, its share used so far."""
+        if self.total_steps is not None:
+            return f"{self.step}/{self.total_steps}"
+        return f"{self.step} ({min(self.train_time / self.cfg.seconds, 1.0):.0%} of " \
+               f"{self.cfg.seconds:g} s)"
 
     def budget_left(self) -> bool:
         if self.total_steps is not None and self.step >= self.total_steps:
@@ -1011,7 +1036,7 @@ class _Run:
             self.stopped_by = "interrupt"
         timed = cfg.seconds is not None and self.total_steps is None
         rate = self.per_step / max(dt, 1e-9)
-        self.bar.update(self.train_time if timed else self.step, step=self.step,
+        self.bar.update(self.train_time if timed else self.step, step=self.step_text(),
                         loss=f"{float(shared[0]):.4f}", rate=f"{rate:,.0f}")
         if self.step % cfg.log_every == 0:
             self.log_train(lr, grad_norm)
@@ -1082,14 +1107,15 @@ class _Run:
     def run_eval(self) -> bool:
         """Evaluate, log, call back; True when the callback asked (on rank 0) to stop."""
         metrics = evaluate(self.model, self.val_batches, self.cfg.precision, self.device,
-                           self.dist, self.byte_level)
+                           self.dist, bytes_per_token=self.bytes_per_token)
         if not math.isfinite(metrics["val_loss"]):  # identical on all ranks (all-reduced)
             self.diverged(self.step, f"non-finite validation loss ({metrics['val_loss']})")
         self.last_eval_step = self.step
         recent = self.window("loss", self.losses)
         if recent:
             metrics["train_loss"] = float(torch.stack(recent).mean())
-        metrics.update(tokens=float(self.tokens), train_seconds=self.train_time)
+        # an int like the train rows' (a float loses exactness past 2**53 and reads oddly)
+        metrics.update(tokens=int(self.tokens), train_seconds=self.train_time)
         self.evals.append((self.step, metrics))
         self.files.log({"kind": "eval", "step": self.step, **metrics})
         extra = "".join(f"  {k} {metrics[k]:.4f}" for k in ("val_bpb", "val_acc") if k in metrics)
@@ -1125,6 +1151,8 @@ class _Run:
 
     def loop(self) -> TrainResult:
         cfg = self.cfg
+        if self.finished:
+            return self.finished_result()
         self.model.train()
         if not self.resumed and self.run_eval():
             self.stopped_by = "callback"
@@ -1169,6 +1197,30 @@ class _Run:
             title = f"{cfg.name or type(self.model).__name__} on {Path(self.ds.name).name}"
             r.plot_path = plot_losses(train_hist, val_hist, self.out / "loss.png", title)
         return r
+
+    def finished_result(self) -> TrainResult:
+        """The result of a run resumed after it had finished, read from its files, which are
+        left exactly as they were (stopped_by "finished")."""
+        metrics = self.out / "metrics.jsonl" if self.out is not None else None
+        evals: list[tuple[int, dict[str, float]]] = []
+        if metrics is not None and metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                with contextlib.suppress(ValueError, AttributeError):
+                    rec = json.loads(line)
+                    if rec.get("kind") == "eval":
+                        evals.append((rec["step"], {k: v for k, v in rec.items()
+                                                    if k not in ("kind", "step")}))
+        val = evals[-1][1] if evals else {}
+        plot = self.out / "loss.png" if self.out is not None else None
+        return TrainResult(
+            steps=self.step, tokens=self.tokens, train_seconds=self.train_time,
+            wall_seconds=time.perf_counter() - self.wall0,
+            train_loss=float(val.get("train_loss") or float("nan")), val=val,
+            first_val=evals[0][1] if evals else {}, losses=[], evals=evals, tokens_per_s=0.0,
+            stopped_by="finished", checkpoint=self.resumed_from,
+            metrics_path=metrics if metrics is not None and metrics.is_file() else None,
+            plot_path=plot if plot is not None and plot.is_file() else None,
+        )
 
     def close(self) -> None:
         self.bar.close()

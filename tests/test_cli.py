@@ -72,10 +72,10 @@ def test_compile_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_compile_out_writes_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = run_main(capsys, "compile", str(SHARED), "--out", str(tmp_path))
+    d = tmp_path / "shared_ffn"  # --out names the artifact folder itself
+    rc, out, err = run_main(capsys, "compile", str(SHARED), "--out", str(d))
     assert rc == 0, err
     assert "stored parameters" in out  # the human-readable table
-    d = tmp_path / "shared_ffn"
     assert sorted(p.name for p in d.iterdir()) == ["graph.svg", "resolved.block", "summary.json"]
     summary = json.loads((d / "summary.json").read_text())
     assert summary["stored_params"] == blockdsl.report(SHARED).stored_params

@@ -155,6 +155,11 @@ def test_nothing_feasible_says_why_and_still_plots_what_it_tried(empty_run: tupl
 
 def test_a_bad_step_budget_is_one_line_and_exit_1(tmp_path: Path) -> None:
     r = _run(tmp_path, "--study", "bad", "--baseline-steps", "0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("blockdsl search: error: argument "
+                                                 "--baseline-steps: expected a positive integer, got 0")
+    # The same in a space's budget line, where argparse does not look.
+    r = _run(tmp_path, "--study", "bad2", text=TINY.replace("heartbeat=1)", "heartbeat=1, baseline_steps=0)"))
     assert r.returncode == 1
     assert r.stderr.strip() == "error: baseline steps must be at least 1, got 0"
 

@@ -417,6 +417,7 @@ def test_library_run_stops_on_nan_before_the_update() -> None:
     ("--lr", "nan", "a finite number > 0"), ("--lr", "-1", "a finite number > 0"),
     ("--lr", "inf", "a finite number > 0"), ("--lr", "0", "a finite number > 0"),
     ("--batch-size", "0", "an integer > 0"), ("--steps", "-5", "an integer > 0"),
+    ("--batch", "0", "an integer > 0"), ("--seq", "-2", "an integer > 0"),
     ("--steps", "2.5", "an integer > 0"), ("--seq-len", "0", "an integer > 0"),
     ("--warmup", "-1", "an integer >= 0"), ("--seconds", "inf", "a finite number > 0"),
     ("--weight-decay", "nan", "a finite number >= 0"), ("--eval-every", "0", "an integer > 0"),
