@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=20, help="trials after the baseline")
     ap.add_argument("--seconds", type=float, default=1.5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--precision", default="fp32",
+                    help="fp32 (default here): what the search defaulted to when the table in "
+                    "docs/search.md was measured")
     ap.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args(argv)
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"short-{d}-s{seed}-{stamp}"
             study = S.search(space, study=name, root=Path(args.out), seed=seed,
                              seconds=args.seconds, trials=args.budget + 1, threads=1,
+                             precision=args.precision,
                              **DESIGNS[d])
             base = S.baseline_trial(study)
             r = [at(study, k) for k in ks]
