@@ -211,7 +211,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "resolved.block").write_text(render(plan), encoding="utf-8")
     fam = {layer.index: layer.family for layer in plan.layers}
-    (out_dir / "graph.svg").write_text(to_svg(rep, fam), encoding="utf-8")
+    (out_dir / "graph.svg").write_text(to_svg(rep, fam, plan=plan), encoding="utf-8")
     g = to_graph(plan)
     summary["graph"] = {"nodes": g.number_of_nodes(), "edges": g.number_of_edges()}
     if args.tune:

@@ -83,6 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="no live table: one line per finished trial, then the result")
     C.alias(p, "--no-live", "live", action="store_false")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="TensorBoard event files per trial in <out>/tb/trial-<n> (the scalars "
+                   "of a train run); needs pip install 'blockdsl[tensorboard]'")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     # `search --storage X show STUDY --write` (show after options) still works the old way
     C.alias(p, "--write", "write", action="store_true")
@@ -310,6 +313,17 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     cfg = S.make_config(space, **settings)
     _check_token_data(space, cfg.data)
     name = args.study or S.new_study_name(space)
+    # Event files per trial, <out>/tb/trial-<n>; set (or cleared) for this run before the
+    # study records its config, which worker processes read.
+    cfg.tensorboard = None
+    if args.tensorboard:
+        from blockdsl.tblog import TensorBoardMissing, require
+
+        try:
+            require()
+        except TensorBoardMissing as e:
+            raise S.SearchError(str(e)) from None
+        cfg.tensorboard = str((Path(args.out) if args.out else S.STUDY_DIR / name) / "tb")
     storage_url = args.storage or str(S.default_storage_path(name))
     storage = S.open_storage(storage_url, name, cfg)
     study = S.create_study(space, cfg, storage, name, resume=True)

@@ -97,6 +97,9 @@ def register(subparsers: Any) -> None:
     C.alias(p, "--no-live", "quiet", action="store_true")
     p.add_argument("--force", action="store_true",
                    help="start even when the estimated memory exceeds what the device has")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files (the metrics.jsonl scalars) to "
+                   "<out>/tb; needs pip install 'blockdsl[tensorboard]'")
     p.set_defaults(func=run)
 
 
@@ -185,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             eval_every=args.eval_every, eval_batches=args.eval_batches or None, seed=args.seed,
             out=out, ckpt_every=args.ckpt_every, resume=args.resume, device=str(device),
             quiet=args.quiet or args.json, flops_per_token=flops, name=rep.name,
+            tensorboard=Path(out) / "tb" if args.tensorboard else None,
         )
         if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
             cfg.steps = DEFAULT_STEPS

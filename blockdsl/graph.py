@@ -262,6 +262,35 @@ def _attention_saves_scores(layer_args: dict[str, Any], device_type: str, precis
     return False
 
 
+# Mirrors blockdsl.nn.dispatch.SMALL_EXPERT_WEIGHT (kept here so this module stays
+# torch-free; tests/test_memory.py checks the two agree).
+SMALL_EXPERT_WEIGHT = 32768
+
+
+def _dispatch_saves_rows(dispatch: str, expert_weight: int, device_type: str) -> bool:
+    """Whether the expert dispatch keeps per-slot tensors for backward ("bmm", "loop", and
+    "auto" where `resolve_impl` picks "bmm": CPU with an expert weight of d x first-layer
+    width <= SMALL_EXPERT_WEIGHT) rather than only the hidden ("sort", "grouped_mm")."""
+    if dispatch == "auto":
+        return device_type == "cpu" and expert_weight <= SMALL_EXPERT_WEIGHT
+    return dispatch in ("bmm", "loop")
+
+
+def _grid_slots(m: int, experts: int, a: dict[str, Any]) -> int:
+    """Slots "bmm" lays m assignments out in: one [E, C] grid while padding stays under
+    1.25x, else tiles of half the mean load (bucketed to >= 8 rows): at most ~1.5 m plus
+    one bucket per expert; "loop" keeps exactly m rows."""
+    return m if a.get("dispatch") == "loop" else math.ceil(1.6 * m) + 16 * experts
+
+
+def _grid_tiles(m: int, experts: int, a: dict[str, Any], e: int) -> int:
+    """Tiles of a tiled "bmm" grid, each keeping its own copy of its expert's weights: tiles
+    of t >= max(q, m / 2E) rows (q = 16 under bf16, else 8: `_capacity_bucket`) give
+    sum_e ceil(load_e / t) <= E + min(2E, m / q)."""
+    q = 16 if e == 2 else 8
+    return 0 if a.get("dispatch") == "loop" else experts + min(2 * experts, -(-m // q))
+
+
 def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: str = "fp32",
                     optimizer: bool = True, device_type: str = "cpu") -> MemoryEstimate:
     """A conservative upper estimate of one training step's memory, from the Plan alone.
@@ -277,8 +306,10 @@ def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: s
       N·h·dh·(3+2k)·e, plus fp32 selector logits and probabilities for V and O;
     - mlp: input N·d·e and hidden N·(g+1)·f·e (g = 2 for gated activations);
     - topk / sigma_moe: fp32 router logits and probabilities N·E·8 and, for each of the
-      k copies of a token the dispatch gathers, its input, hidden and output; expert
-      choice the same with the capacity factor in place of k;
+      k copies of a token the dispatch gathers, its hidden ("sort", "grouped_mm") or its
+      input, hidden and output in every slot of the padded grid, plus the grid's
+      per-tile weight copies ("bmm", "loop"; switchhead likewise); expert choice the
+      same with the capacity factor in place of k;
     - the head: its input, the logits in the autocast dtype, their fp32 copy and
       cross-entropy's log-softmax, N·V·(e+8); AltUp keeps K streams per block.
     Gradients of the activations live only while one layer runs backward: the largest
@@ -316,6 +347,12 @@ def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: s
             h, dh, k = a["heads"], a["head_dim"], (a["k"] if a["experts"] > 1 else 1)
             acts += n * d * e + n * h * dh * (5 + 2 * k) * e + n * h * 4
             acts += n * 2 * h * a["experts"] * 8
+            if a["experts"] > 1 and _dispatch_saves_rows(a.get("dispatch", "auto"), d * dh,
+                                                         device_type):
+                # V and O: every padded slot's gathered input and output, and "bmm"'s
+                # per-tile weight copies
+                acts += 2 * _grid_slots(n * h * k, h * a["experts"], a) * (d + dh) * e
+                acts += 2 * _grid_tiles(n * h * k, h * a["experts"], a, e) * d * dh * e
         elif p == "mlp":
             acts += n * (d + ffn_hidden(a["act"], a["d_ff"])) * e
         elif p in ("topk", "expert_choice", "sigma_moe"):
@@ -325,7 +362,16 @@ def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: s
                 hidden = ffn_hidden(a["act"], a["d_ff"])
                 copies = a["k"] if p == "topk" else min(a["capacity_factor"], a["experts"])
             m = int(math.ceil(n * copies))  # token-expert assignments
-            acts += n * d * e + n * a["experts"] * 8 + m * hidden * e
+            acts += n * d * e + n * a["experts"] * 8
+            gate_width = (2 if a["act"] in ("swiglu", "geglu", "reglu") else 1) * (
+                a["expert_size"] if p == "sigma_moe" else a["d_ff"])
+            if _dispatch_saves_rows(a.get("dispatch", "auto"), d * gate_width, device_type):
+                # "bmm"/"loop" keep each slot's gathered input, hidden, activation and
+                # output, and "bmm" its per-tile weight copies
+                acts += _grid_slots(m, a["experts"], a) * (2 * d + hidden) * e
+                acts += _grid_tiles(m, a["experts"], a, e) * d * gate_width * 2 * e
+            else:
+                acts += m * hidden * e
             extra = m * 2 * d * e  # gathered inputs and per-assignment outputs
             if a.get("shared_d_ff"):
                 acts += n * ffn_hidden(a["act"], a["shared_d_ff"]) * e

@@ -153,6 +153,7 @@ class SearchConfig:
     threads: int | None = 1  # torch threads per worker; None: leave torch's default
     heartbeat: int = 5  # seconds between heartbeats
     grace: int = 30  # a trial whose heartbeat is older than this is failed and retried
+    tensorboard: str | None = None  # folder for TensorBoard event files, one subfolder a trial
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -1174,6 +1175,8 @@ class Worker:
             precision=cfg.precision, eval_every=spr, eval_batches=cfg.eval_batches,
             log_every=spr, seed=cfg.seed, out=None, device=cfg.device, quiet=True,
             progress=False,
+            tensorboard=(Path(cfg.tensorboard) / f"trial-{trial.number:04d}"
+                         if cfg.tensorboard else None),
         )
         rungs: dict[str, float] = {}
         pre = [signs[m] * metrics.get(m, 0.0) for m, _ in space.objectives if m not in TRAINED_METRICS]

@@ -101,6 +101,7 @@ class TrainConfig:
     progress: bool | None = None  # None = on when stderr is a TTY and not quiet
     flops_per_token: float | None = None  # forward FLOPs per token (LM) or image, for MFU
     name: str | None = None  # what the run is called in the plot (default: model class)
+    tensorboard: str | Path | None = None  # folder for TensorBoard event files (rank 0); None: none
 
 
 @dataclass
@@ -578,10 +579,21 @@ def _strict_json(record: dict[str, Any]) -> str:
 
 
 class _RunFiles:
-    """The run folder (rank 0 only): metrics.jsonl, loss.png and checkpoints."""
+    """The run folder (rank 0 only): metrics.jsonl, loss.png and checkpoints; and, when
+    asked, TensorBoard event files in `tb_dir` fed the very rows metrics.jsonl gets."""
 
-    def __init__(self, out: Path | None, resume_step: int | None) -> None:
+    def __init__(self, out: Path | None, resume_step: int | None,
+                 tb_dir: Path | None = None) -> None:
         self.out = out
+        self.tb = None
+        if tb_dir is not None:
+            from blockdsl.tblog import Writer
+
+            try:
+                self.tb = Writer(tb_dir, purge_step=None if resume_step is None else resume_step + 1)
+            except OSError as e:
+                raise TrainError(f"cannot write TensorBoard logs in {tb_dir}: "
+                                 f"{e.strerror or e}") from None
         self.metrics_path = out / "metrics.jsonl" if out else None
         if self.metrics_path is None:
             self._fh = None
@@ -602,10 +614,15 @@ class _RunFiles:
     def log(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
             self._fh.write(_strict_json(record) + "\n")
+        if self.tb is not None:
+            self.tb.log(record)
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def history(self) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
         train: list[tuple[int, float]] = []
@@ -873,8 +890,10 @@ class _Run:
         # Resuming a run whose checkpoint already spent the budget: nothing to train, and
         # nothing to write (a second final evaluation would duplicate the last eval row).
         self.finished = self.resumed and not self.budget_left()
+        tb = Path(cfg.tensorboard).expanduser() if cfg.tensorboard and dist.main else None
         self.files = _RunFiles(self.out if dist.main and not self.finished else None,
-                               self.step if self.resumed else None)
+                               self.step if self.resumed else None,
+                               tb if not self.finished else None)
         self.peak = None
         if cfg.flops_per_token and dist.main:
             self.peak = matmul_rate(self.device, cfg.precision) * dist.world
@@ -916,6 +935,13 @@ class _Run:
         byte_level = getattr(self.ds, "vocab_size", None) == data_mod.BYTE_VOCAB
         self.bytes_per_token = getattr(self.ds, "bytes_per_token", 1.0 if byte_level else None)
 
+        if cfg.tensorboard and dist.main:
+            from blockdsl.tblog import TensorBoardMissing, require
+
+            try:
+                require()
+            except TensorBoardMissing as e:
+                raise TrainError(str(e)) from None
         self.out = Path(cfg.out).expanduser() if cfg.out is not None else None
         ckpt = latest_checkpoint(self.out) if self.out is not None else None
         found = checkpoint_folders(self.out) if self.out is not None else []
@@ -1191,7 +1217,8 @@ class _Run:
                  for k, v in self.aux_steps.items()},
         )
         if self.dist.main and self.out is not None:
-            self.files.log({"kind": "summary", "step": self.step, **_summary(r)})
+            self.files.log({"kind": "summary", "step": self.step, **_summary(r),
+                            "env": run_environment(self.model, self.device, self.ds)})
             self.files.close()
             train_hist, val_hist = self.files.history()
             title = f"{cfg.name or type(self.model).__name__} on {Path(self.ds.name).name}"
@@ -1225,6 +1252,70 @@ class _Run:
     def close(self) -> None:
         self.bar.close()
         self.files.close()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit(where: Path) -> str | None:
+    """The checkout's commit (+ "-dirty" with uncommitted edits), when blockdsl runs from
+    one: the version string stays 0.1.0 across commits that change the numbers."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--show-toplevel",
+                               "--short=12", "HEAD"], capture_output=True, text=True, timeout=5)
+        top, _, commit = head.stdout.strip().partition("\n")
+        # an installed copy inside some other repository (a venv in a project) is not ours
+        if head.returncode != 0 or Path(top).resolve() != where.resolve().parent:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "-uno", "."],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str, Any]:
+    """What a run's numbers depend on besides the spec, the flags and the seed.
+
+    Measured (docs/train.md, "A tiny GPT on the default corpus"): the same seed gives
+    bit-identical metrics run after run, and here 1 and 2 threads gave identical ones too;
+    but the code version (kernel defaults, e.g. the bf16 attention path), the CPU's
+    instruction set (oneDNN's bf16 kernels: `ONEDNN_MAX_CPU_ISA=AVX2` changed the loss in
+    the 5th digit at step 0), the kernels `compile --tune` picked, and the corpus (the
+    default one is this Python's standard library) each change them. The summary row
+    records all of these, so two runs' figures can be told apart before they are compared.
+    """
+    import blockdsl
+
+    kernels = sorted({f"{type(m).__name__}.{k}={getattr(m, k)}" for m in model.modules()
+                      for k in ("impl", "dispatch") if isinstance(getattr(m, k, None), str)})
+    env: dict[str, Any] = {
+        "blockdsl": blockdsl.__version__, "torch": torch.__version__,
+        "python": platform.python_version(), "device": str(device),
+        "threads": torch.get_num_threads(), "kernels": kernels,
+        "data": getattr(ds, "name", None), "data_units": len(getattr(ds, "tokens", ())) or None,
+    }
+    commit = _git_commit(Path(blockdsl.__file__).parent)
+    if commit:
+        env["git"] = commit
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = _cpu_name()
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        for var in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):  # restrict kernels
+            if os.environ.get(var):
+                env[var.lower()] = os.environ[var]
+    return env
 
 
 def _summary(r: TrainResult) -> dict[str, Any]:

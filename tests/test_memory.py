@@ -143,3 +143,15 @@ def test_train_refuses_without_allocating(huge: Path, tmp_path: Path) -> None:
     # the hint names the flags as the CLI convention spells them (not --batch-size/--seq-len)
     assert "use a smaller --batch (or a larger --accum) or --seq, or pass --force" in p.stderr
     assert not out.exists()
+
+
+def test_memory_estimate_uses_the_dispatch_rule_of_resolve_impl() -> None:
+    """graph.py (torch-free) mirrors the CPU threshold at which "auto" dispatch is "bmm"."""
+    from blockdsl import graph
+    from blockdsl.nn import dispatch
+
+    assert graph.SMALL_EXPERT_WEIGHT == dispatch.SMALL_EXPERT_WEIGHT
+    cpu = torch.device("cpu")
+    for w in (dispatch.SMALL_EXPERT_WEIGHT, dispatch.SMALL_EXPERT_WEIGHT + 1):
+        picked = dispatch.resolve_impl("auto", cpu, torch.float32, 1, w)
+        assert graph._dispatch_saves_rows("auto", w, "cpu") == (picked == "bmm")

@@ -65,19 +65,21 @@ def _activate(h: Tensor, activation: str) -> Tensor:
 
 
 def _activate_with_backward(
-    h: Tensor, activation: str
-) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    h: Tensor, activation: str, forward: bool = True
+) -> tuple[Tensor | None, Callable[[Tensor], Tensor]]:
     """a = act(h) and the map dL/da -> dL/dh, sharing act(gate) between the two.
 
     For gated kinds h = [gate | up], a = act(gate) * up; the gradient halves are written
-    straight into one buffer (no concatenation).
+    straight into one buffer (no concatenation). `forward=False` (a caller that saved a)
+    skips computing a where the backward does not need it (ungated kinds): a = None.
     """
     if activation == "none":
         return h, lambda grad_a: grad_a
     base = _BASE.get(activation, activation)
     fn = _ACT_BWD[base]
     if not is_gated(activation):
-        return activate(h, base), lambda grad_a: fn(grad_a, h, torch.empty_like(h))
+        a = activate(h, base) if forward else None
+        return a, lambda grad_a: fn(grad_a, h, torch.empty_like(h))
     gate, up = h.chunk(2, dim=-1)
     act_gate = activate(gate, base)
 
@@ -140,14 +142,21 @@ def resolve_impl(
     - search scale (benchmarks/moe_search_scale.py; d = 48, 8 experts, top-2, 1024 tokens,
       1 thread; whole-model step vs the dense model of equal FLOPs, docs/bench/
       moe_search_scale.txt): "bmm" beats "sort" and "grouped_mm" in bf16 by 2-3x and
-      ties "grouped_mm" in fp32; "sort" (the old default) is the slowest in both. Here
-      per-op overhead rules, and "bmm" runs one op per matmul for all experts.
-    - coarse 8x512 d256 and MoEUT-44M 155x128 d412, 4096 tokens, 2 threads (the issue's
-      quiet-machine run of benchmarks/moe_layer.py): "grouped_mm" beats "sort" in fp32
-      (92% vs 85% and 91% vs 63% of the dense per-expert rate) and in bf16 (73% vs 44%,
-      49% vs 31%). There matmuls dominate, and "bmm"'s padding (up to 1.25x rows) and
-      per-tile weight copies are pure cost, while `_grouped_mm` is exact. The old rule
-      ("sort" everywhere on CPU) lost at every shape measured.
+      ties "grouped_mm" in fp32; "sort" (the old default) is the slowest in both (round
+      one, load 2). Re-run with this branch's backward (load 4-7), step ratio to the
+      dense model, topk(d) / topk(2d): bf16 "bmm" 1.52x / 1.56x vs "grouped_mm" 3.48x /
+      5.24x; fp32 1.53x / 1.90x vs 1.95x / 1.62x (a tie inside the spread). Here per-op
+      overhead rules, and "bmm" runs one op per matmul for all experts.
+    - coarse 8x512 d256 and MoEUT-44M 155x128 d412, 4096 tokens, 2 threads. Quiet
+      machine (the issue's run of benchmarks/moe_layer.py, quoted, before "bmm"
+      existed): "grouped_mm" beats "sort" in fp32 (92% vs 85% and 91% vs 63% of the
+      dense per-expert rate) and in bf16 (73% vs 44%, 49% vs 31%). This branch's run
+      (docs/bench/moe_layer_*.txt, load 6.5-9.5, medians of interleaved steps): "bmm"
+      was slower than "grouped_mm" in all four tables (fp32 coarse 993 vs 744 ms, MoEUT
+      6851 vs 4259; bf16 coarse 570 vs 523, MoEUT 2070 vs 1690), as expected where
+      matmuls dominate and its padding and per-tile weight copies are pure cost; but
+      "auto" and "grouped_mm", the same code at these shapes, differed by up to 1.3x,
+      so "grouped_mm" vs "sort" is not settled by it (a quiet re-run is due).
     `blockdsl compile --tune` races all backends at the real shape and overrides this.
     """
     if impl not in IMPLS:
@@ -390,26 +399,70 @@ def _grouped_backward(go, x, src, dst, expert, gate, offs, w1, b1, w2, b2, h, ac
 # a matmul takes tens of microseconds and per-op overhead is a large part of the cost.
 # The price is the padding (E * C - M rows computed for nothing), which grows with the
 # routing's imbalance; `resolve_impl` says where that wins.
-# Plain autograd, not a custom op: nothing here is data-dependent once C is known, and a
-# torch.library custom op with autograd costs ~80 us of Python per forward+backward
-# (measured: a trivial one vs the same clone without it), about a quarter of a whole
-# d = 48 expert layer's step. The cost is memory: autograd keeps the gathered input, h,
-# act(h) and y (the custom ops keep h only).
-def _padded(x, src, dst, gate, w1, b1, w2, b2, activation, n_out):
-    n_exp = w1.shape[0]
-    with torch.autocast(x.device.type, enabled=False):
-        xb = x.index_select(0, src).view(n_exp, -1, x.shape[1])
-        # biases added after the product, not fused (baddbmm): rounding as in the other backends
-        y = torch.bmm(xb, w1)
-        if b1 is not None:
-            y = y + b1.unsqueeze(1)
-        if w2 is not None:
-            y = torch.bmm(_activate(y, activation), w2)
-            if b2 is not None:
-                y = y + b2.unsqueeze(1)
-        y = y.view(-1, y.shape[-1])
-        out = torch.zeros(n_out, y.shape[1], device=x.device, dtype=_acc(x))
-        return out.index_add(0, dst, y * gate.unsqueeze(-1)).to(x.dtype)  # fp32 product
+# A hand-written torch.autograd.Function, not a torch.library custom op: nothing here is
+# data-dependent once C is known, and a custom op with autograd costs ~80 us of Python per
+# forward+backward (measured: a trivial one vs the same clone without it), about a quarter
+# of a whole d = 48 expert layer's step. Over round one's plain autograd it saves autograd
+# nodes and, in bf16, the per-op casts of the gate product's backward: the backward runs the
+# 4 bmm, the activation's backward (act(h) saved, not recomputed), one gather and one
+# scatter, and reads the gate gradient off the saved output y (<dL/dy_gated, y>, one row
+# dot). Measured (1024 tokens, 8 experts, d = d_ff = 48, gelu, forward+backward of the
+# expert FFN alone vs the dense FFN of 2d, thread CPU time, median of 15 interleaved
+# rounds, load average 8): fp32 1.95x -> 1.81x the dense layer, bf16 2.78x -> 2.23x. The
+# dispatcher op count is about the same (views and transposes count as ops either way).
+# Memory: it keeps the gathered input, h, act(h) and y, as autograd did.
+class _PaddedFFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, src, dst, gate, w1, b1, w2, b2, activation, n_out):
+        n_slots = src.shape[0]
+        with torch.autocast(x.device.type, enabled=False):
+            xb = x.index_select(0, src).view(w1.shape[0], -1, x.shape[1])
+            # biases added after the product, not fused (baddbmm): rounding as in the other backends
+            h = torch.bmm(xb, w1)
+            if b1 is not None:
+                h += b1.unsqueeze(1)
+            a = None
+            if w2 is None:
+                y = h
+            else:
+                a = _activate(h, activation)
+                y = torch.bmm(a, w2)
+                if b2 is not None:
+                    y += b2.unsqueeze(1)
+            y = y.view(n_slots, y.shape[-1])
+            out = torch.zeros(n_out, y.shape[1], device=x.device, dtype=_acc(x))
+            out.index_add_(0, dst, y * gate.unsqueeze(-1))  # fp32 gate: fp32 product
+        ctx.save_for_backward(xb, src, dst, gate, w1, w2, h, a, y)
+        ctx.static = (activation, x.shape[0], b1 is not None, b2 is not None)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, go):
+        xb, src, dst, gate, w1, w2, h, a, y = ctx.saved_tensors
+        activation, n_in, has_b1, has_b2 = ctx.static
+        need = ctx.needs_input_grad
+        with torch.autocast(go.device.type, enabled=False):
+            gy = go.to(y.dtype).index_select(0, dst)
+            ggate = _rowdot(gy, y).to(gate.dtype) if need[3] else None
+            gys = (gy * gate.to(y.dtype).unsqueeze(-1)).view(xb.shape[0], xb.shape[1], y.shape[1])
+            gw2 = gb2 = None
+            if w2 is None:
+                gh = gys
+            else:
+                if need[6]:
+                    gw2 = torch.bmm(a.transpose(1, 2), gys)
+                if has_b2 and need[7]:
+                    gb2 = gys.sum(1)
+                _, act_backward = _activate_with_backward(h, activation, forward=False)
+                gh = act_backward(torch.bmm(gys, w2.transpose(1, 2)))
+            gw1 = torch.bmm(xb.transpose(1, 2), gh) if need[4] else None
+            gb1 = gh.sum(1) if has_b1 and need[5] else None
+            gx = None
+            if need[0]:
+                gxb = torch.bmm(gh, w1.transpose(1, 2)).view(-1, xb.shape[2])
+                acc = torch.zeros(n_in, xb.shape[2], device=gxb.device, dtype=_acc(gxb))
+                gx = acc.index_add_(0, src, gxb.to(acc.dtype)).to(xb.dtype)
+        return gx, None, None, ggate, gw1, gb1, gw2, gb2, None, None
 
 
 def _capacity_bucket(c: int, x: Tensor) -> int:
@@ -721,7 +774,9 @@ def expert_mixture(
             w1, b1, w2, b2 = (
                 None if w is None else w.index_select(0, tile_expert) for w in (w1, b1, w2, b2)
             )
-        return _padded(x, src_p, dst_p, pad(gate.to(gdt)), w1, b1, w2, b2, activation, n_out)
+        return _PaddedFFN.apply(
+            x, src_p, dst_p, pad(gate.to(gdt)), w1, b1, w2, b2, activation, n_out
+        )
 
     order = torch.argsort(expert, stable=True)
     expert_s = expert.index_select(0, order)

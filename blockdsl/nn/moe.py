@@ -42,6 +42,22 @@ def _router_logits(x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x.float(), weight.float())
 
 
+def _softmax_experts(logits: Tensor, log: bool = False) -> Tensor:
+    """(log-)softmax over the experts (last dim) of [N, E] router logits.
+
+    ATen's CPU (log_)softmax over a last dim shorter than its vector width takes a slow
+    scalar path; the same reduction over dim 0 of a transposed copy is vectorised along the
+    tokens. Measured, 1 thread, softmax + top-2 forward and backward: N = 1024, E = 8:
+    1336 us native vs 602 us transposed (4096 x 8: 5494 vs 2490; E = 12: 1867 vs 956), but
+    E = 16: 816 vs 1477 and E = 32: 2267 vs 2853 (top-k over the strided result loses), so
+    only E < 16 on CPU takes it. Same math; the result is a transposed view.
+    """
+    if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[-1] < 16:
+        t = logits.t().contiguous()
+        return (t.log_softmax(0) if log else t.softmax(0)).t()
+    return logits.log_softmax(-1) if log else logits.softmax(-1)
+
+
 @torch.no_grad()
 def renorm_rows_keep_std(w: Tensor) -> None:
     """Give every row the same norm while keeping the tensor's std (MoEUT's selector init).
@@ -173,7 +189,7 @@ class TopKMoE(_StackedExperts):
             r = torch.rand(e, device=logits.device)
             dropped_expert = (r < self.expert_dropout) & (r != r.max())  # the max r survives
             logits = logits.masked_fill(dropped_expert, float("-inf"))
-        probs = logits.softmax(-1)
+        probs = _softmax_experts(logits)
         top_p, top_i = probs.topk(self.k, dim=-1)  # [N, k]
         gate = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p
         if self.balance_weight:
@@ -327,7 +343,7 @@ class SigmaMoE(nn.Module):
         n = b * t
         logits = _router_logits((x if x_norm is None else x_norm).reshape(n, d), self.selector)
         aux.record_marginal_entropy(
-            "entropy_ffn", self, logits.log_softmax(-1).view(b, t, -1), self.entropy_weight
+            "entropy_ffn", self, _softmax_experts(logits, log=True).view(b, t, -1), self.entropy_weight
         )
         scores = logits.sigmoid()
         if self.training and self.expert_dropout > 0:

@@ -279,21 +279,25 @@ def test_bmm_with_no_assignments_returns_zeros_and_zero_grads():
 
 
 @pytest.mark.parametrize("skew", [False, True])
-@pytest.mark.parametrize("two_layer", [True, False])
-def test_bmm_passes_gradcheck(two_layer, skew):
-    """float64 finite differences through the slot layout, one tile per expert and tiled."""
+@pytest.mark.parametrize("act", ["swiglu", "gelu", "none"])
+def test_bmm_passes_gradcheck(act, skew):
+    """float64 finite differences through the slot layout (the hand-written backward), one
+    tile per expert and tiled, gated and plain activations, both biases, dst != src."""
+    two_layer = act != "none"
     g = torch.Generator().manual_seed(0)
     f64 = {"dtype": torch.float64, "generator": g}
     x = torch.randn(6, 4, **f64).requires_grad_()
-    w1 = torch.randn(3, 4, 10 if two_layer else 5, **f64).requires_grad_()
+    w1 = torch.randn(3, 4, 10 if act == "swiglu" else 5, **f64).requires_grad_()
     b1 = torch.randn(3, w1.shape[-1], **f64).requires_grad_()
     w2 = torch.randn(3, 5, 4, **f64).requires_grad_() if two_layer else None
+    b2 = torch.randn(3, 4, **f64).requires_grad_() if two_layer else None
     gate = torch.rand(12, **f64).requires_grad_()
     src = torch.randint(0, 6, (12,), generator=g)
+    dst = torch.randint(0, 5, (12,), generator=g)
     expert = torch.tensor([0] * 10 + [1, 3]) if skew else torch.randint(0, 4, (12,), generator=g)
-    act = "swiglu" if two_layer else "none"
 
-    def f(x, gate, w1, b1, *w2):
-        return expert_mixture(x, src, expert, gate, w1, b1, *w2, activation=act, impl="bmm")
+    def f(x, gate, w1, b1, *w2b2):
+        return expert_mixture(x, src, expert, gate, w1, b1, *w2b2, activation=act, impl="bmm",
+                              dst=dst, n_out=5, skipped=True)
 
-    assert torch.autograd.gradcheck(f, (x, gate, w1, b1, *([w2] if two_layer else [])))
+    assert torch.autograd.gradcheck(f, (x, gate, w1, b1, *([w2, b2] if two_layer else [])))
