@@ -301,9 +301,17 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
         # Resuming: the study remembers its space file and settings.
         try:
             _, stored = S.load_study_info(args.study, args.storage)
+            found = True
         except S.SearchError:
-            stored = {}
+            stored, found = {}, False  # no such study yet: a new one, on the default space
         space_path = stored.get("space_file")
+        if found and space_path is None:
+            # A study whose first run was killed between creating it and recording its
+            # space (or one another tool made): the default space must not fill it.
+            raise S.SearchError(
+                f"study '{args.study}' records no space file (its first run was stopped "
+                "before recording it, or another tool created it): name the space, "
+                f"blockdsl search SPACE --study {args.study}")
     space = S.load_space(space_path or S.default_space_path(),
                          args.space_name or stored.get("space"))
     workers = max(1, args.workers or 1)

@@ -46,6 +46,15 @@ _POS_FLOAT = _number(float, 0.0, inclusive=False)
 _NONNEG_FLOAT = _number(float, 0.0, inclusive=True)
 
 
+def _SEED(text: str) -> int:  # noqa: N802 - an argparse type, named like the others
+    """0..2**63-1: torch's generators take a 64-bit seed; a negative or larger one was an
+    internal error deep in seeding."""
+    v = _NONNEG_INT(text)
+    if v >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63-1, got {text!r}")
+    return v
+
+
 def register(subparsers: Any) -> None:
     """Add the `train` subcommand to the main parser."""
     p = subparsers.add_parser(
@@ -84,7 +93,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-every", type=_POS_INT, default=50, help="steps between evaluations")
     p.add_argument("--eval-batches", type=_NONNEG_INT, default=8,
                    help="validation batches per evaluation (0 = the whole split)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="run folder (default runs/<model>, numbered if taken; with --resume "
                    "runs/<model> itself)")

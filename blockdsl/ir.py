@@ -213,6 +213,14 @@ class Pattern(_LineOptions):
 
 
 # ---------------------------------------------------------------- search
+# What a space may minimize/maximize or constrain; the language checks the names (so
+# `check` catches a typo) and search computes them. Static ones are known from the Plan.
+STATIC_METRICS = ("params", "active_params", "flops")
+TIMED_METRICS = ("step_time",)
+TRAINED_METRICS = ("val_loss", "val_bpb", "val_acc")
+METRICS = STATIC_METRICS + TIMED_METRICS + TRAINED_METRICS
+
+
 class Objective(Node):
     direction: Literal["minimize", "maximize"]
     metric: str

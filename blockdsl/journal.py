@@ -283,7 +283,10 @@ class JournalBackend(JournalFileBackend):
     """`JournalFileBackend` on an absolute path with the flock lock and torn-tail repair."""
 
     def __init__(self, path: str, say: Callable[[str], None] = _say):
-        path = os.path.abspath(path)
+        # The real path: the lock file sits next to the journal itself, so that every name
+        # of one journal (a symlink, a linked folder) takes the same lock. Two locks for one
+        # file would let a worker "repair" the line another is appending at that moment.
+        path = os.path.realpath(path)
         self._say = say
         super().__init__(path, make_lock(path))
 
@@ -327,7 +330,8 @@ def open_backend(path: str, say: Callable[[str], None] = _say) -> JournalBackend
     created: only a path that does not exist yet becomes a new, empty journal).
     """
     path = os.path.abspath(path)
-    check_path(path)
+    check_path(path)  # on the name given: a dangling link is refused, not followed
+    path = os.path.realpath(path)  # one lock per journal, whatever its name (see JournalBackend)
     if not os.path.exists(path):
         parent = os.path.dirname(path)
         try:

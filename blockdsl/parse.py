@@ -277,14 +277,26 @@ class _Build(Transformer):
     def baseline(self, meta, c):
         return ("baseline", str(c[0]), self.sp(meta))
 
+    def _metric(self, tok: Token, what: str) -> str:
+        name = str(tok)
+        if name not in ir.METRICS:
+            from blockdsl.errors import did_you_mean  # the error path only
+
+            raise BlockError(f"unknown {what} metric '{brief(name, 30)}'", _tok_span(self.file, tok),
+                             did_you_mean(name, ir.METRICS))
+        return name
+
     def minimize(self, meta, c):
-        return ir.Objective.model_construct(direction="minimize", metric=str(c[0]), span=self.sp(meta))
+        metric = self._metric(c[0], "objective")
+        return ir.Objective.model_construct(direction="minimize", metric=metric, span=self.sp(meta))
 
     def maximize(self, meta, c):
-        return ir.Objective.model_construct(direction="maximize", metric=str(c[0]), span=self.sp(meta))
+        metric = self._metric(c[0], "objective")
+        return ir.Objective.model_construct(direction="maximize", metric=metric, span=self.sp(meta))
 
     def constraint(self, meta, c):
-        return ir.Constraint.model_construct(metric=str(c[0]), op=str(c[1]), bound=c[2], span=self.sp(meta))
+        metric = self._metric(c[0], "constraint")
+        return ir.Constraint.model_construct(metric=metric, op=str(c[1]), bound=c[2], span=self.sp(meta))
 
     def extends(self, meta, c):
         return ("extends", str(c[0]), self.sp(meta))
@@ -446,7 +458,8 @@ def read_spec_file(path: Path, include: ir.Include | None) -> str:
     if got > MAX_FILE_BYTES:
         raise _too_big(path, got, span)
     try:
-        return b"".join(chunks).decode("utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is no part of the text
+        return b"".join(chunks).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise BlockError(
             f"{path} is not UTF-8 text (byte {err.start})", span, "is this really a .block file?"

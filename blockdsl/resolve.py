@@ -51,20 +51,44 @@ class ChoiceDef:
     dynamic: bool = False
 
 
-def depends_on_choice(e: Any, assigns: dict[str, ir.Assign], seen: frozenset[str] = frozenset()) -> bool:
-    """Whether expression `e` reads a variable that is, or is computed from, a choice."""
-    if isinstance(e, ir.Choice):
-        return True
-    if isinstance(e, ir.Name):
-        a = assigns.get(e.id)
-        if a is None or e.id in seen:
-            return False
-        return depends_on_choice(a.value, assigns, seen | {e.id})
-    if isinstance(e, (tuple, list)):
-        return any(depends_on_choice(v, assigns, seen) for v in e)
-    if isinstance(e, ir.Node) and not isinstance(e, ir.Span):
-        return any(depends_on_choice(getattr(e, f), assigns, seen) for f in type(e).model_fields)
+def depends_on_choice(e: Any, assigns: dict[str, ir.Assign]) -> bool:
+    """Whether expression `e` reads a variable that is, or is computed from, a choice.
+
+    A walk with an explicit stack that visits each variable once: variables may refer to
+    each other many times over (`v1 = v0 + v0`, `v2 = v1 + v1`, ...), where a recursive
+    walk re-entering every reference takes 2**depth steps, and chains may be deeper than
+    Python's recursion limit.
+    """
+    todo: list[Any] = [e]
+    seen: set[str] = set()
+    while todo:
+        x = todo.pop()
+        if isinstance(x, ir.Choice):
+            return True
+        if isinstance(x, ir.Name):
+            a = assigns.get(x.id)
+            if a is not None and x.id not in seen:
+                seen.add(x.id)
+                todo.append(a.value)
+        elif isinstance(x, (tuple, list)):
+            todo.extend(x)
+        elif isinstance(x, ir.Node) and not isinstance(x, ir.Span):
+            todo.extend(getattr(x, f) for f in type(x).model_fields)
     return False
+
+
+def _inline_choice(e: Any) -> ir.Choice | None:
+    """A choice written inside `e` itself (not reached through a variable), or None."""
+    todo: list[Any] = [getattr(e, f) for f in type(e).model_fields]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, ir.Choice):
+            return x
+        if isinstance(x, (tuple, list)):
+            todo.extend(x)
+        elif isinstance(x, ir.Node) and not isinstance(x, ir.Span):
+            todo.extend(getattr(x, f) for f in type(x).model_fields)
+    return None
 
 
 @dataclass(frozen=True)
@@ -182,6 +206,10 @@ def _pow(left: int | float, right: int | float, e: ir.Expr) -> int | float:
     return left**right
 
 
+# How deep variables may refer to variables that refer to variables (real specs: a few).
+MAX_VAR_DEPTH = 100
+
+
 class _Unbound(Exception):
     """Raised while checking unused variables when one would bind a new search choice."""
 
@@ -209,6 +237,15 @@ class _Scope:
         if name in self.active:
             chain = " -> ".join(self.active[self.active.index(name) :] + [name])
             raise BlockError(f"variable '{name}' depends on itself ({chain})", a.span)
+        if len(self.active) >= MAX_VAR_DEPTH:
+            # Evaluation recurses once per variable: a long chain would hit Python's
+            # recursion limit (an internal error) long before it meant anything.
+            raise BlockError(
+                f"variables nested more than {MAX_VAR_DEPTH} deep "
+                f"({self.active[0]} -> {self.active[1]} -> ... -> {name})",
+                a.span,
+                "a variable reads one that reads another, and so on: shorten the chain",
+            )
         self.active.append(name)
         try:
             if isinstance(a.value, ir.Choice):
@@ -220,6 +257,16 @@ class _Scope:
                 )
             else:
                 value = self.eval(a.value, name)
+        except RecursionError:
+            # Fewer than MAX_VAR_DEPTH variables, each deeply nested (`v1 = ------v2`):
+            # Python's stack runs out first. Raised where it ran out; an outer variable
+            # catches it instead if even this needs more stack than is left.
+            raise BlockError(
+                f"variable '{name}' is nested too deeply (variables within expressions within "
+                "variables)",
+                a.span,
+                "simplify the expressions or shorten the chain of variables",
+            ) from None
         finally:
             self.active.pop()
         self.cache[name] = value
@@ -231,6 +278,17 @@ class _Scope:
         if self.probing:
             raise _Unbound(name)
         opts = c.options
+        for o in opts:
+            inner = _inline_choice(o)
+            if inner is not None:
+                # It would be a second choice under this one's name, sampled apart from
+                # the option picked (the two disagree in the trial's parameters).
+                raise BlockError(
+                    "a choice inside a choice",
+                    inner.span,
+                    "flatten it ({32 | 64 | 128}), or name the inner one (x = {32 | 64}) "
+                    "and use the name ({x | 128})",
+                )
         if len(opts) == 1 and opts[0].value is None:
             o = opts[0]
             lo, hi = self.eval(o.lo, name), self.eval(o.hi, name)

@@ -63,7 +63,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from blockdsl import ir
-from blockdsl.errors import BlockError
+from blockdsl.errors import BlockError, brief
 from blockdsl.parse import load_module
 from blockdsl.resolve import (
     ChoiceDef,
@@ -80,10 +80,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Metrics a space may minimize/maximize or constrain. Static ones are known from the Plan.
-STATIC_METRICS = ("params", "active_params", "flops")
-TIMED_METRICS = ("step_time",)
-TRAINED_METRICS = ("val_loss", "val_bpb", "val_acc")
-METRICS = STATIC_METRICS + TIMED_METRICS + TRAINED_METRICS
+STATIC_METRICS, TIMED_METRICS = ir.STATIC_METRICS, ir.TIMED_METRICS
+TRAINED_METRICS, METRICS = ir.TRAINED_METRICS, ir.METRICS
 # Space variables with these names are training hyper-parameters (they may be choices).
 TRAIN_VARIABLES = ("lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip")
 
@@ -231,15 +229,10 @@ def load_space(path: str | Path, name: str | None = None) -> Space:
     if module.model(name) is None:
         raise SearchError(f"{p} has no space named '{name}' (spaces: {', '.join(spaces) or 'none'})")
     m = merged(module, name)
+    # the metric names were checked by the parser (ir.METRICS), so `check` catches a typo
     objectives = [(o.metric, o.direction) for o in m.get("objectives", ())] or [("val_loss", "minimize")]
-    for metric, _ in objectives:
-        if metric not in METRICS:
-            raise SearchError(f"{p}: unknown objective '{metric}' (known: {', '.join(METRICS)})")
     constraints = []
     for c in m.get("constraints", ()):
-        if c.metric not in METRICS:
-            raise BlockError(f"unknown constraint metric '{c.metric}'", c.span,
-                             f"known: {', '.join(METRICS)}")
         constraints.append((c.metric, c.op, c.bound, f"{c.metric} {c.op} {_expr_text(c.bound)}"))
     budget: dict[str, Any] = {}
     call = m.get("budget")
@@ -250,6 +243,10 @@ def load_space(path: str | Path, name: str | None = None) -> Space:
                 raise BlockError(f"budget has no setting '{a.name}'", a.span,
                                  "known: " + ", ".join(sorted(SearchConfig.keys())))
             budget[key] = _literal(a.value)
+            problem = setting_problem(key, budget[key])
+            if problem:
+                raise BlockError(f"budget setting {a.name}={brief(budget[key], 30)} {problem}",
+                                 a.span, "the budget line sets the search's defaults")
     baseline = m.get("baseline")
     if baseline is not None and module.model(baseline) is None:
         raise SearchError(f"{p}: baseline '{baseline}' is not a model in the file or its includes")
@@ -270,18 +267,62 @@ def _expr_text(e: ir.Expr) -> str:
     return type(e).__name__
 
 
+# Valid values of the numeric settings: (kind, low, low inclusive, high). A bad value from
+# a flag or the budget line is the user's mistake, reported before anything runs: NaN
+# seconds, a negative seed or batch size 0 otherwise surface as internal errors inside
+# a trial, or as a "search" whose every trial fails. Seeds: NumPy's and Optuna's samplers
+# take 0..2**32-1, and workers add their index to it.
+_SETTINGS: dict[str, tuple[type, float, bool, float | None]] = {
+    "trials": (int, 1, True, None), "seconds": (float, 0, False, None),
+    "pace": (float, 0, False, None), "steps": (int, 1, True, None),
+    "batch_size": (int, 1, True, None), "seq_len": (int, 1, True, None),
+    "eval_batches": (int, 1, True, None), "rungs": (int, 1, True, None),
+    "prune_startup": (int, 0, True, None), "prune_quantile": (float, 0, False, 1),
+    "prune_margin": (float, 0, True, None), "timing_steps": (int, 1, True, None),
+    "lr": (float, 0, False, None), "warmup": (int, 0, True, None),
+    "weight_decay": (float, 0, True, None), "seed": (int, 0, True, 2**31 - 1),
+    "startup_trials": (int, 0, True, None), "population": (int, 2, True, None),
+    "threads": (int, 1, True, None), "heartbeat": (float, 0, False, None),
+    "grace": (float, 0, False, None), "baseline_steps": (int, 1, True, None),
+}
+_CHOICES = {"clock": ("wall", "paired"), "sampler": ("auto", "tpe", "nsga2", "random"),
+            "precision": ("fp32", "fp32-medium", "bf16"), "start": ("neighbourhood", "random")}
+
+
+def setting_problem(key: str, v: Any) -> str | None:
+    """Why `v` is no valid value of search setting `key` (None when it is valid)."""
+    if v is None and key in ("pace", "steps", "seq_len", "threads", "data", "baseline_steps"):
+        return None
+    if key in _CHOICES:
+        return None if v in _CHOICES[key] else f"must be one of {', '.join(_CHOICES[key])}"
+    if key not in _SETTINGS:
+        return None
+    kind, low, inclusive, high = _SETTINGS[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        return "must be " + ("an integer" if kind is int else "a number")
+    if not math.isfinite(v) or v < low or (v == low and not inclusive) or (high is not None and v > high):
+        rng = f"{'>=' if inclusive else '>'} {low:g}" + (f" and <= {high}" if high is not None else "")
+        return f"must be a finite number {rng}" if kind is float else f"must be an integer {rng}"
+    return None
+
+
 def make_config(space: Space, **overrides: Any) -> SearchConfig:
-    """Defaults, then the space's budget line, then explicit overrides (None = not given)."""
+    """Defaults, then the space's budget line, then explicit overrides (None = not given).
+
+    Every value is checked (`setting_problem`); the budget line's were checked, located,
+    by `load_space`.
+    """
     cfg = SearchConfig(**{k: v for k, v in space.budget.items()})
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(given) - SearchConfig.keys()
     if unknown:
         raise TypeError(f"unknown search settings: {', '.join(sorted(unknown))}")
-    cfg = replace(cfg, **given)
-    if cfg.baseline_steps is not None and (not isinstance(cfg.baseline_steps, int)
-                                           or cfg.baseline_steps < 1):
-        raise SearchError(f"baseline steps must be at least 1, got {cfg.baseline_steps}")
-    return cfg
+    for k, v in given.items():
+        problem = setting_problem(k, v)
+        if problem:
+            flag = {"trials": "budget"}.get(k, k).replace("_", "-")
+            raise SearchError(f"--{flag} {v!r}: {problem}")
+    return replace(cfg, **given)
 
 
 # ----------------------------------------------------------------------------- choices
@@ -482,12 +523,14 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
         study = optuna.create_study(study_name=name, storage=storage, directions=directions,
                                     load_if_exists=True)
     attrs = study.user_attrs
-    if "space_file" not in attrs:
-        study.set_user_attr("space_file", str(Path(space.file).resolve()))
-        study.set_user_attr("space", space.name)
-        study.set_user_attr("baseline", space.baseline)
-        study.set_user_attr("objectives", [list(o) for o in space.objectives])
-        study.set_user_attr("constraints", [c[3] for c in space.constraints])
+    # One record each: a kill between two leaves some set, so each missing one is set
+    # (not all of them only when the first is missing).
+    for key, value in (("space_file", str(Path(space.file).resolve())), ("space", space.name),
+                       ("baseline", space.baseline),
+                       ("objectives", [list(o) for o in space.objectives]),
+                       ("constraints", [c[3] for c in space.constraints])):
+        if key not in attrs:
+            study.set_user_attr(key, value)
     study.set_user_attr("config", asdict(cfg))
     if space.baseline is not None and not study.get_trials(deepcopy=False):
         # A racing worker may enqueue it too: the copy is then deduplicated, not retrained.

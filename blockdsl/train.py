@@ -501,7 +501,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     pointer = out / LATEST
     if not (pointer.exists() or pointer.is_symlink()):
         return None
-    if not pointer.is_file():
+    if pointer.is_symlink() or not pointer.is_file():
+        # blockdsl writes `latest` as a small regular file; a link may lead to any file,
+        # whose bytes would then be quoted below
         raise TrainError(f"{pointer} is not a regular file: remove it, or resume from a "
                          f"{CKPT_PREFIX}<step> folder by deleting it")
     try:
@@ -511,10 +513,12 @@ def latest_checkpoint(out: Path) -> Path | None:
         raise TrainError(f"cannot read {pointer}: {e.strerror or e}") from None
     path = out / name
     inside = False
-    with contextlib.suppress(OSError, RuntimeError):
+    with contextlib.suppress(OSError, RuntimeError, ValueError):  # ValueError: a NUL byte
         inside = path.resolve().parent == out.resolve()
     if not (_CKPT_NAME.fullmatch(name) and inside):
-        raise TrainError(f"{pointer} names {name[:80]!r}, not a {CKPT_PREFIX}<step> folder inside "
+        # quoted only when it reads as a name: never a damaged file's bytes
+        shown = repr(name[:80]) if name.isascii() and name.isprintable() else "something"
+        raise TrainError(f"{pointer} names {shown}, not a {CKPT_PREFIX}<step> folder inside "
                          f"{out}: refusing to follow it; delete {pointer} to resume from the "
                          "newest checkpoint that loads")
     return path
@@ -600,11 +604,16 @@ class _RunFiles:
             return
         lines: list[str] = []
         if resume_step is not None and self.metrics_path.is_file():
-            # keep the history up to the checkpoint; later lines belong to the lost tail
-            for line in self.metrics_path.read_text().splitlines():
-                with contextlib.suppress(ValueError, AttributeError):
+            # keep the history up to the checkpoint; later lines belong to the lost tail.
+            # The file is data, maybe damaged (a torn line, bytes that are not UTF-8, a row
+            # whose step is no number): such lines are dropped, never a reason to crash.
+            text = self.metrics_path.read_bytes().decode("utf-8", "replace")
+            for line in text.splitlines():
+                with contextlib.suppress(ValueError):
                     rec = json.loads(line)
-                    if rec.get("step", 0) <= resume_step:
+                    step = rec.get("step", 0) if isinstance(rec, dict) else None
+                    if isinstance(step, (int, float)) and not isinstance(step, bool) \
+                            and step <= resume_step:
                         lines.append(_strict_json(rec))  # an older file's bare NaN -> null
         data_mod.atomic_write_bytes(
             self.metrics_path, "".join(line + "\n" for line in lines).encode()
@@ -956,6 +965,11 @@ class _Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = make_adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas, self.device)
         self.resumed = cfg.resume and (ckpt is not None or bool(found))
+        if cfg.resume and not self.resumed and self.out is not None and dist.main:
+            # not an error (a first run may ask to resume), but a mistyped --out must not
+            # pass for a resume: say that this one starts afresh
+            print(f"note: {self.out} holds no checkpoint to resume: starting a new run there",
+                  file=sys.stderr, flush=True)
         self.resumed_from: Path | None = None
         self.recent: dict[str, list[Tensor]] = {}
         if self.resumed:

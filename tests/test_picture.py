@@ -18,11 +18,11 @@ NS = "{http://www.w3.org/2000/svg}"
 
 
 def compile_svg(spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
-    """Run `blockdsl compile SPEC --out tmp` and return every text element of graph.svg."""
-    rc = main(["compile", str(spec), "--out", str(tmp_path)])
+    """Run `blockdsl compile SPEC --out tmp/<model>` and return every text element of graph.svg."""
+    name = blockdsl.report(spec).name
+    rc = main(["compile", str(spec), "--out", str(tmp_path / name)])  # --out is the folder itself
     _, err = capsys.readouterr()
     assert rc == 0, err
-    name = blockdsl.report(spec).name
     root = ET.parse(tmp_path / name / "graph.svg").getroot()  # well-formed XML, or this raises
     return ["".join(t.itertext()) for t in root.iter(f"{NS}text")]
 

@@ -22,6 +22,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from blockdsl import search as S
+from blockdsl.errors import BlockError
 from blockdsl.parse import load_module
 from blockdsl.resolve import resolve
 
@@ -152,8 +153,23 @@ def test_the_rendered_winner_compiles_on_its_own(tmp_path: Path) -> None:
 
 
 def test_an_unknown_objective_is_named(tmp_path: Path) -> None:
-    with pytest.raises(S.SearchError, match="unknown objective 'accuracy'"):
+    with pytest.raises(BlockError, match="unknown objective metric 'accuracy'") as e:
         S.load_space(_space(tmp_path, TINY.replace("minimize val_loss", "minimize accuracy")))
+    assert (e.value.span.line, e.value.span.col) == (18, 12)  # at the metric's name
+
+
+@pytest.mark.parametrize("line,what", [("minimize val_los",
+                                        "18:12: error: unknown objective metric 'val_los'"),
+                                       ("step_tme <= 1.0 * baseline",
+                                        "18:3: error: unknown constraint metric 'step_tme'")])
+def test_check_names_an_unknown_metric_where_it_stands(tmp_path: Path, line: str, what: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from blockdsl.cli import main
+
+    space = _space(tmp_path, TINY.replace("  minimize val_loss", "  " + line))
+    assert main(["check", str(space)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{space}:{what}") and "did you mean" in err
 
 
 # ----------------------------------------------------------------------------- pruning

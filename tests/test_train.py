@@ -547,6 +547,19 @@ def test_cli_resume_refuses_when_no_checkpoint_loads(
     assert _snapshot(out) == before  # metrics.jsonl and the checkpoints are untouched
 
 
+def test_cli_resume_of_a_folder_without_checkpoints_says_it_starts_afresh(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockdsl.cli import main
+
+    out = tmp_path / "typo"
+    rc = main(["train", str(REPO / "specs/tiny/gpt.block"), "--steps", "2", "--out", str(out),
+               "--resume", *RESUME_FAST])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"note: {out} holds no checkpoint to resume: starting a new run there" in err
+    assert (out / "metrics.jsonl").is_file()
+
+
 @pytest.mark.parametrize("pointer", ["../../../../etc", "/etc", "ckpt-00000004/../../x",
                                      "ckpt-outside"])
 def test_cli_resume_never_follows_latest_out_of_the_run_folder(
