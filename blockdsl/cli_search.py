@@ -36,7 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     C.alias(p, "--space", "space_name")
     p.add_argument("--budget", type=C.positive_int, help="trials in the study, all kinds counted "
                    "(default: the space's budget line, else 200)")
-    p.add_argument("--seconds", type=float, help="training seconds per trial (default: the space's)")
+    p.add_argument("--baseline-steps", type=C.positive_int, metavar="N",
+                   help="training steps of the baseline per trial; a block that steps k times "
+                   "faster trains k times as many (the paired clock's equal-time rule, counted "
+                   "in steps; default: the space's seconds / pace, 267 for the default space)")
+    p.add_argument("--seconds", type=float,
+                   help="with --clock wall: wall-clock training seconds per trial. With the "
+                   "paired clock (default) it is converted to baseline steps at the space's "
+                   "pace, i.e. seconds on the machine that measured the pace, not this one: "
+                   "prefer --baseline-steps")
+    p.add_argument("--start", choices=["neighbourhood", "random"],
+                   help="start design: neighbourhood (default) = one-change neighbours of the "
+                   "baseline first, so a short --budget trains feasible blocks; random = "
+                   "Optuna's random start-up trials")
     p.add_argument("--study", help="study name: resumes it when it exists (default: a new "
                    "<space>-<date-time>)")
     p.add_argument("--storage", help="journal file path, or an RDB URL such as "
@@ -245,7 +257,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"trials": args.budget, "seconds": args.seconds, "sampler": args.sampler,
             "seed": args.seed, "prune": args.prune, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "precision": args.precision, "device": _device(args.device),
-            "data": args.data, "threads": args.threads, "clock": args.clock}
+            "data": args.data, "threads": args.threads, "clock": args.clock,
+            "baseline_steps": args.baseline_steps, "start": args.start}
 
 
 def _device(name: str | None) -> str | None:
@@ -327,7 +340,7 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     con = _console(stderr=args.json)
     live = args.live and con.is_terminal
     con.print(f"study [bold]{name}[/] on {S._redact(storage_url)}: space {space.name} "
-              f"({space.file}), {cfg.trials} trials, {cfg.seconds:g}s training each, "
+              f"({space.file}), {cfg.trials} trials, {S.describe_budget(cfg)}, "
               f"{workers} worker(s) x {cfg.threads} thread(s), sampler {cfg.sampler}")
     t0 = time.time()
     interrupted = False
@@ -373,13 +386,9 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
 
 def _print_comparison(con: Any, s: dict[str, Any]) -> None:
     b, best = s.get("baseline"), (s.get("best") or [None])[0]
+    if s.get("verdict"):
+        con.print(f"[bold]found[/]: {s['verdict']}", highlight=False)
     if b and s.get("beats_baseline") is False:
-        c = s.get("closest")
-        closest = "" if not c else (
-            f"; the best other block, trial {c['number']}: {_num((c.get('values') or [None])[0])}"
-            f" vs the baseline's {_num((b.get('values') or [None])[0])}")
-        con.print(f"[bold]no searched block beat the baseline[/] (trial {b['number']}){closest};"
-                  " no best.block written")
         return
     if not b or not best or best.get("val_loss") is None or b.get("val_loss") is None:
         return

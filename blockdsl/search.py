@@ -17,7 +17,13 @@ Design choices, each for a reason:
   machine (and the thread count of the worker) cancels out of the ratio the constraint uses.
 - Infeasible trials are COMPLETE with constraint values set (`Trial.set_constraint`), so TPE
   and NSGA-II learn where the feasible region is; their val_loss is the untrained model's
-  (uniform prediction, ln V).
+  (uniform prediction, ln V). The values are also written as the `constraints` list that
+  optuna-dashboard reads (it does not read Optuna 5's per-name attributes).
+- The start design is the baseline's neighbourhood: the space's point nearest the baseline
+  (found by resolving alone) and its one-change neighbours are the first trials, instead of
+  random points. In the default space random points are almost all slower than the
+  baseline, so a short search that starts at random trains almost nothing; measured in
+  docs/search.md. Long searches keep TPE's model of the whole space.
 - Each trial trains for a fixed time budget (Brainformer: faster models take more steps) and
   reports validation loss at rungs (25%, 50%, 75%). By default the budget is converted to
   steps with the paired step-time ratio and the baseline's pace (`clock="paired"`), so a
@@ -114,6 +120,11 @@ class SearchConfig:
     # baseline (same rule, but immune to load that changes between trials on a shared box).
     clock: str = "paired"
     pace: float | None = None  # paired clock: seconds per baseline step; None: its trial measures it
+    # Paired clock: the baseline's training steps per trial, given directly (a block that
+    # steps k times faster trains k times as many). None: `seconds / pace`. `seconds` with a
+    # fixed pace is seconds *on the machine that measured the pace*, not here, which is
+    # what a newcomer's `--seconds 3` taking 6 s showed; this says what it is.
+    baseline_steps: int | None = None
     steps: int | None = None  # optional step cap per trial
     batch_size: int = 16
     seq_len: int | None = None  # None: the model's context
@@ -130,7 +141,10 @@ class SearchConfig:
     weight_decay: float = 0.1
     seed: int = 0
     sampler: str = "auto"  # auto (TPE / NSGA-II), tpe, nsga2, random
-    startup_trials: int = 10  # random trials before TPE models the space
+    startup_trials: int = 10  # start-design trials before TPE models the space
+    # "neighbourhood": the start design is one-change neighbours of the baseline (random
+    # points fill in when there are too few); "random": Optuna's random start-up trials.
+    start: str = "neighbourhood"
     population: int = 16  # NSGA-II population
     data: str | None = None  # None: default corpus (LM) or digits (classifier)
     device: str = "cpu"
@@ -269,15 +283,15 @@ _SETTINGS: dict[str, tuple[type, float, bool, float | None]] = {
     "weight_decay": (float, 0, True, None), "seed": (int, 0, True, 2**31 - 1),
     "startup_trials": (int, 0, True, None), "population": (int, 2, True, None),
     "threads": (int, 1, True, None), "heartbeat": (float, 0, False, None),
-    "grace": (float, 0, False, None),
+    "grace": (float, 0, False, None), "baseline_steps": (int, 1, True, None),
 }
 _CHOICES = {"clock": ("wall", "paired"), "sampler": ("auto", "tpe", "nsga2", "random"),
-            "precision": ("fp32", "fp32-medium", "bf16")}
+            "precision": ("fp32", "fp32-medium", "bf16"), "start": ("neighbourhood", "random")}
 
 
 def setting_problem(key: str, v: Any) -> str | None:
     """Why `v` is no valid value of search setting `key` (None when it is valid)."""
-    if v is None and key in ("pace", "steps", "seq_len", "threads", "data"):
+    if v is None and key in ("pace", "steps", "seq_len", "threads", "data", "baseline_steps"):
         return None
     if key in _CHOICES:
         return None if v in _CHOICES[key] else f"must be one of {', '.join(_CHOICES[key])}"
@@ -521,6 +535,12 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
     if space.baseline is not None and not study.get_trials(deepcopy=False):
         # A racing worker may enqueue it too: the copy is then deduplicated, not retrained.
         study.enqueue_trial({}, user_attrs={"role": "baseline"})
+        if cfg.start not in ("neighbourhood", "random"):
+            raise SearchError(f"start must be neighbourhood or random, got {cfg.start!r}")
+        # `--sampler random` is the comparison point for the samplers: random from trial 1.
+        if cfg.start == "neighbourhood" and cfg.sampler != "random":
+            for params in neighbourhood(space, cfg.startup_trials, cfg.seed):
+                study.enqueue_trial(params, user_attrs={"role": "start"})
     return study
 
 
@@ -1106,12 +1126,14 @@ class Worker:
     def _set_constraints(self, trial: optuna.Trial, metrics: dict[str, float],
                          base: dict[str, float]) -> None:
         """Every constraint gets a value (Optuna: <= 0 feasible); unmeasured ones count as met."""
+        values = []
         for metric, op, bound, text in self.space.constraints:
             if metric in metrics:
                 v = _violation(metrics[metric], op, self._bound(bound, base.get(metric), text))
             else:
                 v = 0.0
-            trial.set_constraint(text, v)
+            values.append((text, v))
+        write_constraints(trial, values)
 
     def _infeasible(self, trial: optuna.Trial, plan: Plan, metrics: dict[str, float],
                     base: dict[str, float], violations: list[str]) -> float | list[float]:
@@ -1174,8 +1196,9 @@ class Worker:
             # The pace as the study knows it now: a worker that started after the baseline
             # ran (a resumed or second worker) must not fall back to its initial guess.
             pace = float(cfg.pace or self.study.user_attrs.get("baseline_step_min") or self._pace)
-            steps = max(1, round(cfg.seconds / (ratio * pace)))
-            seconds = 10.0 * cfg.seconds
+            base_steps = cfg.baseline_steps or cfg.seconds / pace
+            steps = max(1, round(base_steps / ratio))
+            seconds = 10.0 * base_steps * pace  # the wall-clock guard
             trial.set_user_attr("step_budget", steps)
             if cfg.steps:
                 steps = min(steps, cfg.steps)
@@ -1274,8 +1297,8 @@ class Worker:
                   "pre_values", "infeasible", "fail_reason", "steps", *TRAINED_METRICS):
             if k in orig.user_attrs:
                 trial.set_user_attr(k, orig.user_attrs[k])
-        for key, v in orig.constraints.items():
-            trial.set_constraint(key, v)
+        write_constraints(trial, [(k, v) for k, v in orig.constraints.items()
+                                  if not k.isdigit()])  # the list form is rebuilt from these
         self.on_event("copy", {"number": trial.number, "of": orig.number, "status": status})
         trial.set_user_attr("status", "copy")
         if orig.state == TrialState.FAIL:
@@ -1287,6 +1310,27 @@ class Worker:
             raise optuna.TrialPruned(f"copy of pruned trial {orig.number}")
         vals = orig.values
         return vals[0] if len(vals) == 1 else list(vals)
+
+
+DASHBOARD_CONSTRAINTS = "constraints"
+
+
+def write_constraints(trial: optuna.Trial, values: Sequence[tuple[str, float]]) -> None:
+    """Constraint values (<= 0 feasible) in both forms readers use.
+
+    Optuna 5's `set_constraint` stores one `constraints:<name>` system attribute each, which
+    its samplers read; optuna-dashboard (0.21) reads only the older `constraints` attribute,
+    a list of floats, and without it shows an infeasible trial as an ordinary completed
+    result. So the list (in the space's constraint order) is written too. Optuna reads
+    both forms into `trial.constraints` (the list as keys "0", "1", ...): every value
+    appears twice there, which changes neither feasibility nor the order of violation
+    sums its samplers rank infeasible trials by.
+    """
+    for name, v in values:
+        trial.set_constraint(name, v)
+    if values:
+        trial.storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS,
+                                            [float(v) for _, v in values])
 
 
 def _static_metrics(rep: Any) -> dict[str, float]:
@@ -1408,6 +1452,189 @@ def make_sampler(space: Space, cfg: SearchConfig, offset: int = 0) -> optuna.sam
     return BaselineBlindSampler(base)
 
 
+# ----------------------------------------------------------------------------- start design
+
+
+class _Probe:
+    """Stands in for an Optuna trial while the start design walks the space without a study:
+    `suggest_*` returns the value assigned to a parameter when it is one the parameter can
+    take, else the first option, and records every parameter met with the values it could
+    have taken (so the walk sees the conditional parameters of *this* assignment only)."""
+
+    MAX_VALUES = 16  # a wide numeric range is probed at this many evenly spaced points
+
+    def __init__(self, assignment: dict[str, Any]):
+        self.assignment = assignment
+        self.params: dict[str, Any] = {}
+        self.domains: dict[str, list[Any]] = {}
+        self.train_vars: dict[str, Any] = {}
+
+    def _pick(self, name: str, domain: list[Any]) -> Any:
+        v = self.assignment.get(name, domain[0])
+        if v not in domain:
+            v = domain[0]
+        self.params[name], self.domains[name] = v, domain
+        return v
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return self._pick(name, list(choices))
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        vals = list(range(low, high + 1, step)) if not log else sorted(
+            {int(round(low * (high / low) ** (i / 7))) for i in range(8)} if low > 0 else {low, high})
+        if len(vals) > self.MAX_VALUES:
+            k = self.MAX_VALUES - 1
+            vals = sorted({vals[round(i * (len(vals) - 1) / k)] for i in range(k + 1)})
+        return self._pick(name, vals)
+
+    def suggest_float(self, name: str, low: float, high: float, step: float | None = None,
+                      log: bool = False) -> float:
+        if log and low > 0:
+            vals = [low * (high / low) ** (i / 4) for i in range(5)]
+        else:
+            vals = [low + (high - low) * i / 4 for i in range(5)]
+        if step:
+            vals = sorted({min(high, low + round((v - low) / step) * step) for v in vals})
+        return self._pick(name, vals)
+
+
+def _probe(space: Space, assignment: dict[str, Any]) -> tuple[_Probe, Plan] | None:
+    """Resolve the space at `assignment` (training variables bound too; `pr.train_vars`)."""
+    pr = _Probe(assignment)
+    try:
+        plan = space.resolve(chooser=lambda c: suggest(pr, c))  # type: ignore[arg-type]
+        pr.train_vars = bind_train_variables(space, plan, lambda c: suggest(pr, c))  # type: ignore[arg-type]
+    except (BlockError, ValueError):
+        return None
+    return pr, plan
+
+
+def _tokens(plan: Plan) -> list[str]:
+    import re
+
+    return re.findall(r"[^\s,()=]+", canonical_text(plan))
+
+
+def _distance(a: list[str], b: list[str]) -> int:
+    """Tokens of canonical text that differ (an edit count: 0 = the same architecture).
+    Tokens, not lines: a slot of the right kind with one wrong width is nearer than a
+    slot of the wrong kind, which is what lets the descent get there one step at a time."""
+    import difflib
+
+    sm = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return sum(max(i2 - i1, j2 - j1) for op, i1, i2, j1, j2 in sm.get_opcodes() if op != "equal")
+
+
+def baseline_point(space: Space, passes: int = 3) -> tuple[dict[str, Any], int] | None:
+    """The point of the space nearest the baseline, and its distance (0: the baseline itself).
+
+    Coordinate descent on the canonical text: starting from every choice's first option,
+    each parameter in turn takes the value that brings the resolved block closest to the
+    baseline's text; a few passes settle the conditional parameters a change brings in.
+    Only resolving is involved (milliseconds a point), no torch.
+    """
+    if space.baseline is None:
+        return None
+    try:
+        target = _tokens(space.resolve_baseline())
+    except BlockError:
+        return None
+    got = _probe(space, {})
+    if got is None:
+        return None
+    cur = dict(got[0].params)
+    best = _distance(_tokens(got[1]), target)
+    for _ in range(passes):
+        improved = False
+        pr, _plan = _probe(space, cur) or (None, None)
+        if pr is None:
+            break
+        for name in list(pr.domains):
+            for v in pr.domains[name]:
+                if v == cur.get(name):
+                    continue
+                got = _probe(space, {**cur, name: v})
+                if got is None:
+                    continue
+                point = dict(got[0].params)
+                d = _distance(_tokens(got[1]), target)
+                # A change that brings in parameters (a slot turned into an FFN brings its
+                # width) is judged with those set as well as they can be: one at a time.
+                for new in [k for k in got[0].domains if k not in cur]:
+                    for w in got[0].domains[new]:
+                        g2 = _probe(space, {**point, new: w})
+                        if g2 is not None:
+                            d2 = _distance(_tokens(g2[1]), target)
+                            if d2 < d:
+                                d, point = d2, dict(g2[0].params)
+                if d < best:
+                    best, cur, improved = d, point, True
+            if best == 0:
+                return cur, 0
+        if not improved:
+            break
+    return cur, best
+
+
+def neighbourhood(space: Space, limit: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Up to `limit` one-change neighbours of the baseline's point, in a seeded order, most
+    promising first: distinct architectures, none the baseline's, and ones whose static
+    metrics (params, FLOPs: known without torch) already break a constraint left out.
+
+    Why: in a space where most random points break the constraint (the default space: 197
+    of 200 random blocks were slower than the baseline), a short search that starts at
+    random trains almost nothing; the baseline's neighbours are mostly feasible, and their
+    results tell the sampler which single changes help.
+    """
+    import random
+
+    from blockdsl.graph import report
+
+    start = baseline_point(space)
+    if start is None or limit <= 0:
+        return []
+    point, _ = start
+    pr, _plan = _probe(space, point) or (None, None)
+    if pr is None:
+        return []
+    base_plan = space.resolve_baseline()
+    base_hash = arch_hash(base_plan)
+    base_static = _static_metrics(report(base_plan))
+    static_cons = [(m, op, b) for m, op, b, _ in space.constraints if m in STATIC_METRICS]
+    cands: list[tuple[dict[str, Any], str]] = []
+    seen = {base_hash}
+    for name, domain in pr.domains.items():
+        for v in domain:
+            if v == point.get(name):
+                continue
+            got = _probe(space, {**point, name: v})
+            if got is None:
+                continue
+            probe, plan = got
+            h = arch_hash(plan, probe.train_vars)
+            if h in seen:
+                continue
+            seen.add(h)
+            if static_cons:
+                m = _static_metrics(report(plan))
+                if any(_violation(m[k], op, float(eval_expr(b, {"baseline": base_static[k]}))) > 0
+                       for k, op, b in static_cons):
+                    continue
+            cands.append((dict(probe.params), name))
+    rng = random.Random(seed)
+    rng.shuffle(cands)
+    # Round-robin over the parameters changed, so a short list covers many of them.
+    by_param: dict[str, list[dict[str, Any]]] = {}
+    for params, name in cands:
+        by_param.setdefault(name, []).append(params)
+    out: list[dict[str, Any]] = []
+    while len(out) < limit and any(by_param.values()):
+        for name in list(by_param):
+            if by_param[name] and len(out) < limit:
+                out.append(by_param[name].pop())
+    return out
+
+
 # ----------------------------------------------------------------------------- results
 
 
@@ -1520,6 +1747,13 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
     found = best_trials(study)
     best = [t for t in found if beats(t, base, study.directions)]
     closest = [t for t in found if t not in best][:1] if not best else []
+    searched = [t for t in counted_trials(trials) if t.user_attrs.get("role") != "baseline"]
+    feasible_trained = sum(1 for t in searched if _own_status(t) in ("trained", "pruned")
+                           and all(v <= 0 for v in t.constraints.values()))
+    infeasible = sum(1 for t in searched if _own_status(t) == "infeasible"
+                     or t.user_attrs.get("copied_status") == "infeasible"
+                     or (_own_status(t) in ("trained", "pruned")
+                         and any(v > 0 for v in t.constraints.values())))
     started = [t.datetime_start for t in trials if t.datetime_start]
     ended = [t.datetime_complete for t in trials if t.datetime_complete]
     wall = (max(ended) - min(started)).total_seconds() if started and ended else None
@@ -1531,7 +1765,46 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
         "baseline": pick(base), "best": [pick(t) for t in best],
         "beats_baseline": bool(best) if base is not None else None,
         "closest": pick(closest[0]) if closest else None, "wall_seconds": wall,
+        "searched": len(searched), "feasible_trained": feasible_trained,
+        "infeasible": infeasible,
+        "repeats": sum(1 for t in searched if _own_status(t) == "copy"),
+        "verdict": _verdict(study, base, best, closest, len(searched), feasible_trained,
+                            infeasible),
     }
+
+
+def _own_status(t: FrozenTrial) -> str:
+    return t.user_attrs.get("status") or t.state.name.lower()
+
+
+def _verdict(study: optuna.Study, base: FrozenTrial | None, best: list[FrozenTrial],
+             closest: list[FrozenTrial], searched: int, feasible: int, infeasible: int) -> str:
+    """One sentence: what the search found, and why no block was written when none was."""
+    cons = "; ".join(study.user_attrs.get("constraints") or [])
+    within = f" within {cons}" if cons else ""
+    base_v = f"{base.values[0]:.4f}" if base is not None and base.values else None
+    trained = f"{feasible} of {searched} searched trials trained a new block{within}"
+    if best:
+        b = best[0]
+        if len(best) > 1:
+            return f"{trained}; {len(best)} blocks on the Pareto front beat the baseline"
+        vs = f" vs the baseline's {base_v}" if base_v else ""
+        return f"{trained}; best block: trial {b.number} ({b.values[0]:.4f}{vs})"
+    if base is None:
+        return f"no block found: {trained}"
+    if searched == 0:
+        return ("no best.block: the budget ran the baseline only, nothing was searched "
+                "(raise --budget)")
+    if feasible == 0:
+        why = (f"{infeasible} broke {cons or 'a constraint'}" if infeasible
+               else "none finished training")
+        return (f"no best.block: none of the {searched} searched trials trained a block ({why});"
+                " a larger --budget lets the sampler learn where the feasible blocks are")
+    c = closest[0] if closest else None
+    near = (f"; the closest, trial {c.number}: {c.values[0]:.4f} vs the baseline's {base_v}"
+            if c is not None and c.values and base_v else "")
+    return (f"no searched block beat the baseline (trial {base.number}), so no best.block: "
+            f"{trained}{near}")
 
 
 def beats(t: FrozenTrial, base: FrozenTrial | None, directions: Sequence[Any]) -> bool:
@@ -1587,8 +1860,10 @@ def write_results(study: optuna.Study, out: Path,
                 old.unlink(missing_ok=True)
         if base is not None and base.user_attrs.get("block"):
             atomic_write(out / "baseline.block", base.user_attrs["block"].encode("utf-8"))
-        plot = plot_study(study, out / ("pareto.png" if multi else "history.png"))
-        summary["files"] = {"blocks": files, "plot": str(plot) if plot else None}
+        shows: dict[str, int] = {}
+        plot = plot_study(study, out / ("pareto.png" if multi else "history.png"), shows)
+        summary["files"] = {"blocks": files, "plot": str(plot) if plot else None,
+                            "plot_shows": shows}
         atomic_write(out / "summary.json",
                      json.dumps(summary, indent=2, default=str).encode("utf-8"))
     return summary
@@ -1653,8 +1928,14 @@ def others_running(study: optuna.Study, grace: float) -> list[int]:
     return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
 
 
-def plot_study(study: optuna.Study, path: Path) -> Path | None:
-    """Optimisation history (single objective) or Pareto front (first two objectives)."""
+def plot_study(study: optuna.Study, path: Path, shows: dict[str, int] | None = None) -> Path | None:
+    """Optimisation history (single objective) or Pareto front (first two objectives).
+
+    `shows` receives how many points of each kind were drawn. The history always spans
+    the study's trials and marks the infeasible ones along its foot, so a short search that
+    trained nothing but the baseline still shows what it tried (not an empty 0..1 frame).
+    """
+    shows = shows if shows is not None else {}
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1688,13 +1969,22 @@ def plot_study(study: optuna.Study, path: Path) -> Path | None:
             ax.step(xs, ys, where="post", color="black", lw=1.2, label="best so far")
         if base is not None:
             ax.axhline(base.values[0], color="tab:green", ls="--", lw=1.2, label="baseline")
+            ax.plot([base.number], [base.values[0]], "*", ms=11, color="tab:green")
+        bad = [r.number for r in rows if r.role != "baseline" and (
+            r.status == "infeasible" or (r.status in ("copy", "trained") and not r.feasible))]
+        if bad:
+            # Their value is the untrained model's (ln V): a mark at the foot, not a point.
+            ax.plot(bad, [0.02] * len(bad), "|", ms=9, color="tab:purple",
+                    transform=ax.get_xaxis_transform(), label="infeasible (not trained)")
+        if rows:
+            ax.set_xlim(-0.5, max(r.number for r in rows) + 0.5)
         ax.set_xlabel("trial")
         ax.set_ylabel(objectives[0][0])
-        hidden = sum(1 for r in rows if r.status == "infeasible"
-                     or (r.status == "copy" and not r.feasible))
         failed = sum(1 for r in rows if r.state == "FAIL")
         ax.set_title(f"{study.study_name}: optimisation history\n"
-                     f"(not shown: {hidden} infeasible, {failed} failed)", fontsize=10)
+                     f"({len(pts)} trained, {len(bad)} infeasible, {failed} failed)", fontsize=10)
+        shows.update(trained=len(pts), pruned=len(pruned), repeats=len(copies),
+                     infeasible=len(bad), baseline=int(base is not None))
     else:
         xm, ym = objectives[1][0], objectives[0][0]
         pts = [(r.values[1], r.values[0]) for r in rows
@@ -1711,6 +2001,7 @@ def plot_study(study: optuna.Study, path: Path) -> Path | None:
         ax.set_xlabel(xm)
         ax.set_ylabel(ym)
         ax.set_title(f"{study.study_name}: Pareto front")
+        shows.update(trials=len(pts), front=len(front), baseline=int(base is not None))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -1719,6 +2010,19 @@ def plot_study(study: optuna.Study, path: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- entry point
+
+
+def describe_budget(cfg: SearchConfig) -> str:
+    """A trial's training budget in the units it is counted in (the header of a run)."""
+    if cfg.clock == "wall":
+        return f"{cfg.seconds:g} s of wall-clock training each"
+    if cfg.baseline_steps:
+        return f"{cfg.baseline_steps} baseline steps of training each"
+    if cfg.pace:
+        return (f"{round(cfg.seconds / cfg.pace)} baseline steps of training each "
+                f"({cfg.seconds:g} s at the space's pace of {cfg.pace:g} s/step, measured on "
+                "its reference machine: not seconds here)")
+    return f"{cfg.seconds:g} s of baseline training each, at the pace the baseline trial measures"
 
 
 def default_space_path() -> Path:
