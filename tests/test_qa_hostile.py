@@ -107,13 +107,17 @@ def test_bad_search_settings_are_one_line_errors_before_anything_runs(tmp_path: 
     (tmp_path / "tiny.block").write_text(TINY)
     for flags, words in [(["--seconds", "nan"], "--seconds nan: must be a finite number > 0"),
                          (["--seed", "99999999999999"], "--seed 99999999999999: must be an integer"),
-                         (["--seed", "-1"], "--seed -1: must be an integer >= 0"),
-                         (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
-                         (["--budget", "0"], "--budget 0: must be an integer >= 1")]:
+                         (["--seed", "-1"], "--seed -1: must be an integer >= 0")]:
         p = _search(tmp_path, "tiny.block", "--study", "s", *flags, "--no-live")
         assert p.returncode == 1 and p.stderr.startswith(f"error: {words}"), (flags, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert "Traceback" not in p.stderr
+    # counts that argparse's type checks refuse: the usage, then one error line, exit 1
+    for flag in ("--batch", "--batch-size", "--budget"):
+        p = _search(tmp_path, "tiny.block", "--study", "s", flag, "0", "--no-live")
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip().splitlines()[-1] == (
+            f"blockdsl search: error: argument {flag}: expected a positive integer, got 0"), p.stderr
     assert not (tmp_path / "studies").exists()  # refused before the study was created
     bad = TINY.replace("seconds=1,", "seconds=0-1,")
     (tmp_path / "bad.block").write_text(bad)
