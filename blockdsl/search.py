@@ -1203,9 +1203,11 @@ class Worker:
             if cfg.steps:
                 steps = min(steps, cfg.steps)
             spr = max(1, round(steps / cfg.rungs))
+            by_steps = True
         elif cfg.clock == "wall":
             steps, seconds = cfg.steps, cfg.seconds
             spr = max(1, round(cfg.seconds / cfg.rungs / max(step_time, 1e-4)))
+            by_steps = seconds is None
         else:
             raise SearchError(f"clock must be wall or paired, got {cfg.clock!r}")
         tcfg = TrainConfig(
@@ -1232,7 +1234,10 @@ class Worker:
                 return False
             if math.isnan(v):
                 raise TrialFailed("NaN validation loss")
-            progress = step / steps if seconds is None else m["train_seconds"] / seconds
+            # The paired clock's budget is its steps (its `seconds` is only the runaway guard,
+            # 10x the budget: progress measured against it put every eval at rung 1, so
+            # trials were never compared at 50% and 75%); the wall clock's is its seconds.
+            progress = step / steps if by_steps else m["train_seconds"] / seconds
             if step == 0 or progress >= 0.999:
                 return False
             rung = max(1, min(cfg.rungs - 1, round(progress * cfg.rungs)))

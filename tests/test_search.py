@@ -364,11 +364,23 @@ def test_kill_a_worker_mid_trial_then_resume(tmp_path: Path) -> None:
     assert show.returncode == 0 and "baseline" in show.stdout
 
 
+def test_a_paired_clock_trial_is_evaluated_at_every_rung(tmp_path: Path) -> None:
+    """Rungs are fractions of the step budget: measuring progress against the wall-clock
+    guard (10x the budget) once put every evaluation at rung 1."""
+    study = S.search(_space(tmp_path, TINY.replace("trials=7", "trials=1")), study="r",
+                     root=tmp_path, baseline_steps=40, threads=1)
+    base = S.baseline_trial(study)
+    assert base is not None and base.user_attrs["status"] == "trained"
+    assert sorted(base.user_attrs["rungs"]) == ["1", "2", "3"]  # 25%, 50%, 75% of 4 rungs
+
+
 def test_multi_objective_search_writes_the_pareto_set(tmp_path: Path) -> None:
     text = TINY.replace("  minimize val_loss", "  minimize val_loss\n  minimize params")
     text = text.replace("trials=7", "trials=5")
-    study = S.search(_space(tmp_path, text), study="mo", root=tmp_path, seconds=0.5, threads=1,
-                     prune_startup=1)
+    # Every trial trains exactly 20 steps (a large baseline budget capped by `steps`), so
+    # which trials train, prune and form the front does not depend on the machine's load.
+    study = S.search(_space(tmp_path, text), study="mo", root=tmp_path, baseline_steps=1000,
+                     steps=20, threads=1, prune_startup=1)
     assert isinstance(study.sampler.base, optuna.samplers.NSGAIISampler)
     assert len(study.directions) == 2
     for t in study.get_trials():
