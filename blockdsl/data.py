@@ -14,7 +14,6 @@ by name, at least one when the class has two or more) are validation.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -30,6 +29,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import Tensor
+
+from blockdsl.files import atomic_write
 
 VAL_FRACTION_TEXT = 0.1
 VAL_FRACTION_DIGITS = 0.2
@@ -66,39 +67,6 @@ def cache_dir() -> Path:
     """`$BLOCKDSL_CACHE`, else `~/.cache/blockdsl`: tokens and measured machine rates."""
     env = os.environ.get("BLOCKDSL_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "blockdsl"
-
-
-def umask() -> int:
-    """The process's umask (Linux reports it in /proc; elsewhere set-and-restore)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see half a file.
-
-    mkstemp creates the file 0600; it gets the mode a plain `open` would have given (0666
-    less the umask), so a run's metrics.jsonl is as readable as its loss.png."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ----------------------------------------------------------------------------- text
 
 
 def default_corpus_files() -> list[Path]:
@@ -208,7 +176,7 @@ def load_tokens(files: list[Path], root: Path | None = None) -> np.ndarray:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         index[fp] = digest
-        atomic_write_bytes(index_path, json.dumps(index).encode())
+        atomic_write(index_path, json.dumps(index).encode())
     except OSError as e:
         warnings.warn(f"token cache {tok_dir} not writable ({e}); holding tokens in memory",
                       stacklevel=2)

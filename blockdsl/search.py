@@ -64,6 +64,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from blockdsl import ir
 from blockdsl.errors import BlockError, brief
+from blockdsl.files import atomic_write
 from blockdsl.parse import load_module
 from blockdsl.resolve import (
     ChoiceDef,
@@ -1872,42 +1873,6 @@ def write_results(study: optuna.Study, out: Path,
         atomic_write(out / "summary.json",
                      json.dumps(summary, indent=2, default=str).encode("utf-8"))
     return summary
-
-
-def _umask() -> int:
-    """The process's umask (Linux reports it in /proc; elsewhere set-and-restore)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, data: bytes | Callable[[Any], None]) -> None:
-    """Write `path` whole or not at all: a temporary file in the same folder, renamed over it.
-
-    `data` is the bytes, or a function that writes to the open file. mkstemp creates the
-    file 0600; it gets the mode a plain `open` would have given (0666 less the umask).
-    """
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

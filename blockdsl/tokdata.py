@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from blockdsl.data import VAL_FRACTION_TEXT, DataError, atomic_write_bytes, cache_dir, text_files
+from blockdsl.data import VAL_FRACTION_TEXT, DataError, atomic_write, cache_dir, text_files
 
 DTYPES: dict[str, Any] = {"uint16": np.uint16, "uint32": np.uint32}
 META = "meta.json"
@@ -185,7 +185,7 @@ def max_token_id(tokens: np.ndarray, path: Path, root: Path | None = None) -> in
         top = max(top, int(tokens[i : i + SCAN_CHUNK].max()))
     index[key] = top
     try:
-        atomic_write_bytes(index_path, json.dumps(index).encode())
+        atomic_write(index_path, json.dumps(index).encode())
     except OSError:
         pass  # an unwritable cache only costs the scan again next time
     return top

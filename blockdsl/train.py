@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blockdsl import data as data_mod
+from blockdsl import files as fileio
 from blockdsl.data import DataError, TaskData
 
 PRECISIONS = ("fp32", "fp32-medium", "bf16")
@@ -234,7 +235,7 @@ def matmul_rate(device: torch.device, precision: str, cache: Path | None = None)
         if _RATES[key] > table.get(key, 0.0):
             table[key] = _RATES[key]
             with contextlib.suppress(OSError):
-                data_mod.atomic_write_bytes(path, json.dumps(table, indent=1).encode())
+                fileio.atomic_write(path, json.dumps(table, indent=1).encode())
     return max(_RATES[key], float(table.get(key, 0.0)))
 
 
@@ -453,7 +454,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
     try:
         # mkdtemp makes it 0700; a checkpoint folder gets a plain mkdir's mode (the umask's)
-        os.chmod(tmp, 0o777 & ~data_mod.umask())
+        os.chmod(tmp, 0o777 & ~fileio.umask())
         save_model(model, str(tmp / "model.safetensors"))
         payload = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), **state}
         torch.save(payload, tmp / "train_state.pt")
@@ -463,7 +464,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():  # safetensors writes its file 0600 whatever the umask
-            os.chmod(f, 0o666 & ~data_mod.umask())
+            os.chmod(f, 0o666 & ~fileio.umask())
         if final.exists():
             # a folder of this step from a lost tail (e.g. a damaged checkpoint newer than
             # the one a run resumed from): this run's state replaces it, never the reverse
@@ -476,7 +477,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    data_mod.atomic_write_bytes(out / LATEST, final.name.encode())
+    fileio.atomic_write(out / LATEST, final.name.encode())
     ckpts = sorted(p for p in out.glob(f"{CKPT_PREFIX}*") if p.is_dir())
     for old in ckpts[: max(0, len(ckpts) - keep)]:
         if old != final:
@@ -609,7 +610,7 @@ class _RunFiles:
                     if isinstance(step, (int, float)) and not isinstance(step, bool) \
                             and step <= resume_step:
                         lines.append(_strict_json(rec))  # an older file's bare NaN -> null
-        data_mod.atomic_write_bytes(
+        fileio.atomic_write(
             self.metrics_path, "".join(line + "\n" for line in lines).encode()
         )
         self._fh = self.metrics_path.open("a", buffering=1)
