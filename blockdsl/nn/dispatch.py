@@ -138,25 +138,20 @@ def resolve_impl(
     not measured here: no GPU), else "bmm" (few large kernels; one host sync for the grid
     unless the routing bounds the load). Without a shape the large-matmul rule applies.
 
-    Evidence, CPU (medians of interleaved rounds; ratios within one run):
-    - search scale (benchmarks/moe_search_scale.py; d = 48, 8 experts, top-2, 1024 tokens,
-      1 thread; whole-model step vs the dense model of equal FLOPs, docs/bench/
-      moe_search_scale.txt): "bmm" beats "sort" and "grouped_mm" in bf16 by 2-3x and
-      ties "grouped_mm" in fp32; "sort" (the old default) is the slowest in both (round
-      one, load 2). Re-run with this branch's backward (load 4-7), step ratio to the
-      dense model, topk(d) / topk(2d): bf16 "bmm" 1.52x / 1.56x vs "grouped_mm" 3.48x /
-      5.24x; fp32 1.53x / 1.90x vs 1.95x / 1.62x (a tie inside the spread). Here per-op
-      overhead rules, and "bmm" runs one op per matmul for all experts.
-    - coarse 8x512 d256 and MoEUT-44M 155x128 d412, 4096 tokens, 2 threads. Quiet
-      machine (the issue's run of benchmarks/moe_layer.py, quoted, before "bmm"
-      existed): "grouped_mm" beats "sort" in fp32 (92% vs 85% and 91% vs 63% of the
-      dense per-expert rate) and in bf16 (73% vs 44%, 49% vs 31%). This branch's run
-      (docs/bench/moe_layer_*.txt, load 6.5-9.5, medians of interleaved steps): "bmm"
-      was slower than "grouped_mm" in all four tables (fp32 coarse 993 vs 744 ms, MoEUT
-      6851 vs 4259; bf16 coarse 570 vs 523, MoEUT 2070 vs 1690), as expected where
-      matmuls dominate and its padding and per-tile weight copies are pure cost; but
-      "auto" and "grouped_mm", the same code at these shapes, differed by up to 1.3x,
-      so "grouped_mm" vs "sort" is not settled by it (a quiet re-run is due).
+    Evidence, CPU, one quiet run each (load 0.3-1.6; medians of interleaved rounds, the
+    min-max spread in the files named):
+    - search scale (benchmarks/moe_search_scale.py, docs/bench/moe_search_scale.txt;
+      d = 48, 8 experts, top-2, 1024 tokens, 1 thread; whole-model train step against the
+      dense model of equal FLOPs): "bmm" 1.45x (1.37-1.55) in fp32 and 1.48x (1.25-1.59)
+      in bf16, "sort" 2.07x and 3.02x. Here per-op overhead rules (ops per step: dense
+      1610, "bmm" 2477, "sort" 5258), and "bmm" runs one op per matmul for all experts.
+    - coarse 8x512 d256 and MoEUT-44M 155x128 d412, 4096 tokens, 2 threads
+      (benchmarks/moe_layer.py, docs/bench/moe_layer.txt), ms per fwd+bwd:
+      fp32 coarse: grouped_mm 171, sort 173, bmm 180; MoEUT: bmm 784, grouped_mm 808,
+      sort 981. bf16 coarse: grouped_mm 96, bmm 102, sort 123; MoEUT: grouped_mm 473,
+      bmm 501, sort 971. Where matmuls dominate, "bmm"'s padding and per-tile weight
+      copies cost a few percent and "grouped_mm" is exact; "sort" loses in bf16. The
+      spreads are 10-25% wide, so ties within them are ties.
     `blockdsl compile --tune` races all backends at the real shape and overrides this.
     """
     if impl not in IMPLS:
