@@ -26,6 +26,8 @@ _MAX_MESSAGE = 500  # characters of a message or hint: user text inside one can 
 # 2**62 is far past any real size and keeps a typo like 10**100 (or 10**10**10) from
 # building a bignum; floats must stay finite.
 MAX_INT = 2**62
+# A spec file (and spec text) is at most 1 MiB: real specs are a few KiB.
+MAX_SPEC_BYTES = 1 << 20
 
 
 def quotable(file: str) -> bool:
@@ -50,11 +52,11 @@ def source_line(file: str, line: int) -> str | None:
     elif quotable(file) and file != "<text>":
         # A span from another process (e.g. a search worker): read the file again, with
         # the same limits as the parser (a regular file, at most 1 MiB).
-        from blockdsl.parse import read_spec_file  # the error path only
+        from blockdsl.files import read_regular  # the error path only
 
         try:
-            text = read_spec_file(Path(file), None)
-        except BlockError:
+            text = read_regular(Path(file), MAX_SPEC_BYTES).decode("utf-8-sig")
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
             return None
     else:
         return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,15 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
 from blockdsl import ir
-from blockdsl.errors import BlockError, bounded, brief, quotable, register_source
+from blockdsl.errors import MAX_SPEC_BYTES, BlockError, bounded, brief, quotable, register_source
+from blockdsl.files import NotARegularFile, TooLarge, read_regular
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
 # Input limits: every spec file (and spec text) is at most 1 MiB; one load reads at most
 # 256 files, 8 MiB in all, nested at most 64 includes deep. Real specs are a few KiB, so
 # these only stop hostile or mistaken input (a device, a log file) before it costs memory.
-MAX_FILE_BYTES = 1 << 20
+MAX_FILE_BYTES = MAX_SPEC_BYTES
 MAX_TOTAL_BYTES = 8 << 20
 MAX_FILES = 256
 MAX_INCLUDE_DEPTH = 64
@@ -416,50 +416,27 @@ def _too_deep(file: str) -> BlockError:
 def read_spec_file(path: Path, include: ir.Include | None) -> str:
     """A spec file's text, or a located error saying why it cannot be read.
 
-    Only a regular file is read, and at most 1 MiB of it: the file is opened without
-    blocking (a FIFO would otherwise wait for a writer forever) and checked with fstat
-    on the open descriptor (no window between a check and the open), so a FIFO, a device
-    like /dev/zero or a folder is refused before one byte is read. Error messages name
-    the file but never quote its bytes.
+    Only a regular file is read, and at most 1 MiB of it (`files.read_regular`: a FIFO, a
+    device like /dev/zero or a folder is refused before one byte is read). Error messages
+    name the file but never quote its bytes.
     """
     span = include.span if include else None
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, flags)
+        data = read_regular(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         raise BlockError(f"no such file: {path}", span, "check the path") from None
     except IsADirectoryError:
         raise _folder(path, span) from None
+    except NotARegularFile:
+        raise BlockError(f"{path} is not a regular file (a device, pipe or socket)", span,
+                         "a spec is a .block text file") from None
+    except TooLarge as err:
+        raise _too_big(path, err.size, span) from None
     except (OSError, ValueError) as err:
         raise BlockError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", span) from None
     try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise _folder(path, span)
-        if not stat.S_ISREG(st.st_mode):
-            raise BlockError(
-                f"{path} is not a regular file (a device, pipe or socket)",
-                span,
-                "a spec is a .block text file",
-            )
-        if st.st_size > MAX_FILE_BYTES:
-            raise _too_big(path, st.st_size, span)
-        chunks, got = [], 0
-        while got <= MAX_FILE_BYTES:  # the size may have changed since fstat
-            chunk = os.read(fd, MAX_FILE_BYTES + 1 - got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-    except OSError as err:
-        raise BlockError(f"cannot read {path}: {err.strerror}", span) from None
-    finally:
-        os.close(fd)
-    if got > MAX_FILE_BYTES:
-        raise _too_big(path, got, span)
-    try:
         # utf-8-sig: a byte-order mark (Windows editors write one) is no part of the text
-        return b"".join(chunks).decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise BlockError(
             f"{path} is not UTF-8 text (byte {err.start})", span, "is this really a .block file?"
