@@ -540,7 +540,10 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
             raise SearchError(f"start must be neighbourhood or random, got {cfg.start!r}")
         # `--sampler random` is the comparison point for the samplers: random from trial 1.
         if cfg.start == "neighbourhood" and cfg.sampler != "random":
-            for params in neighbourhood(space, cfg.startup_trials, cfg.seed):
+            # no more than the budget holds: an enqueued start trial past it would be
+            # picked up and closed as "surplus", a trial the user did not ask for
+            limit = min(cfg.startup_trials, cfg.trials - 1)
+            for params in neighbourhood(space, limit, cfg.seed):
                 study.enqueue_trial(params, user_attrs={"role": "start"})
     return study
 

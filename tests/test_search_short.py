@@ -75,6 +75,15 @@ def test_the_start_design_is_the_baselines_neighbourhood(short_run: tuple[Path, 
     assert summary["searched"] == 4 and summary["feasible_trained"] >= 3
 
 
+def test_the_start_design_fits_in_a_budget_smaller_than_it(tmp_path: Path) -> None:
+    """Neighbours enqueued past the budget were picked up and closed as "surplus" trials."""
+    r = _run(tmp_path, "--study", "two", "--budget", "2", "--baseline-steps", "3")
+    assert r.returncode == 0, r.stderr
+    trials = _study(tmp_path, "two").get_trials()
+    assert [t.user_attrs.get("role") for t in trials] == ["baseline", "start"]
+    assert all(t.user_attrs.get("status") != "surplus" for t in trials)
+
+
 def test_the_run_says_what_it_found(short_run: tuple[Path, dict, str]) -> None:
     _, s, _ = short_run
     assert (f"{s['feasible_trained']} of 4 searched trials trained a new block within "
