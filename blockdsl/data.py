@@ -190,8 +190,50 @@ def _memmap(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
+class LMWindows:
+    """Batches of next-token windows from a `train` and a `val` array of token ids.
+
+    Shared by byte text (`TextData`) and token-id corpora (`tokdata.TokenData`), so both
+    draw batches the same way: a `.bin` holding a text's bytes gives the text's batches.
+    Needs `train`, `val`, `split` (= len(train)) and `seq_len`.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    split: int
+    seq_len: int
+
+    @property
+    def units_per_sample(self) -> int:
+        return self.seq_len
+
+    @property
+    def train_tokens(self) -> int:
+        return self.split
+
+    def _windows(self, arr: np.ndarray, starts: np.ndarray) -> tuple[Tensor, Tensor]:
+        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
+        w = torch.from_numpy(np.asarray(arr[idx], dtype=np.int64))
+        return w[:, :-1], w[:, 1:]
+
+    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Random windows of the train part; the generator is seeded by (seed, step)."""
+        rng = np.random.default_rng([seed, step])
+        starts = rng.integers(0, self.split - self.seq_len, size=batch_size)
+        return self._windows(self.train, starts)
+
+    def val_batches(self, batch_size: int, max_batches: int | None) -> list[tuple[Tensor, Tensor]]:
+        """Consecutive windows from the start of the validation part."""
+        n_win = (len(self.val) - 1) // self.seq_len
+        if max_batches is not None:
+            n_win = min(n_win, max_batches * batch_size)
+        starts = self.seq_len * np.arange(n_win)
+        return [self._windows(self.val, starts[i : i + batch_size])
+                for i in range(0, n_win, batch_size)]
+
+
 @dataclass
-class TextData:
+class TextData(LMWindows):
     """A byte-token stream: train = first 90%, validation = last 10% (fixed, by position)."""
 
     tokens: np.ndarray
@@ -214,31 +256,12 @@ class TextData:
             )
 
     @property
-    def units_per_sample(self) -> int:
-        return self.seq_len
+    def train(self) -> np.ndarray:
+        return self.tokens[: self.split]
 
     @property
-    def train_tokens(self) -> int:
-        return self.split
-
-    def _windows(self, starts: np.ndarray) -> tuple[Tensor, Tensor]:
-        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
-        w = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64))
-        return w[:, :-1], w[:, 1:]
-
-    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[Tensor, Tensor]:
-        """Random windows of the train split; the generator is seeded by (seed, step)."""
-        rng = np.random.default_rng([seed, step])
-        starts = rng.integers(0, self.split - self.seq_len, size=batch_size)
-        return self._windows(starts)
-
-    def val_batches(self, batch_size: int, max_batches: int | None) -> list[tuple[Tensor, Tensor]]:
-        """Consecutive windows from the start of the validation split."""
-        n_win = (len(self.tokens) - self.split - 1) // self.seq_len
-        if max_batches is not None:
-            n_win = min(n_win, max_batches * batch_size)
-        starts = self.split + self.seq_len * np.arange(n_win)
-        return [self._windows(starts[i : i + batch_size]) for i in range(0, n_win, batch_size)]
+    def val(self) -> np.ndarray:
+        return self.tokens[self.split :]
 
 
 def load_text(source: str | Path | None, seq_len: int, root: Path | None = None) -> TextData:

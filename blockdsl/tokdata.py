@@ -30,10 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from blockdsl.data import VAL_FRACTION_TEXT, DataError, atomic_write, cache_dir, text_files
+from blockdsl.data import VAL_FRACTION_TEXT, DataError, LMWindows, atomic_write, cache_dir, text_files
 
 DTYPES: dict[str, Any] = {"uint16": np.uint16, "uint32": np.uint32}
 META = "meta.json"
@@ -192,7 +190,7 @@ def max_token_id(tokens: np.ndarray, path: Path, root: Path | None = None) -> in
 
 
 @dataclass
-class TokenData:
+class TokenData(LMWindows):
     """Token ids with a train and a validation part (views of memory-mapped files)."""
 
     train: np.ndarray
@@ -213,34 +211,6 @@ class TokenData:
                     f"{self.name}: its {part} part has {len(arr)} tokens, too few for one "
                     f"sequence of seq_len {self.seq_len} (needs {need})"
                 )
-
-    @property
-    def units_per_sample(self) -> int:
-        return self.seq_len
-
-    @property
-    def train_tokens(self) -> int:
-        return self.split
-
-    def _windows(self, arr: np.ndarray, starts: np.ndarray) -> tuple[Tensor, Tensor]:
-        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
-        w = torch.from_numpy(np.asarray(arr[idx], dtype=np.int64))
-        return w[:, :-1], w[:, 1:]
-
-    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[Tensor, Tensor]:
-        """Random windows of the train part, drawn exactly as for byte text."""
-        rng = np.random.default_rng([seed, step])
-        starts = rng.integers(0, self.split - self.seq_len, size=batch_size)
-        return self._windows(self.train, starts)
-
-    def val_batches(self, batch_size: int, max_batches: int | None) -> list[tuple[Tensor, Tensor]]:
-        """Consecutive windows from the start of the validation part."""
-        n_win = (len(self.val) - 1) // self.seq_len
-        if max_batches is not None:
-            n_win = min(n_win, max_batches * batch_size)
-        starts = self.seq_len * np.arange(n_win)
-        return [self._windows(self.val, starts[i : i + batch_size])
-                for i in range(0, n_win, batch_size)]
 
 
 def check_vocab(source: str | Path, spec_vocab: int, dtype: str | None = None) -> Meta:
