@@ -1880,18 +1880,19 @@ def write_results(study: optuna.Study, out: Path,
 
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive flock on `folder/.write.lock` (nothing where fcntl does not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    """An exclusive flock on `folder/.write.lock`, the journal's kind of lock (released by
+    the kernel if its holder dies); nothing where fcntl does not exist."""
+    from blockdsl import journal
+
+    if journal.fcntl is None:  # pragma: no cover - Windows
         yield
         return
-    fd = os.open(folder / ".write.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    lock = journal.FlockLock(str(folder / ".write.lock"))
+    lock.acquire()
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def others_running(study: optuna.Study, grace: float) -> list[int]:
