@@ -46,9 +46,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import blockdsl
-    from blockdsl.data import load_for_model
     from blockdsl.search import _train_step
     from blockdsl.train import precision_context, seed_everything
+    from blockdsl.train.data import load_for_model
 
     dev = torch.device("cpu")
     models, opts = {}, {}

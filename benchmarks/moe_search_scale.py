@@ -104,9 +104,9 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     import blockdsl
-    from blockdsl.data import load_for_model
     from blockdsl.search import _train_step
     from blockdsl.train import precision_context, seed_everything
+    from blockdsl.train.data import load_for_model
 
     device = torch.device("cpu")
     specs = contenders(args.dispatch.split(","))

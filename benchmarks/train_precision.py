@@ -16,8 +16,8 @@ import time
 import torch
 
 import blockdsl
-from blockdsl.data import load_for_model
 from blockdsl.train import accumulate_gradients, precision_context, seed_everything
+from blockdsl.train.data import load_for_model
 
 PRECISIONS = ("fp32", "fp32-medium", "bf16")
 

@@ -48,9 +48,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import blockdsl  # noqa: E402
-from blockdsl.data import load_for_model  # noqa: E402
 from blockdsl.lower import build_from_plan  # noqa: E402
 from blockdsl.train import autocast, precision_context, seed_everything  # noqa: E402
+from blockdsl.train.data import load_for_model  # noqa: E402
 from blockdsl.tune import CANDIDATES, with_impls  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

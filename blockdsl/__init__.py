@@ -15,13 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blockdsl.errors import BlockError
-from blockdsl.ir import Module
+from blockdsl.lang.errors import BlockError
+from blockdsl.lang.ir import Module
+from blockdsl.lang.resolve import resolve as _resolve
 
 # The submodule is imported before `def resolve` below (a later first import would rebind
-# `blockdsl.resolve` to the module); `blockdsl.parse` (lark) is imported on first use.
-from blockdsl.resolve import Plan
-from blockdsl.resolve import resolve as _resolve
+# `blockdsl.resolve` to the module); `blockdsl.lang.parse` (lark) is imported on first use.
+from blockdsl.plan import Plan
 
 if TYPE_CHECKING:
     from blockdsl.graph import Report
@@ -33,7 +33,7 @@ __all__ = ["BlockError", "load", "resolve", "report", "build", "check", "__versi
 
 def load(source: str | Path) -> Module:
     """Parse a .block file (path) or .block text into the IR, includes resolved."""
-    from blockdsl.parse import load_module
+    from blockdsl.lang.parse import load_module
 
     return load_module(source)
 

@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from blockdsl.plan import Plan
 from blockdsl.primitives import (
     PRIMITIVES,
     Ctx,
@@ -27,7 +28,6 @@ from blockdsl.primitives import (
     stem_flops,
     stem_params,
 )
-from blockdsl.resolve import Plan
 
 if TYPE_CHECKING:
     import networkx as nx

@@ -20,7 +20,7 @@ from blockdsl.nn.ffn import FeedForward
 from blockdsl.nn.model import BlockModel, Residual
 from blockdsl.nn.norm import make_norm
 from blockdsl.nn.stems import ClassifierHead, LMHead, PatchEmbedding, TokenEmbedding
-from blockdsl.resolve import LayerPlan, NormPlan, Plan
+from blockdsl.plan import LayerPlan, NormPlan, Plan
 
 
 def _norm(n: NormPlan, d: int) -> nn.Module:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from blockdsl.resolve import LayerPlan, Plan
+from blockdsl.plan import LayerPlan, Plan
 
 DEFAULT_TOKENS = 4096
 # Per-layer winners are kept unless the whole model with them is this much slower.

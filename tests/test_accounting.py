@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import blockdsl
-from blockdsl.resolve import Plan
+from blockdsl.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

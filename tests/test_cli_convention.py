@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import blockdsl
-from blockdsl import cli_common as C
+from blockdsl.cli import common as C
 from blockdsl.cli import main, make_parser
 from tests.test_search import TINY
 

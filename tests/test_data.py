@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from blockdsl import data
-from blockdsl.data import DataError
+from blockdsl.train import data
+from blockdsl.train.data import DataError
 
 
 @pytest.fixture(autouse=True)

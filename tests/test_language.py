@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import blockdsl
-from blockdsl import ir
-from blockdsl.render import render
-from blockdsl.resolve import Plan, eval_expr
+from blockdsl.lang import ir
+from blockdsl.lang.render import render
+from blockdsl.lang.resolve import eval_expr
+from blockdsl.plan import Plan
 from tests.test_accounting import (
     TEST_SPECS,
     all_models,

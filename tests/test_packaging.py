@@ -22,7 +22,10 @@ def test_wheel_ships_grammar_and_search_spaces(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("blockdsl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "blockdsl/grammar.lark" in names
+    assert "blockdsl/lang/grammar.lark" in names
+    # Every module of every subpackage (pyproject lists the packages by name).
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "blockdsl").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)
     spaces = {p.name for p in (REPO / "search").glob("*.block")}
     assert spaces and {f"blockdsl/spaces/{n}" for n in spaces} <= names
     # Installed without the repository beside it, the default space resolves to the copy.

@@ -187,7 +187,7 @@ def test_train_resume_in_a_damaged_run_folder(tmp_path: Path) -> None:
 
 HOLDER = """
 import sys, time
-from blockdsl.journal import JournalBackend
+from blockdsl.search.journal import JournalBackend
 path = sys.argv[1]
 backend = JournalBackend(path)
 backend._lock.acquire()

@@ -22,9 +22,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from blockdsl import search as S
-from blockdsl.errors import BlockError
-from blockdsl.parse import load_module
-from blockdsl.resolve import resolve
+from blockdsl.lang.errors import BlockError
+from blockdsl.lang.parse import load_module
+from blockdsl.lang.resolve import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,7 +143,7 @@ def test_equal_architectures_hash_equal_whatever_the_choices_are_called(tmp_path
 
 
 def test_the_rendered_winner_compiles_on_its_own(tmp_path: Path) -> None:
-    from blockdsl.render import render
+    from blockdsl.lang.render import render
 
     sp = S.load_space(_space(tmp_path))
     plan = sp.resolve(assignment={"cell.s0": "mlp", "cell.s1": "mha", "cell.s1.heads": 4, "f": 128})

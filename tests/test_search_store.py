@@ -28,7 +28,7 @@ from tests.test_search import TINY
 HOLDER = """
 import sys, time
 from optuna.storages.journal import JournalFileSymlinkLock
-from blockdsl.journal import JournalBackend
+from blockdsl.search.journal import JournalBackend
 path = sys.argv[1]
 JournalFileSymlinkLock(path).acquire()
 backend = JournalBackend(path)
@@ -298,8 +298,8 @@ space dyn extends dense {
 
 @pytest.mark.slow  # six tiny trials: ~10 s
 def test_an_inline_choice_computed_from_another_choice_is_searched(tmp_path: Path) -> None:
-    from blockdsl.parse import load_module
-    from blockdsl.resolve import resolve
+    from blockdsl.lang.parse import load_module
+    from blockdsl.lang.resolve import resolve
 
     (tmp_path / "dyn.block").write_text(DYNAMIC)
     check = subprocess.run([sys.executable, "-m", "blockdsl.cli", "check", "dyn.block"],

@@ -26,7 +26,7 @@ modules = sorted(sys.modules)
 blocked = "regex" in sys.modules and sys.modules["regex"] is None
 import json
 from pydantic import BaseModel
-from blockdsl import ir
+from blockdsl.lang import ir
 built = sorted(n for n, c in vars(ir).items()
                if isinstance(c, type) and issubclass(c, BaseModel) and c.__pydantic_complete__)
 print(json.dumps({"rc": rc, "modules": modules, "built": built, "regex_blocked": blocked}))
@@ -40,7 +40,7 @@ print(json.dumps({"rc": rc, "modules": modules, "built": built, "regex_blocked":
 FORBIDDEN = (
     "torch", "numpy", "networkx", "rich", "optuna", "matplotlib", "regex",
     "importlib.metadata", "pydantic.plugin._loader", "difflib", "json.decoder",
-    "blockdsl.cli_train", "blockdsl.cli_search", "blockdsl.lower", "blockdsl.nn",
+    "blockdsl.cli.train", "blockdsl.cli.search", "blockdsl.lower", "blockdsl.nn",
 )
 
 

@@ -15,7 +15,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from blockdsl.cli import main
-from blockdsl.tblog import scalars
+from blockdsl.train.tblog import scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_GPT = ROOT / "specs" / "tiny" / "gpt.block"
@@ -55,7 +55,7 @@ def test_scalars_rule() -> None:
 
 def test_each_row_is_on_disk_before_close(tmp_path: Path) -> None:
     """What a kill -9 would leave: rows logged so far are readable with the writer open."""
-    from blockdsl.tblog import Writer
+    from blockdsl.train.tblog import Writer
 
     w = Writer(tmp_path / "tb")
     try:

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from blockdsl import data, tokdata
 from blockdsl.cli import main
-from blockdsl.data import DataError
+from blockdsl.train import data, tokdata
+from blockdsl.train.data import DataError
 
 # tokenizers is in the `test` extra (pyproject.toml), so CI always runs these; the skip is
 # only for a bare install without it.

@@ -225,7 +225,7 @@ def test_callback_exception_propagates() -> None:
 
 
 def test_accumulation_gives_the_batch_gradient() -> None:
-    from blockdsl.data import load_text
+    from blockdsl.train.data import load_text
 
     x, y = load_text(None, 32).train_batch(0, 8, seed=0)
     grads = []

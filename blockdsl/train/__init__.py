@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blockdsl import data as data_mod
 from blockdsl import files as fileio
-from blockdsl.data import DataError, TaskData
+from blockdsl.train import data as data_mod
+from blockdsl.train.data import DataError, TaskData
 
 PRECISIONS = ("fp32", "fp32-medium", "bf16")
 CKPT_PREFIX = "ckpt-"
@@ -304,8 +304,8 @@ def memory_guard(plan: Any, *, batch: int, seq: int | None, precision: str, opti
     run may in fact fit: `--force` is the way to try. Several processes of one torchrun on
     a CPU host share its memory, so there the estimate counts once per local process.
     """
-    from blockdsl.errors import BlockError
     from blockdsl.graph import estimate_memory, human_bytes
+    from blockdsl.lang.errors import BlockError
 
     est = estimate_memory(plan, batch, seq, precision, optimizer=optimizer,
                           device_type=device.type)
@@ -586,7 +586,7 @@ class _RunFiles:
         self.out = out
         self.tb = None
         if tb_dir is not None:
-            from blockdsl.tblog import Writer
+            from blockdsl.train.tblog import Writer
 
             try:
                 self.tb = Writer(tb_dir, purge_step=None if resume_step is None else resume_step + 1)
@@ -940,7 +940,7 @@ class _Run:
         self.bytes_per_token = getattr(self.ds, "bytes_per_token", 1.0 if byte_level else None)
 
         if cfg.tensorboard and dist.main:
-            from blockdsl.tblog import TensorBoardMissing, require
+            from blockdsl.train.tblog import TensorBoardMissing, require
 
             try:
                 require()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from blockdsl.ir import Span
+    from blockdsl.lang.ir import Span
 
 # Source texts by file name, so an error raised far from the parser can still show
 # the line it points at (strings parsed from Python are registered under "<text>").

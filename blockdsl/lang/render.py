@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from blockdsl import __version__
-from blockdsl.resolve import LayerPlan, Plan
+from blockdsl.plan import LayerPlan, Plan
 
 
 def _value(v: Any) -> str:

@@ -34,7 +34,7 @@ Design choices, each for a reason:
   trial that reached the same rung is no worse in every objective and better in one (val
   loss at that rung, the rest known before training).
 - Storage: Optuna's JournalStorage on a file by default (no server, append-only, survives
-  SIGKILL: `blockdsl.journal` gives it a lock the kernel releases when its holder dies and
+  SIGKILL: `blockdsl.search.journal` gives it a lock the kernel releases when its holder dies and
   repairs a record torn by a kill); any RDB URL (PostgreSQL) for many machines. A killed
   worker's trial is failed and re-enqueued: Optuna's heartbeat does this for RDB storages;
   for the journal (which has no heartbeat in Optuna 5) each trial records its worker (host,
@@ -62,19 +62,13 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from blockdsl import ir
-from blockdsl.errors import BlockError, brief
 from blockdsl.files import atomic_write
-from blockdsl.parse import load_module
-from blockdsl.resolve import (
-    ChoiceDef,
-    Plan,
-    depends_on_choice,
-    eval_expr,
-    first_option,
-    merged,
-    resolve,
-)
+from blockdsl.lang import ir
+from blockdsl.lang.errors import BlockError, brief
+from blockdsl.lang.expr import ChoiceDef, first_option
+from blockdsl.lang.parse import load_module
+from blockdsl.lang.resolve import depends_on_choice, eval_expr, merged, resolve
+from blockdsl.plan import Plan
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
@@ -390,7 +384,7 @@ def bind_train_variables(space: Space, plan: Plan,
 def canonical_text(plan: Plan, train_vars: dict[str, Any] | None = None) -> str:
     """The architecture as text independent of choice names and file: render under a fixed
     name, comments dropped, plus the training hyper-parameters the space binds."""
-    from blockdsl.render import render
+    from blockdsl.lang.render import render
 
     body = [ln for ln in render(plan, name="candidate").splitlines() if not ln.startswith("#")]
     extra = [f"# train {k}={v!r}" for k, v in sorted((train_vars or {}).items())]
@@ -435,7 +429,7 @@ def open_storage(url: str | None, study: str, cfg: SearchConfig | None = None,
     path = (Path(url).expanduser() if url else default_storage_path(study, root)).absolute()
     from optuna.storages import JournalStorage
 
-    from blockdsl.journal import JournalError, open_backend
+    from blockdsl.search.journal import JournalError, open_backend
 
     try:
         backend = open_backend(str(path))
@@ -960,7 +954,7 @@ class Worker:
     # -- shared state built lazily
     def _dataset(self, model: nn.Module) -> Any:
         if self._data is None:
-            from blockdsl import data as data_mod
+            from blockdsl.train import data as data_mod
 
             self._data = data_mod.load_for_model(model, self.cfg.data, self.cfg.seq_len)
         return self._data
@@ -1028,7 +1022,7 @@ class Worker:
             raise self._fail(trial, f"resolve: {e.message}") from None
         except ValueError as e:  # a choice Optuna cannot express
             raise self._fail(trial, f"choice: {e}") from None
-        from blockdsl.render import render
+        from blockdsl.lang.render import render
 
         try:
             self._vars = {} if is_base else bind_train_variables(
@@ -1882,7 +1876,7 @@ def write_results(study: optuna.Study, out: Path,
 def _folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive flock on `folder/.write.lock`, the journal's kind of lock (released by
     the kernel if its holder dies); nothing where fcntl does not exist."""
-    from blockdsl import journal
+    from blockdsl.search import journal
 
     if journal.fcntl is None:  # pragma: no cover - Windows
         yield
@@ -2003,7 +1997,7 @@ def default_space_path() -> Path:
     """`search/brainformer.block` in the working directory, else the repository's (an
     editable install), else the copy a wheel ships as `blockdsl/spaces/`."""
     name = Path(DEFAULT_SPACE).name
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parent.parent  # blockdsl/
     for cand in (Path(DEFAULT_SPACE), pkg.parent / DEFAULT_SPACE, pkg / "spaces" / name):
         if cand.exists():
             return cand

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from blockdsl.errors import BlockError
+from blockdsl.lang.errors import BlockError
 
 # Subcommands that live in their own module: each has register(subparsers) and run(args).
-_PLUGINS = ("blockdsl.cli_train", "blockdsl.cli_search", "blockdsl.cli_tokenize")
+_PLUGINS = ("blockdsl.cli.train", "blockdsl.cli.search", "blockdsl.cli.tokenize")
 # Subcommands defined here: running one skips importing the plugin modules.
 _CORE = ("check", "compile")
 
@@ -47,8 +47,8 @@ def _without_optional_regex() -> Iterator[None]:
 
 def _load_plan(args: argparse.Namespace):
     with _without_optional_regex():
-        from blockdsl.parse import load_module
-    from blockdsl.resolve import resolve
+        from blockdsl.lang.parse import load_module
+    from blockdsl.lang.resolve import resolve
 
     return resolve(load_module(Path(args.spec)), args.model)
 
@@ -201,8 +201,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import json
 
     from blockdsl.graph import report, to_graph
+    from blockdsl.lang.render import render
     from blockdsl.picture import to_svg
-    from blockdsl.render import render
 
     plan = _load_plan(args)
     rep = report(plan)
@@ -288,7 +288,7 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     """The argument parser; `plugins=False` leaves out the train/search subcommands."""
-    from blockdsl import cli_common as C
+    from blockdsl.cli import common as C
 
     p = _Parser(
         prog="blockdsl", description="Compose, compile and search transformer block architectures.",

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from blockdsl import ir
-from blockdsl.errors import MAX_INT, BlockError, bounded, brief, did_you_mean
+from blockdsl.lang import ir
+from blockdsl.lang.errors import MAX_INT, BlockError, bounded, brief, did_you_mean
+from blockdsl.lang.expr import ChoiceDef, Chooser, first_option
+from blockdsl.plan import LayerPlan, NormPlan, Plan
 from blockdsl.primitives import (
     ALTUP,
     HEADS,
@@ -32,23 +33,6 @@ from blockdsl.primitives import (
 )
 
 # ---------------------------------------------------------------- the Plan
-
-
-@dataclass(frozen=True)
-class ChoiceDef:
-    """A search choice as the sampler sees it."""
-
-    name: str
-    kind: str  # "categorical" | "int" | "float"
-    values: tuple[Any, ...] = ()
-    lo: float = 0
-    hi: float = 0
-    step: float | None = None
-    log: bool = False
-    span: ir.Span | None = None
-    # Categorical options computed from another choice (`{2*d | 4*d}`, d a choice): the
-    # values change from trial to trial, so a sampler must pick an option's position.
-    dynamic: bool = False
 
 
 def depends_on_choice(e: Any, assigns: dict[str, ir.Assign]) -> bool:
@@ -89,69 +73,6 @@ def _inline_choice(e: Any) -> ir.Choice | None:
         elif isinstance(x, ir.Node) and not isinstance(x, ir.Span):
             todo.extend(getattr(x, f) for f in type(x).model_fields)
     return None
-
-
-@dataclass(frozen=True)
-class NormPlan:
-    kind: str
-    args: dict[str, Any]
-    key: str  # parameter group
-
-    def signature(self) -> tuple:
-        return (self.kind, tuple(sorted(self.args.items())))
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """One sublayer instance: x -> x + f(x) with its norm(s), in stack order."""
-
-    index: int
-    unit: int  # which block application (AltUp wraps these)
-    block: str
-    repeat: int
-    label: str
-    prim: str
-    family: str
-    args: dict[str, Any]
-    placement: str
-    norms: tuple[NormPlan, ...]
-    key: str  # parameter group of the primitive; equal keys = one shared module
-    span: ir.Span
-
-    def signature(self) -> tuple:
-        return (self.prim, tuple(sorted(self.args.items())))
-
-
-@dataclass(frozen=True)
-class Plan:
-    name: str
-    file: str
-    d: int
-    task: str  # "lm" | "classify"
-    seq: int  # tokens per example (context, or patches + class token)
-    stem: tuple[str, dict[str, Any]]
-    head: tuple[str, dict[str, Any]]
-    final_norm: NormPlan | None
-    altup: dict[str, Any] | None
-    layers: tuple[LayerPlan, ...]
-    n_units: int
-    variables: dict[str, Any] = field(default_factory=dict)
-    assignment: dict[str, Any] = field(default_factory=dict)
-    choices: tuple[ChoiceDef, ...] = ()
-    span: ir.Span | None = None
-    default_norm: tuple[str, dict[str, Any]] = ("layernorm", {"eps": 1e-5, "bias": True})
-
-    @property
-    def vocab(self) -> int:
-        return self.stem[1]["vocab"] if self.stem[0] == "tokens" else 0
-
-
-Chooser = Callable[[ChoiceDef], Any]
-
-
-def first_option(c: ChoiceDef) -> Any:
-    """The default binding of an unbound choice: its first option (or a range's low end)."""
-    return c.values[0] if c.kind == "categorical" else (int(c.lo) if c.kind == "int" else c.lo)
 
 
 # ---------------------------------------------------------------- evaluation

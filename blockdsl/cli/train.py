@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
             "loss.png and checkpoints into --out. Under torchrun every rank takes a shard."
         ),
     )
-    from blockdsl import cli_common as C
+    from blockdsl.cli import common as C
 
     C.add_spec(p)
     p.add_argument("--data", default=None,
@@ -131,10 +131,9 @@ def _token_data(args: argparse.Namespace, plan: Any) -> Any:
     (exit 1) rather than a failure after minutes of building. None for any other data."""
     from types import SimpleNamespace
 
-    from blockdsl import data as data_mod
-    from blockdsl import tokdata
-    from blockdsl.errors import BlockError
-    from blockdsl.train import TrainError
+    from blockdsl.lang.errors import BlockError
+    from blockdsl.train import TrainError, tokdata
+    from blockdsl.train import data as data_mod
 
     is_tokens = plan.task == "lm" and tokdata.is_token_source(args.data)
     if not is_tokens:

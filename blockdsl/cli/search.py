@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model, checks constraints, trains it for a fixed time and reports validation loss. "
         "`blockdsl search show STUDY` lists a stored study.",
     )
-    from blockdsl import cli_common as C
+    from blockdsl.cli import common as C
 
     p.add_argument("target", nargs="*", metavar="SPEC",
                    help="a .block file holding a space (default search/brainformer.block)")
@@ -100,7 +100,7 @@ def _add_show(search: argparse.ArgumentParser) -> None:
     [SPEC]`), so the search parser hands its arguments to the show parser when the first
     one is `show`: same parser class (exit codes), same namespace as any sub-command.
     """
-    from blockdsl import cli_common as C
+    from blockdsl.cli import common as C
 
     base = type(search)
     show = base(prog=f"{search.prog} show", description="List a stored study's trials, its "
@@ -275,9 +275,9 @@ def _check_token_data(space: Any, data: str | None) -> None:
     vocabulary: checked once against the baseline before the study starts, rather than
     failing every trial with the same message."""
     from blockdsl import search as S
-    from blockdsl import tokdata
-    from blockdsl.data import DataError
-    from blockdsl.errors import BlockError
+    from blockdsl.lang.errors import BlockError
+    from blockdsl.train import tokdata
+    from blockdsl.train.data import DataError
 
     if space.task != "lm" or space.baseline is None or not tokdata.is_token_source(data):
         return
@@ -325,7 +325,7 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     # study records its config, which worker processes read.
     cfg.tensorboard = None
     if args.tensorboard:
-        from blockdsl.tblog import TensorBoardMissing, require
+        from blockdsl.train.tblog import TensorBoardMissing, require
 
         try:
             require()

@@ -408,7 +408,7 @@ def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
 
     `source=None` picks the default: the stdlib corpus for language models, digits for
     classifiers. `seq_len` overrides the model's training context (it may only be shorter).
-    A `.bin` file or a folder with `train.bin` is token ids (`blockdsl.tokdata`); `dtype`
+    A `.bin` file or a folder with `train.bin` is token ids (`blockdsl.train.tokdata`); `dtype`
     (uint16/uint32) reads one that has no JSON sidecar.
     """
     task = getattr(model, "task", None)
@@ -418,7 +418,7 @@ def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
         t = model_len if seq_len is None else int(seq_len)
         if t < 1 or t > model_len:
             raise DataError(f"seq_len {t} must be between 1 and the model's seq_len {model_len}")
-        from blockdsl import tokdata  # the module imports this one
+        from blockdsl.train import tokdata  # the module imports this one
 
         if tokdata.is_token_source(source):
             return tokdata.load_token_data(source, t, vocab, dtype)

@@ -10,9 +10,9 @@ from typing import Any
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
-from blockdsl import ir
-from blockdsl.errors import MAX_SPEC_BYTES, BlockError, bounded, brief, quotable, register_source
 from blockdsl.files import NotARegularFile, TooLarge, read_regular
+from blockdsl.lang import ir
+from blockdsl.lang.errors import MAX_SPEC_BYTES, BlockError, bounded, brief, quotable, register_source
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
@@ -280,7 +280,7 @@ class _Build(Transformer):
     def _metric(self, tok: Token, what: str) -> str:
         name = str(tok)
         if name not in ir.METRICS:
-            from blockdsl.errors import did_you_mean  # the error path only
+            from blockdsl.lang.errors import did_you_mean  # the error path only
 
             raise BlockError(f"unknown {what} metric '{brief(name, 30)}'", _tok_span(self.file, tok),
                              did_you_mean(name, ir.METRICS))

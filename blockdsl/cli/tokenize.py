@@ -1,6 +1,6 @@
 """`blockdsl tokenize TEXT...`: text files to token ids that `train --data DIR` reads.
 
-Thin: the work is `blockdsl.tokdata.tokenize`; this maps flags and prints the summary.
+Thin: the work is `blockdsl.train.tokdata.tokenize`; this maps flags and prints the summary.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blockdsl.data import DataError
-    from blockdsl.tokdata import tokenize
+    from blockdsl.train.data import DataError
+    from blockdsl.train.tokdata import tokenize
 
     out = args.out or Path("data") / (Path(args.text[0]).expanduser().resolve().stem or "text")
     try:

@@ -1,0 +1,1 @@
+"""The language: .block text -> IR -> Plan. Never imports torch."""
