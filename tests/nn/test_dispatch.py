@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from blockdsl.nn import dispatch
-from blockdsl.nn.dispatch import expert_mixture, resolve_impl
+from blockdsl.nn.dispatch import expert_mixture, padded, resolve_impl
 
 FAST = ("bmm", "sort", "grouped_mm")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -160,7 +160,7 @@ def test_sort_backward_passes_gradcheck(two_layer):
 
 
 def test_row_bucketing_is_exact_and_only_where_onednn_compiles_shapes() -> None:
-    from blockdsl.nn.dispatch import ROW_BUCKET, _mm_rows, _mm_sum, _row_bucket
+    from blockdsl.nn.dispatch.common import ROW_BUCKET, _mm_rows, _mm_sum, _row_bucket
 
     torch.manual_seed(0)
     assert _row_bucket(torch.zeros(1, dtype=torch.bfloat16)) == ROW_BUCKET
@@ -183,7 +183,7 @@ def test_row_bucketing_is_exact_and_only_where_onednn_compiles_shapes() -> None:
 
 # ------------------------------------------------------------------ "bmm" (padded) backend
 def _layout(expert: torch.Tensor, n_exp: int, dtype=torch.float32, max_load=None):
-    inv, tile_expert = dispatch._slots(expert, n_exp, torch.zeros(1, dtype=dtype), max_load)
+    inv, tile_expert = padded._slots(expert, n_exp, torch.zeros(1, dtype=dtype), max_load)
     tiles = n_exp if tile_expert is None else tile_expert.numel()
     owner = torch.arange(n_exp) if tile_expert is None else tile_expert
     return inv, owner, tiles
@@ -229,7 +229,7 @@ def test_bmm_uses_a_capacity_bound_only_where_it_is_exact():
 
 
 def test_capacity_bucket_edges():
-    b = dispatch._capacity_bucket
+    b = padded._capacity_bucket
     f32, bf16 = torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
     assert [b(c, f32) for c in (0, 1, 8, 9, 16, 17)] == [0, 8, 8, 16, 16, 24]
     # oneDNN shapes: 1/16 of the power of two, at least 16

@@ -1,0 +1,203 @@
+"""Expert dispatch: out[dst_m] += gate_m * expert_{e_m}(x[src_m]) over flat assignments m.
+
+Why one routing-agnostic core: token choice, expert choice, sigma-MoE and SwitchHead's
+per-head V/O experts all reduce to a list of (source row, expert, gate, output row), so
+the hot path — sort by expert, segment matmuls, scatter back — is written and tested once.
+
+Backends (`impl`):
+- "loop": a Python loop over experts with boolean masks and plain autograd; slow for many
+  experts but obviously right: the numerical reference every other backend is tested against.
+- "sort": one stable sort by expert, then a loop over the non-empty experts in which each
+  expert's rows are gathered, multiplied, activated, multiplied, gated and scattered while
+  they are still in cache (one `mm` per expert and matmul); works on every device/dtype.
+- "grouped_mm": the same sorted layout as whole-array passes, each matmul done for all
+  experts in one `torch._grouped_mm` call (feature dims zero-padded to 16-byte rows when
+  needed); no host sync, few large kernels: the GPU path.
+- "bmm": assignments laid out in an [E, C] (or tiled) grid of slots by a counting sort,
+  each matmul one `bmm` for all experts: op count independent of E, for many small
+  experts and few tokens (the search's scale), at the price of padded rows.
+- "auto": see `resolve_impl` (chosen per shape, device and precision).
+
+"bmm" is plain autograd (no data-dependent loop once the grid is sized; see its notes).
+"sort" and "grouped_mm" run inside the custom op `blockdsl::expert_ffn` (with a fake
+implementation and a hand-written backward, itself the op `blockdsl::expert_ffn_backward`)
+so `torch.compile` traces a model around the data-dependent expert loop instead of into it.
+The op saves only the pre-activation hidden `h`; the gathered input is re-gathered in the
+backward, and the gate gradient uses <dy, act(h) W2> = <dy W2^T, act(h)>, so no matmul is
+recomputed.
+
+An expert id equal to the number of experts marks an assignment to skip (a token dropped
+by capacity): it sorts to the tail, outside every segment, and contributes nothing.
+
+One module per backend, so a new one is one file and one branch in `expert_mixture`:
+`loop.py` (the reference), `sort.py` and `grouped.py` (bodies run inside the custom op of
+`op.py`), `padded.py` ("bmm"); `common.py` holds what they share. This file keeps the
+entry point and the choice between them (`resolve_impl`).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from blockdsl.nn.dispatch.grouped import _align_for_grouped_mm
+from blockdsl.nn.dispatch.loop import _loop
+from blockdsl.nn.dispatch.op import _expert_ffn
+from blockdsl.nn.dispatch.padded import _PaddedFFN, _slots
+
+IMPLS: tuple[str, ...] = ("auto", "bmm", "grouped_mm", "sort", "loop")
+
+
+@functools.cache
+def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs (forward and weight-gradient forms) here.
+
+    Probed once per (device type, dtype) with a tiny call rather than read from version
+    tables: CPU kernels arrived in torch 2.9, CUDA needs sm80+/bf16, and that will change.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        dev = torch.device(device_type)
+        a = torch.ones(8, 8, device=dev, dtype=dtype)
+        w = torch.ones(2, 8, 8, device=dev, dtype=dtype)
+        offs = torch.tensor([3, 8], device=dev, dtype=torch.int32)
+        y = torch._grouped_mm(a, w, offs=offs)
+        gw = torch._grouped_mm(a.t(), y, offs=offs)
+        return bool(torch.isfinite(gw).all())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+# Expert weight size (d_in x first-layer width) up to which "auto" takes "bmm" on CPU.
+# Evidence (CPU, torch 2.13; see resolve_impl): every MoE slot of the default search space
+# is within it (d <= 64, d_moe <= 4d, gated: 64 x 512 = 32768), MoEUT-44M's experts
+# (412 x 128 = 52736, 412 x 256 gated) and the coarse 8x512 shape's (256 x 1024) are not.
+# Rows per expert barely separate these (256-512 in the search, 317 in MoEUT-44M).
+SMALL_EXPERT_WEIGHT = 32768
+
+
+def resolve_impl(
+    impl: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    d_in: int | None = None,
+    d_hidden: int | None = None,
+) -> str:
+    """Map "auto" (and an unavailable "grouped_mm") to a concrete backend for this shape.
+
+    Rule. CPU: "bmm" when an expert's weights are small (d_in * d_hidden <=
+    SMALL_EXPERT_WEIGHT), else "grouped_mm" (if `_grouped_mm` runs, else "sort"). CUDA:
+    "grouped_mm" when it runs for the dtype (one kernel per matmul, no host sync; chosen,
+    not measured here: no GPU), else "bmm" (few large kernels; one host sync for the grid
+    unless the routing bounds the load). Without a shape the large-matmul rule applies.
+
+    Evidence, CPU, one quiet run each (load 0.3-1.6; medians of interleaved rounds, the
+    min-max spread in the files named):
+    - search scale (benchmarks/moe_search_scale.py, docs/bench/moe_search_scale.txt;
+      d = 48, 8 experts, top-2, 1024 tokens, 1 thread; whole-model train step against the
+      dense model of equal FLOPs): "bmm" 1.45x (1.37-1.55) in fp32 and 1.48x (1.25-1.59)
+      in bf16, "sort" 2.07x and 3.02x. Here per-op overhead rules (ops per step: dense
+      1610, "bmm" 2477, "sort" 5258), and "bmm" runs one op per matmul for all experts.
+    - coarse 8x512 d256 and MoEUT-44M 155x128 d412, 4096 tokens, 2 threads
+      (benchmarks/moe_layer.py, docs/bench/moe_layer.txt), ms per fwd+bwd:
+      fp32 coarse: grouped_mm 171, sort 173, bmm 180; MoEUT: bmm 784, grouped_mm 808,
+      sort 981. bf16 coarse: grouped_mm 96, bmm 102, sort 123; MoEUT: grouped_mm 473,
+      bmm 501, sort 971. Where matmuls dominate, "bmm"'s padding and per-tile weight
+      copies cost a few percent and "grouped_mm" is exact; "sort" loses in bf16. The
+      spreads are 10-25% wide, so ties within them are ties.
+    `blockdsl compile --tune` races all backends at the real shape and overrides this.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown dispatch {impl!r}; expected one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        grouped = grouped_mm_available(device.type, dtype)
+        if device.type == "cuda":
+            return "grouped_mm" if grouped else "bmm"
+        if d_in is not None and d_hidden is not None and d_in * d_hidden <= SMALL_EXPERT_WEIGHT:
+            return "bmm"
+        return "grouped_mm" if grouped else "sort"
+    if impl == "grouped_mm" and not grouped_mm_available(device.type, dtype):
+        warnings.warn(
+            f"torch._grouped_mm is unavailable for {dtype} on {device.type}; using 'sort'",
+            stacklevel=3,
+        )
+        return "sort"
+    return impl
+
+
+def expert_mixture(
+    x: Tensor,
+    src: Tensor,
+    expert: Tensor,
+    gate: Tensor,
+    w1: Tensor,
+    b1: Tensor | None = None,
+    w2: Tensor | None = None,
+    b2: Tensor | None = None,
+    *,
+    activation: str = "none",
+    dst: Tensor | None = None,
+    n_out: int | None = None,
+    impl: str = "auto",
+    skipped: bool = False,
+    max_load: int | None = None,
+) -> Tensor:
+    """Σ_m gate_m · f_{e_m}(x[src_m]) scattered into rows dst_m of an [n_out, d_out] result.
+
+    x [N, d_in]; src, expert, gate [M]; w1 [E, d_in, F], b1 [E, F]; w2 [E, f, d_out], b2
+    [E, d_out]. f_e(v) = act(v W1_e + b1_e) W2_e + b2_e, or v W1_e + b1_e when w2 is None
+    (SwitchHead's V/O projections). dst defaults to src, n_out to N. `skipped` must be
+    True when some expert ids equal E (dropped assignments); the fast backends then mask
+    rather than sync. `max_load`, when the routing guarantees it (a capacity), bounds the
+    assignments any expert gets, so "bmm" can size its slots without a host sync. Under
+    autocast the matmuls run in the autocast dtype; the scatter accumulates in fp32.
+    Returns the compute dtype.
+    """
+    n_exp = w1.shape[0]
+    dst = src if dst is None else dst
+    n_out = x.shape[0] if n_out is None else n_out
+    if w2 is not None and activation == "none":
+        raise ValueError("a two-layer expert needs an activation")
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2 = x.to(dt), w1.to(dt), None if w2 is None else w2.to(dt)
+        b1 = None if b1 is None else b1.to(dt)
+        b2 = None if b2 is None else b2.to(dt)
+    else:
+        dt = torch.promote_types(x.dtype, w1.dtype)
+        x, w1 = x.to(dt), w1.to(dt)
+    backend = resolve_impl(impl, x.device, dt, x.shape[1], w1.shape[-1])
+    gdt = torch.promote_types(gate.dtype, torch.float32)  # gates stay >= fp32
+    if backend == "loop":
+        return _loop(x, src, dst, expert, gate.to(gdt), w1, b1, w2, b2, activation, n_out)
+    if backend == "bmm":
+        inv, tile_expert = _slots(expert, n_exp, x, max_load)
+        pad = lambda t: F.pad(t, (0, 1)).index_select(0, inv)  # noqa: E731  slot M: row 0, gate 0
+        src_p = pad(src)
+        dst_p = src_p if dst is src else pad(dst)
+        if tile_expert is not None:  # each tile's own copy of its expert's weights
+            w1, b1, w2, b2 = (
+                None if w is None else w.index_select(0, tile_expert) for w in (w1, b1, w2, b2)
+            )
+        return _PaddedFFN.apply(
+            x, src_p, dst_p, pad(gate.to(gdt)), w1, b1, w2, b2, activation, n_out
+        )
+
+    order = torch.argsort(expert, stable=True)
+    expert_s = expert.index_select(0, order)
+    bounds = torch.arange(1, n_exp + 1, device=expert.device, dtype=expert_s.dtype)
+    offs = torch.searchsorted(expert_s, bounds, out_int32=True)
+    d_out = (w1 if w2 is None else w2).shape[-1]
+    if backend == "grouped_mm":
+        x, w1, b1, w2, b2 = _align_for_grouped_mm(x, w1, b1, w2, b2, activation)
+    out, _ = _expert_ffn(
+        x, src.index_select(0, order), dst.index_select(0, order), expert_s,
+        gate.to(gdt).index_select(0, order), offs, w1, b1, w2, b2,
+        activation, n_out, backend, skipped,
+    )  # fmt: skip
+    return out if out.shape[1] == d_out else out[:, :d_out]
