@@ -90,10 +90,8 @@ def ctx_for(plan: Plan) -> Ctx:
 
 
 def io_width(plan: Plan) -> int:
-    """Width of the embedding, final norm and head: K·d under wide AltUp, else d."""
-    if plan.altup and plan.altup["mode"] == "wide":
-        return plan.d * plan.altup["k"]
-    return plan.d
+    """Width of the embedding, final norm and head (kept for callers: see Plan.io_width)."""
+    return plan.io_width
 
 
 def report(plan: Plan) -> Report:

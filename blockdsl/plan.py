@@ -42,6 +42,27 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class TaskIO:
+    """What a model reads and predicts, and how wide its input and output layers are.
+
+    One value for everything outside the layers (lowering's typed `BlockModel.io`, data
+    checks, the report), so that no later stage digs in the stem's and head's argument
+    dicts. Fields that do not apply to the task are None: a language model has no image,
+    a classifier no vocabulary.
+    """
+
+    task: str  # "lm" | "classify"
+    seq: int  # tokens per example (context, or patches + class token)
+    width: int  # of the embedding, final norm and head: K*d under wide AltUp, else d
+    vocab: int | None = None  # lm: token ids are 0..vocab-1
+    context: int | None = None  # lm: tokens of context
+    image: int | None = None  # classify: image side in pixels (square images)
+    patch: int | None = None  # classify: patch side in pixels
+    channels: int | None = None  # classify: image channels
+    classes: int | None = None  # classify: number of classes
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     file: str
@@ -60,6 +81,43 @@ class Plan:
     span: ir.Span | None = None
     default_norm: tuple[str, dict[str, Any]] = ("layernorm", {"eps": 1e-5, "bias": True})
 
+    # Derived facts are properties, not fields: they follow from the fields, so storing
+    # them would let a Plan contradict itself (and would change its repr and equality).
+
     @property
     def vocab(self) -> int:
+        """Token vocabulary of a language model; 0 for a classifier."""
         return self.stem[1]["vocab"] if self.stem[0] == "tokens" else 0
+
+    @property
+    def io_width(self) -> int:
+        """Width of the embedding, final norm and head: K·d under wide AltUp, else d."""
+        if self.altup and self.altup["mode"] == "wide":
+            return self.d * self.altup["k"]
+        return self.d
+
+    @property
+    def image_size(self) -> int | None:
+        """A classifier's image side in pixels; None for a language model."""
+        return self.stem[1]["image"] if self.stem[0] == "patches" else None
+
+    @property
+    def channels(self) -> int | None:
+        """A classifier's image channels; None for a language model."""
+        return self.stem[1]["channels"] if self.stem[0] == "patches" else None
+
+    @property
+    def num_classes(self) -> int | None:
+        """A classifier's number of classes; None for a language model."""
+        return self.head[1]["classes"] if self.head[0] == "classify" else None
+
+    @property
+    def io(self) -> TaskIO:
+        """The task's inputs and outputs in one typed value (see TaskIO)."""
+        sa = self.stem[1]
+        if self.stem[0] == "tokens":
+            return TaskIO(self.task, self.seq, self.io_width, vocab=sa["vocab"], context=sa["context"])
+        return TaskIO(
+            self.task, self.seq, self.io_width, image=sa["image"], patch=sa["patch"],
+            channels=sa["channels"], classes=self.num_classes,
+        )

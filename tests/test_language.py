@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 import blockdsl
 from blockdsl.lang import ir
+from blockdsl.lang.expr import eval_expr
 from blockdsl.lang.render import render
-from blockdsl.lang.resolve import eval_expr
 from blockdsl.plan import Plan
 from tests.test_accounting import (
     TEST_SPECS,

@@ -65,9 +65,9 @@ from optuna.trial import FrozenTrial, TrialState
 from blockdsl.files import atomic_write
 from blockdsl.lang import ir
 from blockdsl.lang.errors import BlockError, brief
-from blockdsl.lang.expr import ChoiceDef, first_option
+from blockdsl.lang.expr import ChoiceDef, Scope, first_option
 from blockdsl.lang.parse import load_module
-from blockdsl.lang.resolve import depends_on_choice, eval_expr, merged, resolve
+from blockdsl.lang.resolve import eval_expr, merged, resolve
 from blockdsl.plan import Plan
 
 if TYPE_CHECKING:
@@ -352,33 +352,16 @@ def bind_train_variables(space: Space, plan: Plan,
     """The space's training hyper-parameters (`lr = {1e-4 .. 1e-2 log}` ...), bound.
 
     The model does not use them, so the resolver leaves them unbound; they are choices of
-    the search all the same, asked here through the same chooser.
+    the search all the same, asked here through the same chooser. They are evaluated by the
+    language's one evaluator, so a range here is checked as one in the model is (an empty or
+    non-positive log range is a located error), and the variables they read take the values
+    the plan's choices took. A training variable itself is always put to the chooser, even
+    when the plan's assignment names it (replaying an assignment goes through the chooser).
     """
     assigns = merged(space.module, space.name)["assigns"]
-    env = {k: v for k, v in plan.variables.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    out: dict[str, Any] = {}
-    for name in TRAIN_VARIABLES:
-        a = assigns.get(name)
-        if a is None:
-            continue
-        value = a.value
-        if not isinstance(value, ir.Choice):
-            out[name] = eval_expr(value, env)
-            continue
-        opts = value.options
-        if len(opts) == 1 and opts[0].value is None:
-            o = opts[0]
-            lo, hi = eval_expr(o.lo, env), eval_expr(o.hi, env)
-            step = eval_expr(o.step, env) if o.step is not None else None
-            is_int = all(isinstance(v, int) for v in (lo, hi) + ((step,) if step else ()))
-            cdef = ChoiceDef(name, "int" if is_int else "float", (), lo, hi, step, o.log, value.span)
-        else:
-            cdef = ChoiceDef(name, "categorical", tuple(eval_expr(o.value, env) for o in opts),
-                             span=value.span,
-                             dynamic=any(depends_on_choice(o.value, assigns) for o in opts))
-        out[name] = (chooser or first_option)(cdef)
-    return out
+    bound = {k: v for k, v in plan.assignment.items() if k not in TRAIN_VARIABLES}
+    scope = Scope(assigns, chooser or first_option, bound)
+    return {name: scope.var(name, assigns[name].span) for name in TRAIN_VARIABLES if name in assigns}
 
 
 def canonical_text(plan: Plan, train_vars: dict[str, Any] | None = None) -> str:
