@@ -21,6 +21,10 @@ def main(argv: list[str]) -> int:
     from blockdsl.lang.errors import BlockError
     from blockdsl.search.run import quiet_optuna, run_worker
 
+    if len(argv) != 5 or not argv[2].isdigit():
+        print("usage: python -m blockdsl.search STUDY STORAGE INDEX SPACE_FILE SPACE "
+              "(a worker process; people run `blockdsl search`)", file=sys.stderr)
+        return 2
     study, storage, index, space_file, space_name = argv
     quiet_optuna()
     try:

@@ -30,6 +30,8 @@ class _StudyView:
         return t.user_attrs.get("role") != "baseline"
 
     def _get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        # Optuna's samplers read trials through this private method, so the view must
+        # filter it as well; the real one is reached through `optuna_glue`.
         return [t for t in glue.cached_trials(self._study, *args, **kwargs) if self._keep(t)]
 
     def get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
