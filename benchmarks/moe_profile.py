@@ -46,7 +46,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import blockdsl
-    from blockdsl.search import _train_step
+    from blockdsl.search.timing import _train_step
     from blockdsl.train import precision_context, seed_everything
     from blockdsl.train.data import load_for_model
 

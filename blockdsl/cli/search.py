@@ -1,4 +1,6 @@
-"""`blockdsl search`: run, resume or show an architecture search (thin; logic in search.py).
+"""`blockdsl search`: run, resume or show an architecture search. Thin: parsing and
+printing; the logic is in `blockdsl.search` (its `run` module does the setup and starts
+the workers).
 
     blockdsl search [SPEC] [--budget N] [--workers N] [--study NAME] [--storage URL] ...
     blockdsl search show STUDY [--storage URL] [--write] [--json]
@@ -10,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -270,97 +269,40 @@ def _device(name: str | None) -> str | None:
     return str(resolve_device(name))
 
 
-def _check_token_data(space: Any, data: str | None) -> None:
-    """Token ids (`--data` a .bin or a `blockdsl tokenize` folder) must fit the space's
-    vocabulary: checked once against the baseline before the study starts, rather than
-    failing every trial with the same message."""
-    from blockdsl import search as S
-    from blockdsl.lang.errors import BlockError
-    from blockdsl.train import tokdata
-    from blockdsl.train.data import DataError
-
-    if space.task != "lm" or space.baseline is None or not tokdata.is_token_source(data):
-        return
-    plan = space.resolve_baseline()
-    try:
-        tokdata.check_vocab(data, plan.vocab)
-    except tokdata.VocabMismatch as e:
-        raise BlockError(e.message, plan.span, e.hint) from None
-    except DataError as e:
-        raise S.SearchError(str(e)) from None
-
-
 def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     from blockdsl import search as S
 
     S.quiet_optuna()
     if args.worker_index is not None:
-        return _worker_main(args, space_path)
-    stored: dict[str, Any] = {}
-    if space_path is None and args.study:
-        # Resuming: the study remembers its space file and settings.
-        try:
-            _, stored = S.load_study_info(args.study, args.storage)
-            found = True
-        except S.SearchError:
-            stored, found = {}, False  # no such study yet: a new one, on the default space
-        space_path = stored.get("space_file")
-        if found and space_path is None:
-            # A study whose first run was killed between creating it and recording its
-            # space (or one another tool made): the default space must not fill it.
-            raise S.SearchError(
-                f"study '{args.study}' records no space file (its first run was stopped "
-                "before recording it, or another tool created it): name the space, "
-                f"blockdsl search SPACE --study {args.study}")
-    space = S.load_space(space_path or S.default_space_path(),
-                         args.space_name or stored.get("space"))
+        if not args.study:
+            raise S.SearchError("--worker-index needs --study")
+        return S.run_worker(args.study, args.storage, args.worker_index, space_path,
+                            args.space_name, **_settings(args))
+    # Resuming (no SPEC, --study NAME): the study remembers its space file and settings.
+    setup = S.prepare(space_path, study=args.study, storage=args.storage,
+                      space_name=args.space_name, resume=True, out=args.out,
+                      tensorboard=args.tensorboard, defaults={"threads": 1}, **_settings(args))
+    space, study, cfg, name, out = setup.space, setup.study, setup.cfg, setup.name, setup.out
+    storage_url = setup.storage_url
     workers = max(1, args.workers or 1)
-    settings = {**(stored.get("config") or {}), **{k: v for k, v in _settings(args).items()
-                                                   if v is not None}}
-    settings.setdefault("threads", 1)
-    cfg = S.make_config(space, **settings)
-    _check_token_data(space, cfg.data)
-    name = args.study or S.new_study_name(space)
-    # Event files per trial, <out>/tb/trial-<n>; set (or cleared) for this run before the
-    # study records its config, which worker processes read.
-    cfg.tensorboard = None
-    if args.tensorboard:
-        from blockdsl.train.tblog import TensorBoardMissing, require
-
-        try:
-            require()
-        except TensorBoardMissing as e:
-            raise S.SearchError(str(e)) from None
-        cfg.tensorboard = str((Path(args.out) if args.out else S.STUDY_DIR / name) / "tb")
-    storage_url = args.storage or str(S.default_storage_path(name))
-    storage = S.open_storage(storage_url, name, cfg)
-    study = S.create_study(space, cfg, storage, name, resume=True)
-    out = Path(args.out) if args.out else S.STUDY_DIR / name
 
     con = _console(stderr=args.json)
     live = args.live and con.is_terminal
-    con.print(f"study [bold]{name}[/] on {S._redact(storage_url)}: space {space.name} "
+    con.print(f"study [bold]{name}[/] on {S.redact(storage_url)}: space {space.name} "
               f"({space.file}), {cfg.trials} trials, {S.describe_budget(cfg)}, "
               f"{workers} worker(s) x {cfg.threads} thread(s), sampler {cfg.sampler}")
     t0 = time.time()
     interrupted = False
     try:
         if workers == 1:
-            interrupted = _run_inline(space, study, cfg, con, live, t0)
+            interrupted = _run_inline(setup, con, live, t0)
         else:
-            _run_processes(args, space, study, cfg, storage_url, workers, con, live, t0)
+            _run_processes(setup, workers, con, live, t0)
     except KeyboardInterrupt:
         interrupted = True
     if interrupted:
         con.print(f"[red]interrupted[/]: finished trials are kept; resume with --study {name}")
-    # One writer: the last worker to finish. While other workers (other `blockdsl search`
-    # drivers on this study) still run trials, they will write the complete result.
-    running = [] if interrupted else S.others_running(study, cfg.grace)
-    extra = {"wall_seconds_this_run": time.time() - t0}
-    if running:
-        summary = {**S.summarize(study), **extra, "files": None}
-    else:
-        summary = S.write_results(study, out, extra)
+    summary, running = S.conclude(setup, interrupted, {"wall_seconds_this_run": time.time() - t0})
     if args.json:
         print(json.dumps(summary, default=str))
     else:
@@ -400,10 +342,11 @@ def _print_comparison(con: Any, s: dict[str, Any]) -> None:
                                          if s.get("wall_seconds_this_run") else ""))
 
 
-def _run_inline(space: Any, study: Any, cfg: Any, con: Any, live: bool, t0: float) -> bool:
+def _run_inline(setup: Any, con: Any, live: bool, t0: float) -> bool:
     """One worker in this process; True when Ctrl-C stopped it."""
     from blockdsl import search as S
 
+    study, cfg = setup.study, setup.cfg
     state: dict[str, Any] = {"line": ""}
     printed: set[int] = set()
 
@@ -423,18 +366,16 @@ def _run_inline(space: Any, study: Any, cfg: Any, con: Any, live: bool, t0: floa
                     info.get("arch", "") if kind == "arch" else "") + "[/]"
                 lv.update(render())
 
-            worker = S.Worker(space, study, cfg, on_event)
-            worker.run()
+            outcome = S.run_workers(setup, 1, on_event)
             lv.update(render())
     else:
         def on_event(kind: str, info: dict[str, Any]) -> None:
             if kind in ("done", "infeasible", "copy", "failed", "pruned"):
                 _print_new(con, study, printed)
 
-        worker = S.Worker(space, study, cfg, on_event)
-        worker.run()
+        outcome = S.run_workers(setup, 1, on_event)
         _print_new(con, study, printed)
-    return worker.stop_requested
+    return outcome.interrupted
 
 
 def _print_new(con: Any, study: Any, printed: set[int]) -> None:
@@ -449,63 +390,23 @@ def _print_new(con: Any, study: Any, printed: set[int]) -> None:
                   highlight=False)
 
 
-def _run_processes(args: argparse.Namespace, space: Any, study: Any, cfg: Any, storage_url: str,
-                   workers: int, con: Any, live: bool, t0: float) -> None:
-    cmd = [sys.executable, "-m", "blockdsl.cli", "search", str(Path(space.file).resolve()),
-           "--model", space.name, "--study", study.study_name, "--storage", storage_url]
-    procs = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for i in range(workers):
-        procs.append(subprocess.Popen(cmd + ["--worker-index", str(i)], env=env,
-                                      stdout=subprocess.DEVNULL))
-    printed: set[int] = set()
-
-    def alive() -> bool:
-        return any(p.poll() is None for p in procs)
-
-    try:
-        if live:
-            from rich.console import Group
-            from rich.live import Live
-
-            with Live(console=con, refresh_per_second=1) as lv:
-                while alive():
-                    lv.update(Group(headline(study, cfg.trials, t0), trials_table(study)))
-                    time.sleep(1.0)
-                lv.update(Group(headline(study, cfg.trials, t0), trials_table(study)))
-        else:
-            while alive():
-                _print_new(con, study, printed)
-                time.sleep(1.0)
-            _print_new(con, study, printed)
-    except KeyboardInterrupt:
-        for p in procs:  # workers got the same SIGINT; give them the time to stop cleanly
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        raise
-    bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (0, 130)]
-    for i, rc in bad:
-        con.print(f"[red]worker {i} exited with status {rc}[/]")
-
-
-def _worker_main(args: argparse.Namespace, space_path: str | None) -> int:
-    """A worker process: run trials of an existing study until its budget is used."""
+def _run_processes(setup: Any, workers: int, con: Any, live: bool, t0: float) -> None:
+    """`workers` processes (the library starts them); this one shows their progress."""
     from blockdsl import search as S
 
-    if not args.study:
-        raise S.SearchError("--worker-index needs --study")
-    study, info = S.load_study_info(args.study, args.storage)
-    space = S.load_space(space_path or info["space_file"], args.space_name or info.get("space"))
-    settings = {**(info.get("config") or {}), **{k: v for k, v in _settings(args).items()
-                                                 if v is not None}}
-    cfg = S.make_config(space, **settings)
-    S.Worker(space, study, cfg, index=args.worker_index).run()
-    return 0
+    study, cfg = setup.study, setup.cfg
+    printed: set[int] = set()
+    if live:
+        from rich.console import Group
+        from rich.live import Live
+
+        with Live(console=con, refresh_per_second=1) as lv:
+            outcome = S.run_workers(setup, workers, watch=lambda: lv.update(
+                Group(headline(study, cfg.trials, t0), trials_table(study))))
+    else:
+        outcome = S.run_workers(setup, workers, watch=lambda: _print_new(con, study, printed))
+    for i, rc in outcome.failed_workers:
+        con.print(f"[red]worker {i} exited with status {rc}[/]")
 
 
 def cmd_show(args: argparse.Namespace, name: str) -> int:
