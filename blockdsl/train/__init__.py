@@ -10,6 +10,10 @@ import (`from blockdsl.train import train, TrainConfig, ...`):
 - dist: torchrun data parallel                         - progress: progress bar, Ctrl-C
 - memory: the memory guard                             - env: run environment, summary row
 - corpus, data, tokdata: data sets                     - tblog: TensorBoard event files
+- spec: `train_spec`, a .block spec built and trained (what `blockdsl train` runs)
+
+`spec` is not imported here: it imports `blockdsl.lower` (the nn modules), which a
+caller that brings its own model does not need.
 """
 
 from __future__ import annotations

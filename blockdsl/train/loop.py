@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from blockdsl.train import data as data_mod
 from blockdsl.train.checkpoint import (
     CKPT_PREFIX,
     LATEST,
@@ -42,7 +41,7 @@ from blockdsl.train.checkpoint import (
     set_rng_state,
 )
 from blockdsl.train.config import EvalCallback, TrainConfig, TrainError, TrainResult, validate
-from blockdsl.train.data import DataError, TaskData
+from blockdsl.train.data import BYTE_VOCAB, DataError, TaskData, load_for_model
 from blockdsl.train.device import matmul_rate, precision_context, seed_everything
 from blockdsl.train.dist import Dist
 from blockdsl.train.env import _summary, run_environment
@@ -137,7 +136,7 @@ class _Run:
                 and not torch.cuda.is_bf16_supported()):
             raise TrainError("this GPU has no bf16 support; use precision fp32 or fp32-medium")
         try:
-            self.ds = dataset or data_mod.load_for_model(model, cfg.data, cfg.seq_len)
+            self.ds = dataset or load_for_model(model, cfg.data, cfg.seq_len)
         except DataError as e:
             raise TrainError(str(e)) from None
         if getattr(model, "task", None) != self.ds.task:
@@ -151,7 +150,7 @@ class _Run:
         if cfg.tokens is not None:
             by_tokens = math.ceil(cfg.tokens / self.per_step)
             self.total_steps = by_tokens if cfg.steps is None else min(cfg.steps, by_tokens)
-        byte_level = getattr(self.ds, "vocab_size", None) == data_mod.BYTE_VOCAB
+        byte_level = getattr(self.ds, "vocab_size", None) == BYTE_VOCAB
         self.bytes_per_token = getattr(self.ds, "bytes_per_token", 1.0 if byte_level else None)
 
         if cfg.tensorboard and dist.main:

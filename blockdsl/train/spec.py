@@ -19,13 +19,13 @@ import blockdsl
 from blockdsl.lang.errors import BlockError
 from blockdsl.lower import build_from_plan
 from blockdsl.plan import Plan
-from blockdsl.train import data as data_mod
-from blockdsl.train import tokdata
 from blockdsl.train.checkpoint import LATEST
 from blockdsl.train.config import TrainConfig, TrainError, TrainResult
+from blockdsl.train.data import DataError, load_for_model
 from blockdsl.train.device import resolve_device, seed_everything
 from blockdsl.train.loop import train
 from blockdsl.train.memory import memory_guard
+from blockdsl.train.tokdata import VocabMismatch, is_token_source
 
 
 @dataclass
@@ -55,7 +55,7 @@ def token_data(plan: Plan, source: str | Path | None, seq: int | None,
     """Token-id data (`source` a .bin or a tokenized folder), loaded and checked against the
     spec before the model is built: a vocabulary mismatch is a located error at the model
     (exit 1) rather than a failure after minutes of building. None for any other data."""
-    is_tokens = plan.task == "lm" and tokdata.is_token_source(source)
+    is_tokens = plan.task == "lm" and is_token_source(source)
     if not is_tokens:
         if dtype is not None:
             raise TrainError(f"--data-dtype applies to token ids (a .bin file, or a folder "
@@ -63,10 +63,10 @@ def token_data(plan: Plan, source: str | Path | None, seq: int | None,
         return None
     shape = SimpleNamespace(task="lm", vocab_size=plan.vocab, seq_len=plan.seq)
     try:
-        return data_mod.load_for_model(shape, source, seq, dtype)
-    except tokdata.VocabMismatch as e:
+        return load_for_model(shape, source, seq, dtype)
+    except VocabMismatch as e:
         raise BlockError(e.message, plan.span, e.hint) from None
-    except data_mod.DataError as e:
+    except DataError as e:
         raise TrainError(str(e)) from None
 
 
