@@ -90,7 +90,6 @@ class TrainResult:
     aux: dict[str, float] = field(default_factory=dict)
 
 
-
 def validate(cfg: TrainConfig) -> None:
     """Raise a TrainError naming the first knob out of range."""
     if cfg.precision not in PRECISIONS:

@@ -34,7 +34,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
 def default_device() -> torch.device:
     """The device `auto` means: CUDA when torch sees a GPU, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +124,6 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so a clock read after it times that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 
 def cpu_name() -> str:
