@@ -13,7 +13,6 @@ import gc
 import importlib
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -129,91 +128,16 @@ def _totals_table(rep) -> Any:
     return t
 
 
-def _smoke(plan, args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from blockdsl.graph import human_bytes
-    from blockdsl.train import memory_guard, resolve_device
-
-    b = args.batch or 2
-    seq = min(args.seq or plan.seq, plan.seq)
-    dev = resolve_device(args.device)
-    # Before anything is built: a spec can describe terabytes (d_ff=2**28) or a 1B model
-    # whose smoke step takes minutes and most of the machine; refuse it with the numbers.
-    est = memory_guard(plan, batch=b, seq=seq, precision="fp32", optimizer=False, device=dev,
-                       force=args.force, what="compile --smoke",
-                       hint="use a smaller --batch or --seq, or pass --force to build it anyway")
-    try:
-        return _smoke_run(plan, b, seq, dev, est)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
-            raise
-        # only reachable past the guard (--force, or an estimate that fell short)
-        raise BlockError(
-            f"compile --smoke of model {plan.name} ran out of memory on {dev.type} "
-            f"(estimated {human_bytes(est.total)}): {str(e).splitlines()[0][:160]}",
-            plan.span, "use a smaller --batch or --seq",
-        ) from None
-
-
-def _smoke_run(plan, b: int, seq: int, dev, est) -> dict[str, Any]:
-    import torch
-
-    from blockdsl.lower import build_from_plan, random_batch
-
-    torch.manual_seed(0)
-    model = build_from_plan(plan, device=dev, precision="fp32")
-    n_params = sum(p.numel() for p in model.parameters())
-    x, y = random_batch(plan, b, dev, seq=seq)
-    model.train()
-    times = []
-    finite = True
-    for _ in range(2):  # the first step pays one-off allocation; report the second
-        t0 = time.perf_counter()
-        out = model(x)
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, -2).float(), y.flatten())
-        total = loss + sum(out.aux.values(), torch.zeros((), device=dev))
-        model.zero_grad(set_to_none=True)
-        total.backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        finite &= bool(torch.isfinite(total)) and all(
-            bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
-        )
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
-    return {
-        "device": str(dev),
-        "batch": b,
-        "input_shape": list(x.shape),
-        "module_params": n_params,
-        "step_seconds": times[-1],
-        "loss": loss.item(),
-        "aux": {k: v.item() for k, v in out.aux.items()},
-        "finite": finite,
-        "params_without_grad": no_grad,
-        "memory_estimate": {"weights": est.weights, "grads": est.grads,
-                            "activations": est.activations, "total": est.total},
-    }
-
-
 def cmd_compile(args: argparse.Namespace) -> int:
     import json
 
-    from blockdsl.graph import report, to_graph
-    from blockdsl.lang.render import render
-    from blockdsl.picture import to_svg
+    from blockdsl.compile import default_out, smoke, write_artifacts, write_summary
+    from blockdsl.graph import report
 
     plan = _load_plan(args)
     rep = report(plan)
-    summary = rep.to_json()
-    out_dir = Path(args.out) if args.out else Path("out") / plan.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "resolved.block").write_text(render(plan), encoding="utf-8")
-    fam = {layer.index: layer.family for layer in plan.layers}
-    (out_dir / "graph.svg").write_text(to_svg(rep, fam, plan=plan), encoding="utf-8")
-    g = to_graph(plan)
-    summary["graph"] = {"nodes": g.number_of_nodes(), "edges": g.number_of_edges()}
+    out_dir = Path(args.out) if args.out else default_out(plan)
+    summary = write_artifacts(plan, out_dir, rep)
     if args.tune:
         from blockdsl.tune import tune_plan
 
@@ -221,14 +145,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         summary["tuning"] = tune_plan(plan, device=device, precision=args.precision,
                                       verbose=not (args.json or args.quiet), batch=args.batch)
     if args.smoke:
-        smoke = _smoke(plan, args)
-        summary["smoke"] = smoke
-    summary["artifacts"] = {
-        "resolved_spec": str(out_dir / "resolved.block"),
-        "summary": str(out_dir / "summary.json"),
-        "graph": str(out_dir / "graph.svg"),
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        summary["smoke"] = smoke(plan, batch=args.batch, seq=args.seq, device=args.device,
+                                 force=args.force)
+    write_summary(summary, out_dir)
     if args.json:
         print(json.dumps(summary))
     elif not args.quiet:

@@ -112,98 +112,31 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _fresh_out(name: str) -> Path:
-    """runs/<model>, or runs/<model>-2, -3, ... so a second run never overwrites the first.
-
-    Named by the model, not the file stem: one file can hold several models, and the
-    stem (`gpt`) need not be the model's name (`gpt_tiny`)."""
-    base = Path("runs") / name
-    out, n = base, 1
-    while (out / "latest").exists():
-        n += 1
-        out = base.with_name(f"{name}-{n}")
-    return out
-
-
-def _token_data(args: argparse.Namespace, plan: Any) -> Any:
-    """Token-id data (`--data` a .bin or a tokenized folder), loaded and checked against the
-    spec before the model is built: a vocabulary mismatch is a located error at the model
-    (exit 1) rather than a failure after minutes of building. None for any other data."""
-    from types import SimpleNamespace
-
-    from blockdsl.lang.errors import BlockError
-    from blockdsl.train import TrainError, tokdata
-    from blockdsl.train import data as data_mod
-
-    is_tokens = plan.task == "lm" and tokdata.is_token_source(args.data)
-    if not is_tokens:
-        if args.data_dtype is not None:
-            raise TrainError(f"--data-dtype applies to token ids (a .bin file, or a folder "
-                             f"with train.bin), not to {args.data or 'the default data'}")
-        return None
-    shape = SimpleNamespace(task="lm", vocab_size=plan.vocab, seq_len=plan.seq)
-    try:
-        return data_mod.load_for_model(shape, args.data, args.seq, args.data_dtype)
-    except tokdata.VocabMismatch as e:
-        raise BlockError(e.message, plan.span, e.hint) from None
-    except data_mod.DataError as e:
-        raise TrainError(str(e)) from None
-
-
 def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build, train, print the summary; a TrainError prints as one line and exits 1."""
-    import blockdsl
-    from blockdsl.lower import build_from_plan
-    from blockdsl.train import (
-        TrainConfig,
-        TrainError,
-        memory_guard,
-        resolve_device,
-        seed_everything,
-        train,
-    )
+    from blockdsl.train import TrainConfig, TrainError
+    from blockdsl.train.spec import train_spec
 
     try:
-        device = resolve_device(args.device)
-        if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            device = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-        seed_everything(args.seed)  # fixes the initial weights too
-        # Kernels tuned by `compile --tune --batch` for the nearest per-device batch are used.
-        micro = max(1, args.batch // max(1, args.accum) // int(os.environ.get("WORLD_SIZE", "1")))
-        plan = blockdsl.resolve(args.spec, args.model)
-        dataset = _token_data(args, plan)  # checked against the spec before building
-        out = args.out
-        if out is None:
-            out = Path("runs") / plan.name if args.resume else _fresh_out(plan.name)
-        # refuse before building: a model or batch far beyond the machine would otherwise
-        # swap or die in the allocator (one micro-batch is what a process holds at once)
-        memory_guard(plan, batch=micro, seq=args.seq, precision=args.precision,
-                     optimizer=True, device=device, force=args.force, what="train",
-                     hint="use a smaller --batch (or a larger --accum) or --seq, "
-                     "or pass --force to try anyway")
-        model = build_from_plan(plan, device=device, precision=args.precision, batch=micro)
-        rep = blockdsl.report(args.spec, args.model)
-        # the report counts per token; a classifier's unit of throughput is one image
-        flops = float(rep.flops_per_token) * (rep.seq if model.task == "classify" else 1)
         cfg = TrainConfig(
             data=args.data, steps=args.steps, tokens=args.tokens, seconds=args.seconds,
             batch_size=args.batch, seq_len=args.seq, accum=args.accum, lr=args.lr,
             warmup=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
             eval_every=args.eval_every, eval_batches=args.eval_batches or None, seed=args.seed,
-            out=out, ckpt_every=args.ckpt_every, resume=args.resume, device=str(device),
-            quiet=args.quiet or args.json, flops_per_token=flops, name=rep.name,
-            tensorboard=Path(out) / "tb" if args.tensorboard else None,
+            out=args.out, resume=args.resume, ckpt_every=args.ckpt_every, device=args.device,
+            quiet=args.quiet or args.json,
         )
-        if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
-            cfg.steps = DEFAULT_STEPS
-        result = train(model, cfg, dataset=dataset)
+        done = train_spec(args.spec, args.model, cfg, default_steps=DEFAULT_STEPS,
+                          data_dtype=args.data_dtype, force=args.force,
+                          tensorboard=args.tensorboard)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    result, out = done.result, done.out
     if int(os.environ.get("RANK", "0")) == 0:
         if args.json:
             print(json.dumps(_json_summary(result), default=str))
@@ -216,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                   + "; nothing was trained or written (raise --steps, --tokens or --seconds "
                   "to train further)")
         else:
-            _print_summary(result, model.task)
+            _print_summary(result, done.task)
     return 130 if result.stopped_by == "interrupt" else 0
 
 

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from blockdsl.train.data import VAL_FRACTION_TEXT, DataError, LMWindows, atomic_write, cache_dir, text_files
+from blockdsl.files import atomic_write
+from blockdsl.train.corpus import VAL_FRACTION_TEXT, DataError, LMWindows, cache_dir, text_files
 
 DTYPES: dict[str, Any] = {"uint16": np.uint16, "uint32": np.uint32}
 META = "meta.json"

@@ -1,0 +1,136 @@
+"""Where and how numbers are computed: device, precision, seeding, sync, matmul rate.
+
+One home for rules that were written two or three times (train, tune, lower, cli), so
+that `--device auto`, bf16 autocast and "wait for the GPU before reading the clock"
+mean the same thing in every command:
+- `default_device()`: CUDA when present, else the CPU.
+- `autocast(precision, device)`: bf16 autocast with fp32 master weights, or nothing.
+- `sync(device)`: a timing boundary; a no-op on the CPU, where work is synchronous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blockdsl import files as fileio
+from blockdsl.train.config import TrainError
+from blockdsl.train.corpus import cache_dir
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices): call before building a model to fix init."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    """The device `auto` means: CUDA when torch sees a GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (see `default_device`), or a torch device name that this machine has."""
+    if name == "auto":
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise TrainError(f"unknown device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """Set float32 matmul precision for the run and restore the caller's afterwards."""
+    prev = torch.get_float32_matmul_precision()
+    if precision == "fp32-medium":
+        torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast (fp32 master weights) or nothing."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+_RATES: dict[str, float] = {}
+
+
+def matmul_rate(device: torch.device, precision: str, cache: Path | None = None) -> float:
+    """Measured dense-matmul FLOP/s of this machine at a precision: the MFU denominator.
+
+    Measured rather than looked up because CPU peaks depend on cores, AVX-512/AMX and
+    thread count, which no table knows. Measured once per process (0.3 s); the cache file
+    keeps the best rate ever seen, so one measurement taken under load does not stick.
+    """
+    threads = torch.get_num_threads()
+    key = f"{_device_name(device)}|{precision}|torch {torch.__version__}|threads {threads}"
+    path = (cache or cache_dir()) / "matmul_rate.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in _RATES:
+        _RATES[key] = _measure_matmul(device, precision)
+        if _RATES[key] > table.get(key, 0.0):
+            table[key] = _RATES[key]
+            with contextlib.suppress(OSError):
+                fileio.atomic_write(path, json.dumps(table, indent=1).encode())
+    return max(_RATES[key], float(table.get(key, 0.0)))
+
+
+def _measure_matmul(device: torch.device, precision: str) -> float:
+    n = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    with precision_context(precision, device), autocast(precision, device):
+        for _ in range(2):
+            a @ b
+        sync(device)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.3 or reps < 3:
+            a @ b
+            reps += 1
+        sync(device)
+        dt = time.perf_counter() - t0
+    return 2 * n**3 * reps / dt
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it times that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
