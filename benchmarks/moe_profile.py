@@ -46,9 +46,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import blockdsl
-    from blockdsl.search.timing import _train_step
     from blockdsl.train import precision_context, seed_everything
     from blockdsl.train.data import load_for_model
+    from blockdsl.train.step import step
 
     dev = torch.device("cpu")
     models, opts = {}, {}
@@ -65,11 +65,13 @@ def main() -> None:
     with precision_context(args.precision, dev):
         for name in models:
             for i in range(3):
-                _train_step(models[name], opts[name], *batches[i], args.precision, dev)
+                step(models[name], *batches[i],
+                    precision=args.precision, device=dev, optimizer=opts[name], clip=1.0)
         for name in models:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for s in range(args.steps):
-                    _train_step(models[name], opts[name], *batches[s % 8], args.precision, dev)
+                    step(models[name], *batches[s % 8],
+                        precision=args.precision, device=dev, optimizer=opts[name], clip=1.0)
             agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
             for ev in prof.key_averages():
                 if not ev.key.startswith("aten::"):

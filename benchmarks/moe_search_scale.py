@@ -12,7 +12,7 @@ baseline cell with its three FFN slots as
 
 (act=gelu, bias=false, the topk primitive's default balance loss, as the search space
 writes them), one train step = forward, loss + aux, backward, grad clipping, AdamW step,
-exactly the search's `_train_step`. Every thread count runs in its own subprocess
+exactly the step the search times (`blockdsl.train.step.step`). Every thread count runs in its own subprocess
 (torch.set_num_threads before any work). Contenders run round-robin, the order rotated
 each round; a round times `--steps` steps of each and keeps each one's median, and the
 reported ratio is the median over `--rounds` rounds with its min-max spread, all ratios
@@ -104,9 +104,9 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     import blockdsl
-    from blockdsl.search.timing import _train_step
     from blockdsl.train import precision_context, seed_everything
     from blockdsl.train.data import load_for_model
+    from blockdsl.train.step import step
 
     device = torch.device("cpu")
     specs = contenders(args.dispatch.split(","))
@@ -128,10 +128,12 @@ def child(args) -> None:
         with precision_context(precision, device):
             for name in names:  # warm-up: two steps each, then the op count
                 for i in range(2):
-                    _train_step(models[name], opts[name], *batches[i], precision, device)
+                    step(models[name], *batches[i],
+                        precision=precision, device=device, optimizer=opts[name], clip=1.0)
                 m, o, (x, y) = models[name], opts[name], batches[2]
                 ops[name] = count_ops(
-                    lambda m=m, o=o, x=x, y=y, p=precision: _train_step(m, o, x, y, p, device)
+                    lambda m=m, o=o, x=x, y=y, p=precision: step(m, x, y,
+                        precision=p, device=device, optimizer=o, clip=1.0)
                 )
             step_i = 0
             for r in range(args.rounds):
@@ -140,7 +142,8 @@ def child(args) -> None:
                     for s in range(args.steps):
                         x, y = batches[(step_i + s) % n_batches]
                         t0 = time.perf_counter()
-                        _train_step(models[name], opts[name], x, y, precision, device)
+                        step(models[name], x, y,
+                            precision=precision, device=device, optimizer=opts[name], clip=1.0)
                         ts.append(time.perf_counter() - t0)
                     times[name].append(ts)
                 step_i += args.steps

@@ -14,19 +14,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def _train_step(model: nn.Module, opt: Any, x: Any, y: Any, precision: str, device: Any) -> None:
-    import torch
-
-    from blockdsl.train import accumulate_gradients
-
-    accumulate_gradients(model, x, y, 1, precision, device)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class StepTimes:
     """Seconds per training step: medians of wall clock and this process's CPU time, and the
@@ -53,9 +40,13 @@ def paired_step_times(model: nn.Module, ref: nn.Module | None, batch: tuple[Any,
     machine, another worker). With `stop_ratio`, timing stops after two pairs once even
     the candidate's fastest step is slower than `stop_ratio` times the reference's slowest:
     a clearly infeasible candidate costs three steps, not the full count. The candidate's
-    weights are restored afterwards, so timing does not train it.
+    weights are restored afterwards, so timing does not train it. Each step is the one
+    training step every caller runs (`blockdsl.train.step.step`, clipped at 1.0 as a
+    trial's training is), so what is timed is what is trained.
     """
     import torch
+
+    from blockdsl.train.step import step
 
     device = next(model.parameters()).device
     x, y = batch[0].to(device), batch[1].to(device)
@@ -69,7 +60,7 @@ def paired_step_times(model: nn.Module, ref: nn.Module | None, batch: tuple[Any,
             order = list(range(len(models)))
             for j in (order if i % 2 == 0 else order[::-1]):
                 t0, c0 = time.perf_counter(), time.process_time()
-                _train_step(models[j], opts[j], x, y, precision, device)
+                step(models[j], x, y, precision=precision, device=device, optimizer=opts[j], clip=1.0)
                 if i >= warmup:
                     wall[j].append(time.perf_counter() - t0)
                     cpu[j].append(time.process_time() - c0)
