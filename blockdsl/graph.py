@@ -6,7 +6,7 @@ Conventions (also in the README):
   experts one token uses (k for top-k and sigma-MoE, the capacity factor on average for
   expert choice) plus its router; embeddings count in full;
 - FLOPs per token: forward, multiply-add = 2, every application of a shared layer
-  counted (see `primitives.py` for the attention term).
+  counted (see `primitives/attention.py` for the attention term).
 No torch: `blockdsl check` and summaries stay instant.
 """
 
@@ -16,8 +16,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from blockdsl.names import GATED
 from blockdsl.plan import Plan
 from blockdsl.primitives import (
+    FAMILIES,
     PRIMITIVES,
     Ctx,
     altup_flops,
@@ -108,9 +110,7 @@ def report(plan: Plan) -> Report:
         if plan.final_norm
         else 0,
         "altup": altup_params(plan.altup["k"], plan.n_units) if plan.altup else 0,
-        "attn": 0,
-        "ffn": 0,
-        "moe": 0,
+        **dict.fromkeys(FAMILIES, 0),  # the registry's families, in their order
         "norms": 0,
     }
     apps: dict[str, int] = {}
@@ -132,7 +132,7 @@ def report(plan: Plan) -> Report:
         p = prim.params(ctx, layer.args) if owner else 0
         a = prim.active(ctx, layer.args) if owner else 0.0
         seen.add(layer.key)
-        breakdown[layer.family] += p
+        breakdown[layer.family] = breakdown.get(layer.family, 0) + p
         n_p = 0
         for n in layer.norms:
             if n.key not in seen:
@@ -329,7 +329,7 @@ def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: s
     def ffn_hidden(act: str, f: int) -> int:
         # kept for backward: the pre-activation(s) and the activation's output, and for a
         # gated unit also the product that feeds the output projection
-        return (4 if act in ("swiglu", "geglu", "reglu") else 2) * f
+        return (4 if act in GATED else 2) * f
 
     per_layer: list[int] = []  # saved for backward, per application
     transient = 0  # the largest extra a single layer holds while it runs
@@ -363,7 +363,7 @@ def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: s
                 copies = a["k"] if p == "topk" else min(a["capacity_factor"], a["experts"])
             m = int(math.ceil(n * copies))  # token-expert assignments
             acts += n * d * e + n * a["experts"] * 8
-            gate_width = (2 if a["act"] in ("swiglu", "geglu", "reglu") else 1) * (
+            gate_width = (2 if a["act"] in GATED else 1) * (
                 a["expert_size"] if p == "sigma_moe" else a["d_ff"])
             if _dispatch_saves_rows(a.get("dispatch", "auto"), d * gate_width, device_type):
                 # "bmm"/"loop" keep each slot's gathered input, hidden, activation and

@@ -8,11 +8,12 @@ many a token uses (`64 exp, k=2`, or the capacity factor for expert choice); the
 parameters the box stores and its forward FLOPs per token, both in 3-significant-digit
 units (`12.3K`, `5.32 MFLOP`) because a bare `5.32MF` reads as a typo.
 
-Colour says the family (attention, dense FFN, MoE), explained by a legend under the
-title. Every parameter group used more than once gets its own colour and a connector
-line joining its uses, so sharing is visible at a glance; only the first use (the
-owner) counts the group's parameters, the others say `shared` (`shared +64` when that
-use has a norm of its own), so the params column sums to the stored total. Plain SVG text, no dependency.
+Colour says the family (attention, dense FFN, MoE, or any a registrant added: name and
+colour come from the registry), explained by a legend under the title. Every parameter
+group used more than once gets its own colour and a connector line joining its uses, so
+sharing is visible at a glance; only the first use (the owner) counts the group's
+parameters, the others say `shared` (`shared +64` when that use has a norm of its own),
+so the params column sums to the stored total. Plain SVG text, no dependency.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from html import escape
 from typing import Any
 
 from blockdsl.graph import Report
+from blockdsl.primitives import FAMILIES
 
-_FAMILY = {"attn": "#8ecae6", "ffn": "#ffb703", "moe": "#fb8500"}
-_FAMILY_NAME = {"attn": "attention", "ffn": "dense FFN", "moe": "routed FFN (MoE)"}
+# A layer whose family no one registered (a Plan from elsewhere) is drawn grey as "other".
 _OTHER = "#dddddd"
 _GROUP = ["#e63946", "#2a9d8f", "#6a4c93", "#1d3557", "#f4a261", "#588157", "#bc4749", "#457b9d"]
 _NORM_ABBR = {"layernorm": "LN", "rmsnorm": "RMS"}
@@ -109,12 +110,13 @@ def to_svg(rep: Report, families: dict[int, str] | None = None, plan: Any = None
     out.append(f'<text x="{x}" y="64" fill="#333">colour:</text>')
     x += 62
     present = {families.get(r.index, "") for r in rows}
-    for fam, fill in _FAMILY.items():
-        name = _FAMILY_NAME[fam] + ("" if fam in present else " (none here)")
+    for fam, family in FAMILIES.items():
+        fill = family.colour
+        name = family.title + ("" if fam in present else " (none here)")
         out.append(f'<rect x="{x}" y="53" width="14" height="14" fill="{fill}" stroke="#333"/>'
                    f'<text x="{x + 20}" y="64">{escape(name)}</text>')
         x += 20 + 7.2 * len(name) + 18
-    if present - set(_FAMILY):
+    if present - set(FAMILIES):
         out.append(f'<rect x="{x}" y="53" width="14" height="14" fill="{_OTHER}" stroke="#333"/>'
                    f'<text x="{x + 20}" y="64">other</text>')
     out.append(
@@ -137,7 +139,8 @@ def to_svg(rep: Report, families: dict[int, str] | None = None, plan: Any = None
     top += 18
     for i, r in enumerate(rows):
         y = top + i * row_h
-        fill = _FAMILY.get(families.get(r.index, ""), _OTHER)
+        fam = FAMILIES.get(families.get(r.index, ""))
+        fill = fam.colour if fam is not None else _OTHER
         indent = x0 + (r.unit % 2) * 6  # alternate block applications step in and out
         layer = layers.get(r.index)
         out.append(

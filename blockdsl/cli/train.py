@@ -129,9 +129,8 @@ def _token_data(args: argparse.Namespace, plan: Any) -> Any:
     """Token-id data (`--data` a .bin or a tokenized folder), loaded and checked against the
     spec before the model is built: a vocabulary mismatch is a located error at the model
     (exit 1) rather than a failure after minutes of building. None for any other data."""
-    from types import SimpleNamespace
-
     from blockdsl.lang.errors import BlockError
+    from blockdsl.taskio import TaskIO
     from blockdsl.train import TrainError, tokdata
     from blockdsl.train import data as data_mod
 
@@ -141,9 +140,9 @@ def _token_data(args: argparse.Namespace, plan: Any) -> Any:
             raise TrainError(f"--data-dtype applies to token ids (a .bin file, or a folder "
                              f"with train.bin), not to {args.data or 'the default data'}")
         return None
-    shape = SimpleNamespace(task="lm", vocab_size=plan.vocab, seq_len=plan.seq)
     try:
-        return data_mod.load_for_model(shape, args.data, args.seq, args.data_dtype)
+        return data_mod.load_for_model(TaskIO.from_plan(plan), args.data, args.seq,
+                                       args.data_dtype)
     except tokdata.VocabMismatch as e:
         raise BlockError(e.message, plan.span, e.hint) from None
     except data_mod.DataError as e:
@@ -188,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_from_plan(plan, device=device, precision=args.precision, batch=micro)
         rep = blockdsl.report(args.spec, args.model)
         # the report counts per token; a classifier's unit of throughput is one image
-        flops = float(rep.flops_per_token) * (rep.seq if model.task == "classify" else 1)
+        flops = float(rep.flops_per_token) * (rep.seq if model.io.task == "classify" else 1)
         cfg = TrainConfig(
             data=args.data, steps=args.steps, tokens=args.tokens, seconds=args.seconds,
             batch_size=args.batch, seq_len=args.seq, accum=args.accum, lr=args.lr,
@@ -216,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
                   + "; nothing was trained or written (raise --steps, --tokens or --seconds "
                   "to train further)")
         else:
-            _print_summary(result, model.task)
+            _print_summary(result, model.io.task)
     return 130 if result.stopped_by == "interrupt" else 0
 
 

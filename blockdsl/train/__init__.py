@@ -791,7 +791,7 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], precision: 
         bytes_per_token = 1.0
     if bytes_per_token is not None:
         metrics["val_bpb"] = loss / math.log(2) / bytes_per_token
-    if getattr(model, "task", None) == "classify":
+    if model.io.task == "classify":
         metrics["val_acc"] = float(stats[2] / stats[1])
     return metrics
 
@@ -925,8 +925,8 @@ class _Run:
             self.ds = dataset or data_mod.load_for_model(model, cfg.data, cfg.seq_len)
         except DataError as e:
             raise TrainError(str(e)) from None
-        if getattr(model, "task", None) != self.ds.task:
-            raise TrainError(f"model task {getattr(model, 'task', None)!r} does not fit "
+        if model.io.task != self.ds.task:
+            raise TrainError(f"model task {model.io.task!r} does not fit "
                              f"{self.ds.task!r} data {self.ds.name}")
         if cfg.batch_size % (dist.world * cfg.accum):
             raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over "

@@ -1,0 +1,49 @@
+"""The dense feed-forward primitive (`mlp`): w_out(act(w_in x)), gated kinds fused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blockdsl.names import ACTIVATIONS
+from blockdsl.primitives.base import (
+    ArgSpec,
+    Ctx,
+    Lowering,
+    Primitive,
+    d4,
+    mlp_flops,
+    mlp_params,
+    positive,
+    prob,
+    register,
+)
+
+ACT_ARG = ArgSpec("enum", "gelu", ACTIVATIONS, "activation (gated: swiglu, geglu, reglu)")
+
+
+def _mlp_check(ctx: Ctx, a: dict[str, Any]) -> None:
+    positive(a, "d_ff")
+    prob(a, "dropout")
+
+
+def _mlp_p(ctx: Ctx, a: dict[str, Any]) -> int:
+    return mlp_params(ctx.d, a["d_ff"], a["act"], a["bias"])
+
+
+MLP = register(Primitive(
+    "mlp",
+    "ffn",
+    {
+        "d_ff": ArgSpec("int", d4),
+        "act": ACT_ARG,
+        "bias": ArgSpec("bool", True),
+        "dropout": ArgSpec("float", 0.0),
+    },
+    _mlp_check,
+    _mlp_p,
+    lambda ctx, a: float(_mlp_p(ctx, a)),
+    lambda ctx, a: mlp_flops(ctx.d, a["d_ff"], a["act"]),
+    "dense feed-forward",
+    lowering=Lowering("blockdsl.nn.ffn:FeedForward",
+                      {"d_ff": "d_ff", "act": "activation", "bias": "bias", "dropout": "dropout"}),
+))
