@@ -188,3 +188,18 @@ def test_with_impls_sets_auto_arguments_and_keeps_explicit_ones() -> None:
     assert impls == ["bmm", "manual"]
     mlp_args = [[la.args for la in p.layers if la.prim == "mlp"] for p in (plan, out)]
     assert mlp_args[0] == mlp_args[1]
+
+
+def test_every_shipped_lowering_passes_every_module_argument() -> None:
+    """The schema's defaults are the only ones a spec reaches: each registry entry passes
+    every keyword of its module's constructor (register() checks the other direction: every
+    schema argument is passed), so a module default is never silently used."""
+    import inspect
+
+    from blockdsl.primitives import PRIMITIVES
+
+    for name, prim in PRIMITIVES.items():
+        low = prim.lowering
+        params = inspect.signature(low.module_class()).parameters
+        passed = set(low.kwargs.values()) | set(low.env)
+        assert passed == set(params), (name, set(params) ^ passed)
