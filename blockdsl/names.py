@@ -28,6 +28,11 @@ ATTENTION: tuple[str, ...] = ("auto", *ATTENTION_IMPLS)
 NORM_KINDS: tuple[str, ...] = ("layernorm", "rmsnorm")
 PLACEMENTS: tuple[str, ...] = ("pre", "post", "sandwich", "peri", "none")
 
+# Expert weight size (d_in x first-layer width) up to which dispatch "auto" takes "bmm" on
+# CPU: the kernel rule (nn/dispatch.resolve_impl, where its evidence is) and the torch-free
+# memory estimate must agree on it, so it is written here once.
+SMALL_EXPERT_WEIGHT = 32768
+
 
 def is_gated(act: str) -> bool:
     """Gated activations need an input projection twice as wide (gate and up halves)."""

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blockdsl.names import DISPATCH as IMPLS
-from blockdsl.names import GATE_OF
+from blockdsl.names import GATE_OF, SMALL_EXPERT_WEIGHT
 from blockdsl.nn.ffn import activate, is_gated
 
 # Elementwise activation behind each FFN activation name, and its derivative written into
@@ -120,7 +120,7 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
 # is within it (d <= 64, d_moe <= 4d, gated: 64 x 512 = 32768), MoEUT-44M's experts
 # (412 x 128 = 52736, 412 x 256 gated) and the coarse 8x512 shape's (256 x 1024) are not.
 # Rows per expert barely separate these (256-512 in the search, 317 in MoEUT-44M).
-SMALL_EXPERT_WEIGHT = 32768
+# (The value lives in blockdsl.names: the torch-free memory estimate reads it too.)
 
 
 def resolve_impl(

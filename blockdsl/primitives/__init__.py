@@ -8,7 +8,8 @@ softmax are not counted.
 
 Adding a primitive: a module (anywhere; the shipped ones live in `blockdsl/nn/`) and one
 `register(Primitive(...))` with its schema, checks, formulas, family and `Lowering`
-(plus a `Tunable` if it has implementations to measure). tests/test_extend.py does it
+(plus a `Tunable` if it has implementations to measure, a `memory` formula for the
+memory estimate, `x_norm=True` if it reads the peri-norm input). tests/test_extend.py does it
 from a test file alone. The shipped entries live one module per family, imported below
 so that importing the registry fills it.
 """

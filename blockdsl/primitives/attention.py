@@ -24,6 +24,7 @@ from blockdsl.primitives.base import (
     prob,
     register,
 )
+from blockdsl.primitives.memory import MemCtx, dispatch_saves_rows, grid_slots, grid_tiles
 
 
 def attention_impl(requested: str, device: Any, precision: str, seq: int) -> str:
@@ -132,6 +133,35 @@ def _mha_prepare(a: dict[str, Any], env: BuildEnv) -> dict[str, Any]:
     return a
 
 
+def _saves_scores(a: dict[str, Any], m: MemCtx) -> bool:
+    """Whether an mha layer runs the explicit-softmax path, which saves the T x T scores.
+
+    Follows `attention_impl`'s default rule: an explicit impl=manual/bmm, the CPU
+    bf16/fp32-medium default at seq <= 512, or dropout (bmm falls back to the reference
+    path). SDPA's fused kernels save only a log-sum-exp per row. A tuned 'auto' may pick
+    either; counting the scores then is the conservative side.
+    """
+    impl = a.get("impl", "auto")
+    if impl in ("manual", "bmm") or a.get("dropout", 0.0) > 0:
+        return True
+    if impl == "auto":
+        return m.device_type == "cpu" and m.precision in ("bf16", "fp32-medium") and m.seq <= 512
+    return False
+
+
+def _mha_memory(m: MemCtx, a: dict[str, Any]) -> tuple[int, int]:
+    """The projection input N·d·e, q/k/v N·(h+2·kv)·dh·e (twice with RoPE), the
+    output-projection input N·h·dh·e, the log-sum-exp N·h·4; the explicit-softmax path
+    adds the scores and probabilities, B·h·T²·(4+e)."""
+    n, d, e = m.n, m.d, m.e
+    h, kv, dh = a["heads"], a["kv_heads"], a["head_dim"]
+    qkv = (h + 2 * kv) * dh * (2 if a["rope"] else 1)
+    acts = n * (d + qkv + 2 * h * dh) * e + n * h * 4
+    if _saves_scores(a, m):
+        acts += m.batch * h * m.seq * m.seq * (4 + e)
+    return acts, 0
+
+
 _SAME = ("heads", "kv_heads", "head_dim", "bias", "causal", "rope", "rope_base",
          "rope_fraction", "dropout", "impl")
 
@@ -161,6 +191,7 @@ MHA = register(Primitive(
     tunable=Tunable("impl", ATTENTION_IMPLS, "manual",
                     lambda a, env: attention_impl("auto", env.device, env.precision, env.seq)),
     x_norm=True,
+    memory=_mha_memory,
 ))
 
 
@@ -195,6 +226,21 @@ def _switchhead_flops(ctx: Ctx, a: dict[str, Any]) -> float:
     return 2.0 * (2 * d * h * dh + sel + 2 * h * k * d * dh) + 4.0 * ctx.seq * h * dh
 
 
+def _switchhead_memory(m: MemCtx, a: dict[str, Any]) -> tuple[int, int]:
+    """Input, q, k, the V/O expert inputs and outputs of its k experts, N·h·dh·(3+2k)·e,
+    plus fp32 selector logits and probabilities for V and O; with a grid dispatch, every
+    padded slot's gathered input and output and "bmm"'s per-tile weight copies."""
+    n, d, e = m.n, m.d, m.e
+    h, dh, k = a["heads"], a["head_dim"], (a["k"] if a["experts"] > 1 else 1)
+    acts = n * d * e + n * h * dh * (5 + 2 * k) * e + n * h * 4
+    acts += n * 2 * h * a["experts"] * 8
+    if a["experts"] > 1 and dispatch_saves_rows(a.get("dispatch", "auto"), d * dh,
+                                                m.device_type):
+        acts += 2 * grid_slots(n * h * k, h * a["experts"], a) * (d + dh) * e
+        acts += 2 * grid_tiles(n * h * k, h * a["experts"], a, e) * d * dh * e
+    return acts, 0
+
+
 SWITCHHEAD = register(Primitive(
     "switchhead",
     "attn",
@@ -224,4 +270,5 @@ SWITCHHEAD = register(Primitive(
     ),
     tunable=dispatch_tunable(lambda a, d: (d, a["head_dim"])),  # V experts: d -> head_dim
     x_norm=True,
+    memory=_switchhead_memory,
 ))

@@ -2,9 +2,9 @@
 
 A `Primitive` is everything the pipeline needs to know about one layer kind, in one
 entry: its argument schema (defaults written here and nowhere else), its checks, its
-parameter/active/FLOP formulas, its family (which carries the picture's name and colour),
-how it lowers to a module (`Lowering`), which argument names its implementation and how
-that one is tuned (`Tunable`), and whether it reads the peri-norm `x_norm=` input.
+parameter/active/FLOP/memory formulas, its family (which carries the picture's name and
+colour), how it lowers to a module (`Lowering`), which argument names its implementation
+and how that one is tuned (`Tunable`), and whether it reads the peri-norm `x_norm=` input.
 Before, adding a primitive touched six files; now it is one `register(...)` call.
 
 Torch-free at import: a lowering names its module by "package.module:Class" (or holds a
@@ -136,12 +136,15 @@ class Primitive:
     active: Callable[[Ctx, dict[str, Any]], float]
     flops: Callable[[Ctx, dict[str, Any]], float]
     doc: str = ""
-    explicit_required: tuple[str, ...] = field(default_factory=tuple)
     lowering: Lowering | None = None
     tunable: Tunable | None = None
     # Whether the module's forward takes `x_norm=` (MoEUT's peri-norm: the norm feeds only
     # the projections before a softmax/sigmoid). Without it, `peri` gets no norm.
     x_norm: bool = False
+    # (MemCtx, args) -> (bytes kept for backward per application, bytes held while it
+    # runs): `graph.estimate_memory`'s term for this layer (see primitives/memory.py).
+    # None counts the layer's input only.
+    memory: Callable[[Any, dict[str, Any]], tuple[int, int]] | None = None
 
     def build(self, args: dict[str, Any], env: BuildEnv) -> Any:
         if self.lowering is None:

@@ -17,6 +17,7 @@ from blockdsl.primitives.base import (
     prob,
     register,
 )
+from blockdsl.primitives.memory import MemCtx, ffn_hidden
 
 ACT_ARG = ArgSpec("enum", "gelu", ACTIVATIONS, "activation (gated: swiglu, geglu, reglu)")
 
@@ -28,6 +29,11 @@ def _mlp_check(ctx: Ctx, a: dict[str, Any]) -> None:
 
 def _mlp_p(ctx: Ctx, a: dict[str, Any]) -> int:
     return mlp_params(ctx.d, a["d_ff"], a["act"], a["bias"])
+
+
+def _mlp_memory(m: MemCtx, a: dict[str, Any]) -> tuple[int, int]:
+    """Input N·d·e and hidden N·(g+1)·f·e (g = 2 for gated activations)."""
+    return m.n * (m.d + ffn_hidden(a["act"], a["d_ff"])) * m.e, 0
 
 
 MLP = register(Primitive(
@@ -46,4 +52,5 @@ MLP = register(Primitive(
     "dense feed-forward",
     lowering=Lowering("blockdsl.nn.ffn:FeedForward",
                       {"d_ff": "d_ff", "act": "activation", "bias": "bias", "dropout": "dropout"}),
+    memory=_mlp_memory,
 ))

@@ -6,6 +6,7 @@ average for expert choice) plus the router; FLOPs likewise.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from blockdsl.names import ELEMENTWISE
@@ -29,6 +30,7 @@ from blockdsl.primitives.base import (
     register,
 )
 from blockdsl.primitives.ffn import ACT_ARG
+from blockdsl.primitives.memory import MemCtx, dispatch_saves_rows, ffn_hidden, grid_slots, grid_tiles
 
 
 def _expert_dims(a: dict[str, Any], d: int) -> tuple[int, int]:
@@ -38,6 +40,31 @@ def _expert_dims(a: dict[str, Any], d: int) -> tuple[int, int]:
 
 
 _TUNABLE = dispatch_tunable(_expert_dims)
+
+
+def _routed_memory(m: MemCtx, a: dict[str, Any]) -> tuple[int, int]:
+    """fp32 router logits and probabilities N·E·8 and, for each of the copies of a token the
+    dispatch gathers (k; the capacity factor for expert choice), its hidden ("sort",
+    "grouped_mm") or its input, hidden and output in every slot of the padded grid, plus
+    the grid's per-tile weight copies ("bmm", "loop"). While it runs: the gathered inputs
+    and per-assignment outputs."""
+    n, d, e = m.n, m.d, m.e
+    if "expert_size" in a:  # sigma-MoE
+        copies, hidden = a["k"], 2 * a["expert_size"]
+    else:
+        hidden = ffn_hidden(a["act"], a["d_ff"])
+        copies = a["k"] if "k" in a else min(a["capacity_factor"], a["experts"])
+    assignments = int(math.ceil(n * copies))
+    acts = n * d * e + n * a["experts"] * 8
+    gate_width = _expert_dims(a, d)[1]
+    if dispatch_saves_rows(a.get("dispatch", "auto"), d * gate_width, m.device_type):
+        acts += grid_slots(assignments, a["experts"], a) * (2 * d + hidden) * e
+        acts += grid_tiles(assignments, a["experts"], a, e) * d * gate_width * 2 * e
+    else:
+        acts += assignments * hidden * e
+    if a.get("shared_d_ff"):
+        acts += n * ffn_hidden(a["act"], a["shared_d_ff"]) * e
+    return acts, assignments * 2 * d * e
 
 
 # ---------------------------------------------------------------- top-k
@@ -112,6 +139,7 @@ TOPK = register(Primitive(
     ),
     tunable=_TUNABLE,
     x_norm=True,
+    memory=_routed_memory,
 ))
 
 
@@ -174,6 +202,7 @@ EXPERT_CHOICE = register(Primitive(
     ),
     tunable=_TUNABLE,
     x_norm=True,
+    memory=_routed_memory,
 ))
 
 
@@ -223,4 +252,5 @@ SIGMA_MOE = register(Primitive(
     ),
     tunable=_TUNABLE,
     x_norm=True,
+    memory=_routed_memory,
 ))
