@@ -1,4 +1,4 @@
-"""Plan -> nn.Module: the builder. Sharing is module reuse; implementation choices live here.
+"""Plan -> nn.Module: the builder. Sharing is module reuse; each layer lowers through its registry entry.
 
 Each parameter group of the Plan becomes exactly one module; every layer instance that
 names the group gets that same object, built by its registry entry (no per-name code

@@ -154,7 +154,7 @@ def tune_layer(
 def default_choice(layer: LayerPlan, device: torch.device, precision: str, seq: int,
                    d: int | None = None) -> str:
     """What lowering picks for this layer with no measurement (its entry's default rule)."""
-    env = BuildEnv(d=d, n_applications=1, device=device, precision=precision, seq=seq)
+    env = BuildEnv(d=d or 0, n_applications=1, device=device, precision=precision, seq=seq)
     return _tunable(layer.prim).default(layer.args, env)
 
 

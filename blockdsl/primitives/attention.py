@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from blockdsl.names import ATTENTION, ATTENTION_IMPLS, DISPATCH, DISPATCH_BACKENDS
+from blockdsl.names import ATTENTION, ATTENTION_IMPLS
 from blockdsl.primitives.base import (
     REQUIRED,
     ArgError,
@@ -25,6 +25,7 @@ from blockdsl.primitives.base import (
     register,
 )
 from blockdsl.primitives.memory import MemCtx, dispatch_saves_rows, grid_slots, grid_tiles
+from blockdsl.primitives.routing import DISPATCH_ARG, dispatch_tunable
 
 
 def attention_impl(requested: str, device: Any, precision: str, seq: int) -> str:
@@ -38,34 +39,6 @@ def attention_impl(requested: str, device: Any, precision: str, seq: int) -> str
     if device.type == "cpu" and precision in ("bf16", "fp32-medium") and seq <= 512:
         return "bmm"
     return "sdpa"
-
-
-def dispatch_default(d_in: int | None, width: int | None, env: BuildEnv) -> str:
-    """What `dispatch=auto` runs for experts of d_in x width on this device and precision
-    (without the shape, the large-matmul rule).
-
-    The rule lives with the kernels (`nn.dispatch.resolve_impl`), imported only when asked:
-    the tuner asks with torch loaded already.
-    """
-    import torch
-
-    from blockdsl.nn.dispatch import resolve_impl
-
-    dtype = torch.bfloat16 if env.precision == "bf16" else torch.float32
-    return resolve_impl("auto", env.device, dtype, d_in, width)
-
-
-DISPATCH_ARG = ArgSpec("enum", "auto", DISPATCH, "MoE dispatch implementation")
-
-
-def dispatch_tunable(dims: Any) -> Tunable:
-    """A routed primitive's `dispatch=`: every backend raced against the plain loop.
-
-    `dims(args, d)` gives the (d_in, first-layer width) of its expert matmuls, which the
-    default rule reads (when the width d is known)."""
-    return Tunable("dispatch", DISPATCH_BACKENDS, "loop",
-                   lambda a, env: dispatch_default(*(dims(a, env.d) if env.d else (None, None)),
-                                                   env))
 
 
 def default_head_dim(ctx: Ctx, a: dict[str, Any]) -> int:

@@ -10,7 +10,6 @@ import math
 from typing import Any
 
 from blockdsl.names import ELEMENTWISE
-from blockdsl.primitives.attention import DISPATCH_ARG, dispatch_tunable
 from blockdsl.primitives.base import (
     REQUIRED,
     ArgError,
@@ -31,6 +30,7 @@ from blockdsl.primitives.base import (
 )
 from blockdsl.primitives.ffn import ACT_ARG
 from blockdsl.primitives.memory import MemCtx, dispatch_saves_rows, ffn_hidden, grid_slots, grid_tiles
+from blockdsl.primitives.routing import DISPATCH_ARG, dispatch_tunable
 
 
 def _expert_dims(a: dict[str, Any], d: int) -> tuple[int, int]:
