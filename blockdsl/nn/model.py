@@ -53,8 +53,8 @@ class BlockModel(nn.Module):
     """Stem -> block applications (optionally inside AltUp) -> final norm -> head.
 
     `io` (a `TaskIO`) says what it takes and returns. `forward` opens one aux-loss
-    collector, so `ModelOutput.aux` holds every routed
-    layer's weighted auxiliary losses for this pass, pooled as each regulariser needs.
+    collector, so `ModelOutput.aux` holds every routed layer's weighted auxiliary losses
+    for this pass, pooled as each regulariser needs.
     """
 
     def __init__(
@@ -72,6 +72,8 @@ class BlockModel(nn.Module):
         self.task = task
         # The task shape training reads (sequence, vocabulary, image size, classes);
         # lowering builds it from the Plan, a hand-assembled model may give only the task.
+        if io is not None and io.task != task:
+            raise ValueError(f"io is for task {io.task!r}, the model for {task!r}")
         self.io = io if io is not None else TaskIO(task)
         self.altup_mode = altup["mode"] if altup else None
         if altup:
