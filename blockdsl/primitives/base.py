@@ -128,6 +128,11 @@ class Tunable:
 
 @dataclass(frozen=True)
 class Primitive:
+    """One layer kind. `args` is its schema (the language fills defaults from it and checks
+    values with `check`); `params`/`active`/`flops` count it from (Ctx, args) alone, and
+    must match the parameter layout of the module `lowering` builds (test_accounting
+    asserts it per shipped spec); the rest is optional: `tunable`, `x_norm`, `memory`."""
+
     name: str
     family: str  # a key of FAMILIES: "attn" | "ffn" | "moe" | one a registrant added
     args: dict[str, ArgSpec]
