@@ -54,7 +54,7 @@ def main() -> None:
                         times[p].append(time.perf_counter() - t0)
                     losses[p] = float(loss)
         step += args.steps
-    tokens = args.batch * getattr(models["fp32"], "seq_len", 1)
+    tokens = args.batch * (models["fp32"].io.seq if models["fp32"].io.task == "lm" else 1)
     base = statistics.median(times["fp32"])
     name = args.spec + (f":{args.model}" if args.model else "")
     print(f"{name}: batch {args.batch}, {torch.get_num_threads()} threads, "

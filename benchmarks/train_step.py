@@ -49,9 +49,10 @@ import torch.nn.functional as F  # noqa: E402
 
 import blockdsl  # noqa: E402
 from blockdsl.lower import build_from_plan  # noqa: E402
+from blockdsl.primitives import tunable  # noqa: E402
 from blockdsl.train import autocast, precision_context, seed_everything  # noqa: E402
 from blockdsl.train.data import load_for_model  # noqa: E402
-from blockdsl.tune import CANDIDATES, with_impls  # noqa: E402
+from blockdsl.tune import with_impls  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSE_GPT = "benchmarks/specs/dense-gpt.block"
@@ -202,7 +203,7 @@ def run_spec(spec: str, precision: str, args, device: torch.device) -> list[dict
         builders["blockdsl:untuned"] = blockdsl.build(plan, device=device, precision=precision)
         seed_everything(0)
         # every choosable kernel forced to its reference implementation
-        ref_plan = with_impls(plan, lambda layer: CANDIDATES[layer.prim][2])
+        ref_plan = with_impls(plan, lambda layer: tunable(layer.prim).reference)
         builders["blockdsl:reference"] = blockdsl.build(ref_plan, device=device,
                                                         precision=precision)
     finally:

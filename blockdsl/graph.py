@@ -6,18 +6,18 @@ Conventions (also in the README):
   experts one token uses (k for top-k and sigma-MoE, the capacity factor on average for
   expert choice) plus its router; embeddings count in full;
 - FLOPs per token: forward, multiply-add = 2, every application of a shared layer
-  counted (see `primitives.py` for the attention term).
+  counted (see `primitives/attention.py` for the attention term).
 No torch: `blockdsl check` and summaries stay instant.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blockdsl.plan import Plan
 from blockdsl.primitives import (
+    FAMILIES,
     PRIMITIVES,
     Ctx,
     altup_flops,
@@ -28,6 +28,7 @@ from blockdsl.primitives import (
     stem_flops,
     stem_params,
 )
+from blockdsl.primitives.memory import MemCtx, input_only
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -106,9 +107,7 @@ def report(plan: Plan) -> Report:
         if plan.final_norm
         else 0,
         "altup": altup_params(plan.altup["k"], plan.n_units) if plan.altup else 0,
-        "attn": 0,
-        "ffn": 0,
-        "moe": 0,
+        **dict.fromkeys(FAMILIES, 0),  # the registry's families, in their order
         "norms": 0,
     }
     apps: dict[str, int] = {}
@@ -130,7 +129,7 @@ def report(plan: Plan) -> Report:
         p = prim.params(ctx, layer.args) if owner else 0
         a = prim.active(ctx, layer.args) if owner else 0.0
         seen.add(layer.key)
-        breakdown[layer.family] += p
+        breakdown[layer.family] = breakdown.get(layer.family, 0) + p
         n_p = 0
         for n in layer.norms:
             if n.key not in seen:
@@ -243,52 +242,6 @@ class MemoryEstimate:
         return ", ".join(f"{k} {human_bytes(v)}" for k, v in named if v)
 
 
-def _attention_saves_scores(layer_args: dict[str, Any], device_type: str, precision: str,
-                            seq: int) -> bool:
-    """Whether an mha layer runs the explicit-softmax path, which saves the T x T scores.
-
-    Mirrors `lower.attention_impl`'s default rule (torch-free here): an explicit
-    impl=manual/bmm, the CPU bf16/fp32-medium default at seq <= 512, or dropout (bmm falls
-    back to the reference path). SDPA's fused kernels save only a log-sum-exp per row.
-    A tuned 'auto' may pick either; counting the scores then is the conservative side.
-    """
-    impl = layer_args.get("impl", "auto")
-    if impl in ("manual", "bmm") or layer_args.get("dropout", 0.0) > 0:
-        return True
-    if impl == "auto":
-        return device_type == "cpu" and precision in ("bf16", "fp32-medium") and seq <= 512
-    return False
-
-
-# Mirrors blockdsl.nn.dispatch.SMALL_EXPERT_WEIGHT (kept here so this module stays
-# torch-free; tests/test_memory.py checks the two agree).
-SMALL_EXPERT_WEIGHT = 32768
-
-
-def _dispatch_saves_rows(dispatch: str, expert_weight: int, device_type: str) -> bool:
-    """Whether the expert dispatch keeps per-slot tensors for backward ("bmm", "loop", and
-    "auto" where `resolve_impl` picks "bmm": CPU with an expert weight of d x first-layer
-    width <= SMALL_EXPERT_WEIGHT) rather than only the hidden ("sort", "grouped_mm")."""
-    if dispatch == "auto":
-        return device_type == "cpu" and expert_weight <= SMALL_EXPERT_WEIGHT
-    return dispatch in ("bmm", "loop")
-
-
-def _grid_slots(m: int, experts: int, a: dict[str, Any]) -> int:
-    """Slots "bmm" lays m assignments out in: one [E, C] grid while padding stays under
-    1.25x, else tiles of half the mean load (bucketed to >= 8 rows): at most ~1.5 m plus
-    one bucket per expert; "loop" keeps exactly m rows."""
-    return m if a.get("dispatch") == "loop" else math.ceil(1.6 * m) + 16 * experts
-
-
-def _grid_tiles(m: int, experts: int, a: dict[str, Any], e: int) -> int:
-    """Tiles of a tiled "bmm" grid, each keeping its own copy of its expert's weights: tiles
-    of t >= max(q, m / 2E) rows (q = 16 under bf16, else 8: `_capacity_bucket`) give
-    sum_e ceil(load_e / t) <= E + min(2E, m / q)."""
-    q = 16 if e == 2 else 8
-    return 0 if a.get("dispatch") == "loop" else experts + min(2 * experts, -(-m // q))
-
-
 def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: str = "fp32",
                     optimizer: bool = True, device_type: str = "cpu") -> MemoryEstimate:
     """A conservative upper estimate of one training step's memory, from the Plan alone.
@@ -297,17 +250,9 @@ def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: s
     time it runs) from what the modules keep for backward, with N = batch x seq tokens,
     e = 2 bytes under bf16 autocast else 4, fp32 (4 bytes) where the code computes in fp32:
     - every norm: its fp32 input, N·d·4;
-    - mha: the projection input N·d·e, q/k/v N·(h+2·kv)·dh·e (twice with RoPE), the
-      output-projection input N·h·dh·e, the log-sum-exp N·h·4; the explicit-softmax
-      path adds the scores and probabilities, B·h·T²·(4+e) (see `_attention_saves_scores`);
-    - switchhead: input, q, k, the V/O expert inputs and outputs of its k experts,
-      N·h·dh·(3+2k)·e, plus fp32 selector logits and probabilities for V and O;
-    - mlp: input N·d·e and hidden N·(g+1)·f·e (g = 2 for gated activations);
-    - topk / sigma_moe: fp32 router logits and probabilities N·E·8 and, for each of the
-      k copies of a token the dispatch gathers, its hidden ("sort", "grouped_mm") or its
-      input, hidden and output in every slot of the padded grid, plus the grid's
-      per-tile weight copies ("bmm", "loop"; switchhead likewise); expert choice the
-      same with the capacity factor in place of k;
+    - each layer: its registry entry's `memory` formula (primitives/memory.py; the
+      formulas sit with each primitive's other formulas), plus under bf16 the copy of its
+      weights its matmuls keep;
     - the head: its input, the logits in the autocast dtype, their fp32 copy and
       cross-entropy's log-softmax, N·V·(e+8); AltUp keeps K streams per block.
     Gradients of the activations live only while one layer runs backward: the largest
@@ -324,57 +269,15 @@ def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: s
     grads = stored * 4
     opt = stored * 8 if optimizer else 0
 
-    def ffn_hidden(act: str, f: int) -> int:
-        # kept for backward: the pre-activation(s) and the activation's output, and for a
-        # gated unit also the product that feeds the output projection
-        return (4 if act in ("swiglu", "geglu", "reglu") else 2) * f
-
+    mem = MemCtx(d=d, batch=batch, seq=seq, e=e, device_type=device_type, precision=precision)
     per_layer: list[int] = []  # saved for backward, per application
     transient = 0  # the largest extra a single layer holds while it runs
     for layer in plan.layers:
-        a, p = layer.args, layer.prim
-        acts = len(layer.norms) * n * d * 4
-        extra = 0
-        if p == "mha":
-            h, kv, dh = a["heads"], a["kv_heads"], a["head_dim"]
-            qkv = (h + 2 * kv) * dh * (2 if a["rope"] else 1)
-            acts += n * (d + qkv + 2 * h * dh) * e + n * h * 4
-            if _attention_saves_scores(a, device_type, precision, seq):
-                acts += batch * h * seq * seq * (4 + e)
-        elif p == "switchhead":
-            h, dh, k = a["heads"], a["head_dim"], (a["k"] if a["experts"] > 1 else 1)
-            acts += n * d * e + n * h * dh * (5 + 2 * k) * e + n * h * 4
-            acts += n * 2 * h * a["experts"] * 8
-            if a["experts"] > 1 and _dispatch_saves_rows(a.get("dispatch", "auto"), d * dh,
-                                                         device_type):
-                # V and O: every padded slot's gathered input and output, and "bmm"'s
-                # per-tile weight copies
-                acts += 2 * _grid_slots(n * h * k, h * a["experts"], a) * (d + dh) * e
-                acts += 2 * _grid_tiles(n * h * k, h * a["experts"], a, e) * d * dh * e
-        elif p == "mlp":
-            acts += n * (d + ffn_hidden(a["act"], a["d_ff"])) * e
-        elif p in ("topk", "expert_choice", "sigma_moe"):
-            if p == "sigma_moe":
-                copies, hidden = a["k"], 2 * a["expert_size"]
-            else:
-                hidden = ffn_hidden(a["act"], a["d_ff"])
-                copies = a["k"] if p == "topk" else min(a["capacity_factor"], a["experts"])
-            m = int(math.ceil(n * copies))  # token-expert assignments
-            acts += n * d * e + n * a["experts"] * 8
-            gate_width = (2 if a["act"] in ("swiglu", "geglu", "reglu") else 1) * (
-                a["expert_size"] if p == "sigma_moe" else a["d_ff"])
-            if _dispatch_saves_rows(a.get("dispatch", "auto"), d * gate_width, device_type):
-                # "bmm"/"loop" keep each slot's gathered input, hidden, activation and
-                # output, and "bmm" its per-tile weight copies
-                acts += _grid_slots(m, a["experts"], a) * (2 * d + hidden) * e
-                acts += _grid_tiles(m, a["experts"], a, e) * d * gate_width * 2 * e
-            else:
-                acts += m * hidden * e
-            extra = m * 2 * d * e  # gathered inputs and per-assignment outputs
-            if a.get("shared_d_ff"):
-                acts += n * ffn_hidden(a["act"], a["shared_d_ff"]) * e
+        prim = PRIMITIVES[layer.prim]
+        saved, extra = (prim.memory or input_only)(mem, layer.args)
+        acts = len(layer.norms) * n * d * 4 + saved
         if e == 2:  # the bf16 copy of the layer's weights its matmuls keep, per application
-            acts += PRIMITIVES[p].params(ctx, a) * 2
+            acts += prim.params(ctx, layer.args) * 2
         per_layer.append(acts)
         transient = max(transient, acts + extra)
     total_acts = sum(per_layer) + n * w * 4  # + the stem's output

@@ -1,10 +1,11 @@
-"""Plan -> nn.Module: the builder. Sharing is module reuse; implementation choices live here.
+"""Plan -> nn.Module: the builder. Sharing is module reuse; each layer lowers through its registry entry.
 
 Each parameter group of the Plan becomes exactly one module; every layer instance that
-names the group gets that same object. Implementation choices (attention kernel, MoE
-dispatch) are made per device and precision: from the on-disk tuning cache when
-`blockdsl compile --tune` measured this shape here, else from the measured defaults
-recorded below.
+names the group gets that same object, built by its registry entry (no per-name code
+here: a registered primitive lowers like a shipped one). Implementation choices
+(attention kernel, MoE dispatch) are made per device and precision: from the on-disk
+tuning cache (`tuning_cache.py`, below this module; the tuner sits above it) when
+`blockdsl compile --tune` measured this shape here, else from each entry's default rule.
 """
 
 from __future__ import annotations
@@ -14,88 +15,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from blockdsl.device import default_device
 from blockdsl.graph import io_width
-from blockdsl.nn.attention import MultiHeadAttention
-from blockdsl.nn.ffn import FeedForward
 from blockdsl.nn.model import BlockModel, Residual
 from blockdsl.nn.norm import make_norm
 from blockdsl.nn.stems import ClassifierHead, LMHead, PatchEmbedding, TokenEmbedding
 from blockdsl.plan import LayerPlan, NormPlan, Plan
+from blockdsl.primitives import BuildEnv, attention_impl, get
+from blockdsl.tuning_cache import lookup
+
+__all__ = ["attention_impl", "build_from_plan", "build_layer", "random_batch"]
 
 
 def _norm(n: NormPlan, d: int) -> nn.Module:
     return make_norm(n.kind, d, eps=n.args.get("eps"), bias=n.args.get("bias", True))
 
 
-def attention_impl(requested: str, device: torch.device, precision: str, seq: int) -> str:
-    """SDPA unless measured otherwise. On CPU, when the matmuls run in bf16 (bf16 autocast, or
-    fp32-medium, which routes fp32 matmuls through oneDNN's bf16 path) at short sequences,
-    SDPA's fused kernel is the slow one (its backward in bf16; in fp32-medium it does not
-    use the bf16 path at all): explicit batched matmuls with a hand-written backward
-    measured 1.3-1.6x SDPA at seq 128-256 here. `compile --tune` overrides this per shape."""
-    if requested != "auto":
-        return requested
-    if device.type == "cpu" and precision in ("bf16", "fp32-medium") and seq <= 512:
-        return "bmm"
-    return "sdpa"
+def build_layer(layer: LayerPlan, env: BuildEnv, tokens: int | None = None) -> nn.Module:
+    """The module of one layer, built by its registry entry.
 
-
-def _primitive(layer: LayerPlan, d: int, apps: int, device: torch.device, precision: str,
-               seq: int, tokens: int | None = None) -> nn.Module:
+    An explicit impl=/dispatch= in the spec wins; `auto` takes the tuned choice for this
+    shape on this machine when `compile --tune` measured it (at the run nearest `tokens`),
+    else the entry's lowering applies its default rule.
+    """
+    prim = get(layer.prim)  # resolve() rejects unknown names
     a: dict[str, Any] = dict(layer.args)
-    p = layer.prim
-    # An explicit impl=/dispatch= in the spec wins; "auto" takes the tuned choice for this
-    # shape on this machine when `compile --tune` measured it, else the default rule.
-    for key in ("impl", "dispatch"):
-        if a.get(key) == "auto":
-            from blockdsl.tune import lookup
-
-            a[key] = lookup(layer, d, seq, precision, device, tokens) or "auto"
-    if p == "mha":
-        return MultiHeadAttention(
-            d, a["heads"], kv_heads=a["kv_heads"], head_dim=a["head_dim"], bias=a["bias"],
-            causal=a["causal"], rope=a["rope"], rope_base=a["rope_base"],
-            rope_fraction=a["rope_fraction"], impl=attention_impl(a["impl"], device, precision, seq),
-            dropout=a["dropout"],
-        )
-    if p == "mlp":
-        return FeedForward(d, a["d_ff"], activation=a["act"], bias=a["bias"], dropout=a["dropout"])
-    # Routed primitives import lazily: a dense model never pays for them.
-    if p == "topk":
-        from blockdsl.nn.moe import TopKMoE
-
-        return TopKMoE(
-            d, a["d_ff"], a["experts"], a["k"], activation=a["act"], bias=a["bias"],
-            capacity_factor=a["capacity_factor"], renormalize=a["renormalize"],
-            router_noise=a["router_noise"], balance_weight=a["balance_loss"],
-            z_weight=a["z_loss"], shared_d_ff=a["shared_d_ff"],
-            expert_dropout=a["expert_dropout"], dispatch=a["dispatch"],
-        )
-    if p == "expert_choice":
-        from blockdsl.nn.moe import ExpertChoiceMoE
-
-        return ExpertChoiceMoE(
-            d, a["d_ff"], a["experts"], capacity_factor=a["capacity_factor"],
-            activation=a["act"], bias=a["bias"],
-            group="batch" if a["group"] == "auto" else a["group"], dispatch=a["dispatch"],
-        )
-    if p == "sigma_moe":
-        from blockdsl.nn.moe import SigmaMoE
-
-        return SigmaMoE(
-            d, a["expert_size"], a["experts"], a["k"], activation=a["act"],
-            entropy_weight=a["entropy"], expert_dropout=a["expert_dropout"],
-            dispatch=a["dispatch"], n_applications=apps,
-        )
-    if p == "switchhead":
-        from blockdsl.nn.switchhead import SwitchHeadAttention
-
-        return SwitchHeadAttention(
-            d, a["heads"], a["head_dim"], a["experts"], k=a["k"], causal=a["causal"],
-            rope=a["rope"], rope_fraction=a["rope_fraction"], rope_base=a["rope_base"],
-            entropy_weight=a["entropy"], dispatch=a["dispatch"], n_applications=apps,
-        )
-    raise ValueError(f"no lowering for primitive {p!r}")  # resolve() rejects unknown names
+    tn = prim.tunable
+    if tn is not None and a.get(tn.arg) == "auto":
+        a[tn.arg] = lookup(layer, env.d, env.seq, env.precision, env.device, tokens) or "auto"
+    if layer.placement == "peri" and layer.norms and not prim.x_norm:
+        raise ValueError(f"{layer.label}: peri-norm needs a primitive that reads x_norm=, "
+                         f"and {layer.prim!r} does not")
+    return prim.build(a, env)
 
 
 def build_from_plan(plan: Plan, device: str | torch.device | None = None,
@@ -105,9 +56,7 @@ def build_from_plan(plan: Plan, device: str | torch.device | None = None,
     `batch` (sequences or images per step) selects, among tuning runs of the same shape,
     the one timed at the nearest token count.
     """
-    dev = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    )
+    dev = torch.device(device) if device is not None else default_device()
     d, w = plan.d, io_width(plan)
     stem_kind, sa = plan.stem
     if stem_kind == "tokens":
@@ -130,11 +79,12 @@ def build_from_plan(plan: Plan, device: str | torch.device | None = None,
     prims: dict[str, nn.Module] = {}
     norms: dict[str, nn.Module] = {}
     units: list[list[nn.Module]] = [[] for _ in range(plan.n_units)]
+    # MoEUT scales its init by sqrt(2 / applications of *all* layers in the stack).
+    env = BuildEnv(d=d, n_applications=plan.n_units, device=dev, precision=precision,
+                   seq=plan.seq)
     for layer in plan.layers:
         if layer.key not in prims:
-            # MoEUT scales its init by sqrt(2 / applications of *all* layers in the stack).
-            prims[layer.key] = _primitive(layer, d, plan.n_units, dev, precision, plan.seq,
-                                          batch * plan.seq if batch else None)
+            prims[layer.key] = build_layer(layer, env, batch * plan.seq if batch else None)
         layer_norms = []
         for n in layer.norms:
             if n.key not in norms:
@@ -142,15 +92,9 @@ def build_from_plan(plan: Plan, device: str | torch.device | None = None,
             layer_norms.append(norms[n.key])
         units[layer.unit].append(Residual(prims[layer.key], layer.placement, layer_norms))
     final = _norm(plan.final_norm, w) if plan.final_norm else None
+    # `io` is what the training loop and reports read off the module.
     model = BlockModel(stem, [nn.Sequential(*u) for u in units], final, head, plan.task,
-                       altup=plan.altup)
-    # What the training loop and reports read off the module.
-    model.spec_name = plan.name
-    model.seq_len = plan.seq if plan.task == "lm" else None
-    model.vocab_size = plan.vocab if plan.task == "lm" else None
-    if plan.task == "classify":
-        model.image_size, model.channels = sa["image"], sa["channels"]
-        model.num_classes = ha["classes"]
+                       altup=plan.altup, io=plan.io)
     return model.to(dev)
 
 

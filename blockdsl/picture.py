@@ -8,11 +8,12 @@ many a token uses (`64 exp, k=2`, or the capacity factor for expert choice); the
 parameters the box stores and its forward FLOPs per token, both in 3-significant-digit
 units (`12.3K`, `5.32 MFLOP`) because a bare `5.32MF` reads as a typo.
 
-Colour says the family (attention, dense FFN, MoE), explained by a legend under the
-title. Every parameter group used more than once gets its own colour and a connector
-line joining its uses, so sharing is visible at a glance; only the first use (the
-owner) counts the group's parameters, the others say `shared` (`shared +64` when that
-use has a norm of its own), so the params column sums to the stored total. Plain SVG text, no dependency.
+Colour says the family (attention, dense FFN, MoE, or any a registrant added: name and
+colour come from the registry), explained by a legend under the title. Every parameter
+group used more than once gets its own colour and a connector line joining its uses, so
+sharing is visible at a glance; only the first use (the owner) counts the group's
+parameters, the others say `shared` (`shared +64` when that use has a norm of its own),
+so the params column sums to the stored total. Plain SVG text, no dependency.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from html import escape
 from typing import Any
 
 from blockdsl.graph import Report
+from blockdsl.primitives import FAMILIES
 
-_FAMILY = {"attn": "#8ecae6", "ffn": "#ffb703", "moe": "#fb8500"}
-_FAMILY_NAME = {"attn": "attention", "ffn": "dense FFN", "moe": "routed FFN (MoE)"}
+# A layer whose family no one registered (a Plan from elsewhere) is drawn grey as "other".
 _OTHER = "#dddddd"
 _GROUP = ["#e63946", "#2a9d8f", "#6a4c93", "#1d3557", "#f4a261", "#588157", "#bc4749", "#457b9d"]
 _NORM_ABBR = {"layernorm": "LN", "rmsnorm": "RMS"}
@@ -104,23 +105,7 @@ def to_svg(rep: Report, families: dict[int, str] | None = None, plan: Any = None
         f"{flops_text(rep.flops_per_token)}/token forward (seq {rep.seq}) · "
         f"{rep.layers} layers in {rep.units} block applications</text>",
     ]
-    # Legend: one swatch per family, then what the sharing marks mean.
-    x = 10
-    out.append(f'<text x="{x}" y="64" fill="#333">colour:</text>')
-    x += 62
-    present = {families.get(r.index, "") for r in rows}
-    for fam, fill in _FAMILY.items():
-        name = _FAMILY_NAME[fam] + ("" if fam in present else " (none here)")
-        out.append(f'<rect x="{x}" y="53" width="14" height="14" fill="{fill}" stroke="#333"/>'
-                   f'<text x="{x + 20}" y="64">{escape(name)}</text>')
-        x += 20 + 7.2 * len(name) + 18
-    if present - set(_FAMILY):
-        out.append(f'<rect x="{x}" y="53" width="14" height="14" fill="{_OTHER}" stroke="#333"/>'
-                   f'<text x="{x + 20}" y="64">other</text>')
-    out.append(
-        '<text x="10" y="84" fill="#333">sharing: a dot and line of one colour join the '
-        "uses of one parameter group; its first use counts the params</text>"
-    )
+    out += _legend({families.get(r.index, "") for r in rows})
     hy = top - 14
     heads = {"layer": "layer: primitive", "norm": "norm", "experts": "experts",
              "params": "params", "flops": "FLOPs/token"}
@@ -137,29 +122,16 @@ def to_svg(rep: Report, families: dict[int, str] | None = None, plan: Any = None
     top += 18
     for i, r in enumerate(rows):
         y = top + i * row_h
-        fill = _FAMILY.get(families.get(r.index, ""), _OTHER)
+        fam = FAMILIES.get(families.get(r.index, ""))
+        fill = fam.colour if fam is not None else _OTHER
         indent = x0 + (r.unit % 2) * 6  # alternate block applications step in and out
         layer = layers.get(r.index)
         out.append(
             f'<rect x="{indent}" y="{y}" width="{_BOX_W - 6}" height="{row_h - 4}" rx="3" '
             f'fill="{fill}" stroke="#333"/>'
         )
-        label = f"{r.block}[{r.repeat}].{r.label}: {r.prim}"
-        if len(label) > 35:
-            label = label[:34] + "…"
         ty = y + 15
-        out.append(f'<text x="{indent + _COL["layer"]}" y="{ty}">{escape(label)}</text>')
-        if layer is not None:
-            out.append(f'<text x="{indent + _COL["norm"]}" y="{ty}">'
-                       f"{escape(norm_text(layer))}</text>")
-            ex = experts_text(layer.args)
-            if ex:
-                out.append(f'<text x="{indent + _COL["experts"]}" y="{ty}" '
-                           f'font-weight="bold">{escape(ex)}</text>')
-        # a later use of a shared group may still own its norm (ALBERT keeps one per use)
-        ptext = si(r.params) if r.owner else "shared" + (f" +{si(r.params)}" if r.params else "")
-        out.append(f'<text x="{indent + _COL["params"]}" y="{ty}">{ptext}</text>')
-        out.append(f'<text x="{indent + _COL["flops"]}" y="{ty}">{flops_text(r.flops)}</text>')
+        out += _columns(r, layer, indent, ty)
         if r.group in colour:
             c = colour[r.group]
             lx = x0 + _BOX_W + 20 + 14 * lane.setdefault(r.group, len(lane))
@@ -188,6 +160,47 @@ def to_svg(rep: Report, families: dict[int, str] | None = None, plan: Any = None
                    f'{si(bd.get("altup", 0))} mixing params</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _legend(present: set[str]) -> list[str]:
+    """One swatch per registered family (and "other" for a family no one registered), then
+    what the sharing marks mean."""
+    x = 10
+    out = [f'<text x="{x}" y="64" fill="#333">colour:</text>']
+    x += 62
+    for fam, family in FAMILIES.items():
+        name = family.title + ("" if fam in present else " (none here)")
+        out.append(f'<rect x="{x}" y="53" width="14" height="14" fill="{family.colour}" '
+                   f'stroke="#333"/><text x="{x + 20}" y="64">{escape(name)}</text>')
+        x += 20 + 7.2 * len(name) + 18
+    if present - set(FAMILIES):
+        out.append(f'<rect x="{x}" y="53" width="14" height="14" fill="{_OTHER}" stroke="#333"/>'
+                   f'<text x="{x + 20}" y="64">other</text>')
+    out.append(
+        '<text x="10" y="84" fill="#333">sharing: a dot and line of one colour join the '
+        "uses of one parameter group; its first use counts the params</text>"
+    )
+    return out
+
+
+def _columns(r: Any, layer: Any, indent: int, ty: int) -> list[str]:
+    """A layer box's text: label, norm, experts (with a Plan), params, FLOPs."""
+    label = f"{r.block}[{r.repeat}].{r.label}: {r.prim}"
+    if len(label) > 35:
+        label = label[:34] + "…"
+    out = [f'<text x="{indent + _COL["layer"]}" y="{ty}">{escape(label)}</text>']
+    if layer is not None:
+        out.append(f'<text x="{indent + _COL["norm"]}" y="{ty}">'
+                   f"{escape(norm_text(layer))}</text>")
+        ex = experts_text(layer.args)
+        if ex:
+            out.append(f'<text x="{indent + _COL["experts"]}" y="{ty}" '
+                       f'font-weight="bold">{escape(ex)}</text>')
+    # a later use of a shared group may still own its norm (ALBERT keeps one per use)
+    ptext = si(r.params) if r.owner else "shared" + (f" +{si(r.params)}" if r.params else "")
+    out.append(f'<text x="{indent + _COL["params"]}" y="{ty}">{ptext}</text>')
+    out.append(f'<text x="{indent + _COL["flops"]}" y="{ty}">{flops_text(r.flops)}</text>')
+    return out
 
 
 def _altup_text(plan: Any) -> str:

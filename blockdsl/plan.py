@@ -8,6 +8,7 @@ from typing import Any
 
 from blockdsl.lang import ir
 from blockdsl.lang.expr import ChoiceDef
+from blockdsl.taskio import TaskIO
 
 
 @dataclass(frozen=True)
@@ -39,27 +40,6 @@ class LayerPlan:
 
     def signature(self) -> tuple:
         return (self.prim, tuple(sorted(self.args.items())))
-
-
-@dataclass(frozen=True)
-class TaskIO:
-    """What a model reads and predicts, and how wide its input and output layers are.
-
-    One value for everything outside the layers (lowering's typed `BlockModel.io`, data
-    checks, the report), so that no later stage digs in the stem's and head's argument
-    dicts. Fields that do not apply to the task are None: a language model has no image,
-    a classifier no vocabulary.
-    """
-
-    task: str  # "lm" | "classify"
-    seq: int  # tokens per example (context, or patches + class token)
-    width: int  # of the embedding, final norm and head: K*d under wide AltUp, else d
-    vocab: int | None = None  # lm: token ids are 0..vocab-1
-    context: int | None = None  # lm: tokens of context
-    image: int | None = None  # classify: image side in pixels (square images)
-    patch: int | None = None  # classify: patch side in pixels
-    channels: int | None = None  # classify: image channels
-    classes: int | None = None  # classify: number of classes
 
 
 @dataclass(frozen=True)
@@ -116,8 +96,8 @@ class Plan:
         """The task's inputs and outputs in one typed value (see TaskIO)."""
         sa = self.stem[1]
         if self.stem[0] == "tokens":
-            return TaskIO(self.task, self.seq, self.io_width, vocab=sa["vocab"], context=sa["context"])
-        return TaskIO(
-            self.task, self.seq, self.io_width, image=sa["image"], patch=sa["patch"],
-            channels=sa["channels"], classes=self.num_classes,
-        )
+            return TaskIO(self.task, seq=self.seq, vocab=sa["vocab"], width=self.io_width,
+                          name=self.name)
+        return TaskIO(self.task, seq=self.seq, image_size=sa["image"], channels=sa["channels"],
+                      classes=self.num_classes, width=self.io_width, patch=sa["patch"],
+                      name=self.name)

@@ -8,8 +8,9 @@ input/weight gradients within the stated tolerance), and timed round-robin again
 others on a fresh input each round. When the winners differ from lowering's default
 rules, a train step of the whole model with them races one with the defaults, and
 winners that lose there are not kept. Decisions are cached on disk keyed by device,
-torch version, precision and shape, one run per token count; `lower.py` reads the run
-nearest to the batch it builds for.
+torch version, precision and shape, one run per token count (`tuning_cache.py`);
+`lower.py` reads the run nearest to the batch it builds for. Which argument is tuned,
+its candidates and its reference come from each primitive's registry entry.
 
 Tolerances (max abs error relative to the reference's max abs value): fp32 1e-4,
 fp32-medium 5e-3, bf16 3e-2. A candidate outside tolerance is never chosen, however fast.
@@ -17,109 +18,43 @@ fp32-medium 5e-3, bf16 3e-2. A candidate outside tolerance is never chosen, howe
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from blockdsl.device import autocast, default_device, precision_context, sync
+from blockdsl.lower import build_from_plan, build_layer, random_batch
 from blockdsl.plan import LayerPlan, Plan
+from blockdsl.primitives import BuildEnv, Tunable, tunable
+from blockdsl.tuning_cache import cache_path, device_signature, load, lookup, save, shape_key
+
+# Re-exported: callers have always found the cache's functions here.
+__all__ = ["cache_path", "default_choice", "device_signature", "lookup", "shape_key",
+           "tune_layer", "tune_plan", "whole_model_check", "with_impls"]
 
 DEFAULT_TOKENS = 4096
 # Per-layer winners are kept unless the whole model with them is this much slower.
 WHOLE_MODEL_MARGIN = 0.02
 TOLERANCE = {"fp32": 1e-4, "fp32-medium": 5e-3, "bf16": 3e-2}
-# Per primitive: the argument that names the implementation, the candidates, the reference.
-CANDIDATES: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "mha": ("impl", ("sdpa", "bmm", "manual"), "manual"),
-    "topk": ("dispatch", ("bmm", "grouped_mm", "sort", "loop"), "loop"),
-    "expert_choice": ("dispatch", ("bmm", "grouped_mm", "sort", "loop"), "loop"),
-    "sigma_moe": ("dispatch", ("bmm", "grouped_mm", "sort", "loop"), "loop"),
-    "switchhead": ("dispatch", ("bmm", "grouped_mm", "sort", "loop"), "loop"),
-}
+# Per primitive, the argument that names the implementation, the candidates and the
+# reference are the registry entry's `Tunable`; the cache lives in tuning_cache.py.
 
 
-def cache_path() -> Path:
-    root = os.environ.get("BLOCKDSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "blockdsl")
-    return Path(root) / "tune.json"
+def _tunable(name: str) -> Tunable:
+    tn = tunable(name)
+    if tn is None:
+        raise ValueError(f"primitive {name!r} has no tunable implementation")
+    return tn
 
 
-def device_signature(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"cpu:{model}:{torch.get_num_threads()}t"
-
-
-def shape_key(layer: LayerPlan, d: int, seq: int, precision: str, device: torch.device) -> str:
-    arg = CANDIDATES[layer.prim][0]
-    args = ",".join(f"{k}={v}" for k, v in sorted(layer.args.items()) if k != arg)
-    head = f"{device_signature(device)}|torch={torch.__version__}|{precision}"
-    return f"{head}|{layer.prim}|d={d}|seq={seq}|{args}"
-
-
-_MEMO: dict[str, tuple[float, dict[str, Any]]] = {}
-
-
-def _load() -> dict[str, Any]:
-    """The cache file's decisions; re-read only when the file changed (lowering asks per layer)."""
-    p = cache_path()
-    try:
-        mtime = p.stat().st_mtime
-        hit = _MEMO.get(str(p))
-        if hit and hit[0] == mtime:
-            return dict(hit[1])
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    _MEMO[str(p)] = (mtime, data)
-    return dict(data)
-
-
-def _save(cache: dict[str, Any]) -> None:
-    p = cache_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(p)
-
-
-def lookup(layer: LayerPlan, d: int, seq: int, precision: str, device: torch.device,
-           tokens: int | None = None) -> str | None:
-    """The cached choice for this shape, or None (lowering then uses its default rule).
-
-    The best kernel depends on the tokens per step as well (a per-expert loop wins at a few
-    hundred tokens, a sorted dispatch at thousands): each tuning run is kept by its token
-    count, and `tokens` picks the run nearest on a log scale; without it, the latest run.
-    """
-    if layer.prim not in CANDIDATES or os.environ.get("BLOCKDSL_TUNE") == "off":
-        return None
-    hit = _load().get(shape_key(layer, d, seq, precision, device))
-    if not hit:
-        return None
-    runs = hit.get("by_tokens") or {}
-    if tokens and runs:
-        near = min(runs, key=lambda t: abs(math.log(int(t) / tokens)))
-        return runs[near]["choice"]
-    return hit["choice"]
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def _env(plan: Plan, device: torch.device, precision: str, n_applications: int = 1) -> BuildEnv:
+    return BuildEnv(d=plan.d, n_applications=n_applications, device=device,
+                    precision=precision, seq=plan.seq)
 
 
 def _run(module: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str):
@@ -127,7 +62,7 @@ def _run(module: torch.nn.Module, x: torch.Tensor, device: torch.device, precisi
     torch.manual_seed(0)
     module.zero_grad(set_to_none=True)
     xi = x.detach().clone().requires_grad_(True)
-    with _autocast(device, precision):
+    with autocast(precision, device):
         y = module(xi)
     y.float().square().mean().backward()
     grads = [xi.grad] + [p.grad for p in module.parameters() if p.grad is not None]
@@ -137,11 +72,6 @@ def _run(module: torch.nn.Module, x: torch.Tensor, device: torch.device, precisi
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.abs().max().clamp_min(1e-12)
     return float((a - b).abs().max() / scale)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _race(runs: dict[str, Any], device: torch.device, rounds: int) -> dict[str, float]:
@@ -162,10 +92,10 @@ def _race(runs: dict[str, Any], device: torch.device, rounds: int) -> dict[str, 
     best = {n: float("inf") for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             runs[n](r + 1)
-            _sync(device)
+            sync(device)
             best[n] = min(best[n], time.perf_counter() - t0)
     return best
 
@@ -175,9 +105,9 @@ def tune_layer(
     rounds: int = 5,
 ) -> dict[str, Any]:
     """Measure every candidate implementation of one layer; return the decision record."""
-    from blockdsl.lower import _primitive
-
-    arg, candidates, reference = CANDIDATES[layer.prim]
+    tn = _tunable(layer.prim)
+    arg, candidates, reference = tn.arg, tn.candidates, tn.reference
+    env = _env(plan, device, precision)
     seq = plan.seq
     batch = max(1, tokens // seq)
     gen = torch.Generator().manual_seed(0)
@@ -185,7 +115,7 @@ def tune_layer(
     x = xs[0]
     torch.manual_seed(0)
     ref_layer = replace(layer, args={**layer.args, arg: reference})
-    ref_mod = _primitive(ref_layer, plan.d, 1, device, precision, seq).to(device)
+    ref_mod = build_layer(ref_layer, env).to(device)
     state = ref_mod.state_dict()
     ref_out, ref_grads = _run(ref_mod, x, device, precision)
     tol = TOLERANCE[precision]
@@ -193,9 +123,7 @@ def tune_layer(
     runs = {}
     for cand in candidates:
         try:
-            mod = _primitive(
-                replace(layer, args={**layer.args, arg: cand}), plan.d, 1, device, precision, seq
-            ).to(device)
+            mod = build_layer(replace(layer, args={**layer.args, arg: cand}), env).to(device)
             mod.load_state_dict(state)
             out, grads = _run(mod, x, device, precision)
             err = max([_rel_err(out, ref_out)] + [_rel_err(g, r) for g, r in zip(grads, ref_grads)])
@@ -213,29 +141,11 @@ def tune_layer(
     return {"choice": choice, "tokens": batch * seq, "precision": precision, "candidates": results}
 
 
-def _expert_dims(layer: LayerPlan, d: int) -> tuple[int, int]:
-    """(d_in, first-layer width) of a routed layer's expert matmuls."""
-    from blockdsl.nn.ffn import is_gated
-
-    a = layer.args
-    if layer.prim == "switchhead":  # V experts: d -> head_dim
-        return d, a["head_dim"]
-    width = a["expert_size"] if layer.prim == "sigma_moe" else a["d_ff"]
-    return d, width * (2 if is_gated(a["act"]) else 1)
-
-
 def default_choice(layer: LayerPlan, device: torch.device, precision: str, seq: int,
                    d: int | None = None) -> str:
-    """What lowering picks for this layer with no measurement (its default rule)."""
-    if layer.prim == "mha":
-        from blockdsl.lower import attention_impl
-
-        return attention_impl("auto", device, precision, seq)
-    from blockdsl.nn.dispatch import resolve_impl
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    dims = _expert_dims(layer, d) if d else (None, None)
-    return resolve_impl("auto", device, dtype, *dims)
+    """What lowering picks for this layer with no measurement (its entry's default rule)."""
+    env = BuildEnv(d=d or 0, n_applications=1, device=device, precision=precision, seq=seq)
+    return _tunable(layer.prim).default(layer.args, env)
 
 
 @contextmanager
@@ -258,11 +168,11 @@ def with_impls(plan: Plan, pick: Callable[[LayerPlan], str | None]) -> Plan:
     """
     layers = []
     for layer in plan.layers:
-        if layer.prim in CANDIDATES:
-            arg = CANDIDATES[layer.prim][0]
-            choice = pick(layer) if layer.args.get(arg) == "auto" else None
+        tn = tunable(layer.prim)
+        if tn is not None:
+            choice = pick(layer) if layer.args.get(tn.arg) == "auto" else None
             if choice is not None:
-                layer = replace(layer, args={**layer.args, arg: choice})
+                layer = replace(layer, args={**layer.args, tn.arg: choice})
         layers.append(layer)
     return replace(plan, layers=type(plan.layers)(layers))
 
@@ -275,8 +185,8 @@ def whole_model_check(plan: Plan, choices: dict[str, str], device: torch.device,
     Per-layer timings miss what only the whole model shows (shared layers applied several
     times, caches, allocation): a set of choices that loses here is not kept.
     """
-    from blockdsl.lower import build_from_plan, random_batch
-    from blockdsl.train import accumulate_gradients
+    # Lazy: only this race needs a training step; per-layer tuning does not.
+    from blockdsl.train.step import step
 
     data = [random_batch(plan, batch, device, generator=torch.Generator().manual_seed(r))
             for r in range(rounds + 1)]
@@ -287,14 +197,14 @@ def whole_model_check(plan: Plan, choices: dict[str, str], device: torch.device,
         torch.manual_seed(0)
         default = build_from_plan(plan, device, precision)
 
-    def step(m: torch.nn.Module):
-        def run(r: int) -> None:
-            accumulate_gradients(m, *data[r], 1, precision, device)
+    def train_step(m: torch.nn.Module):
+        def run(r: int) -> None:  # the training step without the update: both keep their weights
+            step(m, *data[r], precision=precision, device=device)
             m.zero_grad(set_to_none=True)
 
         return run
 
-    best = _race({"tuned": step(tuned), "default": step(default)}, device, rounds)
+    best = _race({"tuned": train_step(tuned), "default": train_step(default)}, device, rounds)
     return {"tuned_s": best["tuned"], "default_s": best["default"], "batch": batch}
 
 
@@ -311,18 +221,12 @@ def tune_plan(
     WHOLE_MODEL_MARGIN, the defaults are recorded instead (with both times).
     """
     batch = batch or max(1, DEFAULT_TOKENS // plan.seq)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    )
-    if precision == "fp32-medium":
-        prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("medium")
+    dev = torch.device(device) if device is not None else default_device()
     decisions: dict[str, Any] = {}
-    try:
+    with precision_context(precision, dev):
         for layer in plan.layers:
-            if layer.prim not in CANDIDATES or layer.args.get(CANDIDATES[layer.prim][0]) != "auto":
+            tn = tunable(layer.prim)
+            if tn is None or layer.args.get(tn.arg) != "auto":
                 continue
             key = shape_key(layer, plan.d, plan.seq, precision, dev)
             if key in decisions:
@@ -356,13 +260,10 @@ def tune_plan(
                     f"{chk['tuned_s'] * 1000:.1f} ms vs defaults {chk['default_s'] * 1000:.1f} ms "
                     f"per step: " + ("keeping the tuned choices" if keep else "keeping the defaults")
                 )
-    finally:
-        if precision == "fp32-medium":
-            torch.set_float32_matmul_precision(prev)
-    cache = _load()
+    cache = load()
     for key, rec in decisions.items():
         runs = dict(cache.get(key, {}).get("by_tokens", {}))
         runs[str(rec["tokens"])] = {"choice": rec["choice"], "candidates": rec["candidates"]}
         cache[key] = {**rec, "by_tokens": runs}
-    _save(cache)
+    save(cache)
     return decisions

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from blockdsl.taskio import TaskIO
 from blockdsl.train import data
 from blockdsl.train.data import DataError
 
@@ -19,13 +19,12 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BLOCKDSL_CACHE", str(tmp_path / "cache"))
 
 
-def lm(vocab: int = 256, seq_len: int = 16) -> SimpleNamespace:
-    return SimpleNamespace(task="lm", vocab_size=vocab, seq_len=seq_len)
+def lm(vocab: int = 256, seq_len: int = 16) -> TaskIO:
+    return TaskIO("lm", seq=seq_len, vocab=vocab)
 
 
-def clf(size: int = 8, channels: int = 1, classes: int = 10) -> SimpleNamespace:
-    return SimpleNamespace(task="classify", image_size=size, channels=channels,
-                           num_classes=classes)
+def clf(size: int = 8, channels: int = 1, classes: int = 10) -> TaskIO:
+    return TaskIO("classify", image_size=size, channels=channels, classes=classes)
 
 
 def test_folder_is_sorted_text_files_only(tmp_path: Path) -> None:
@@ -98,7 +97,7 @@ def test_model_mismatch_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="vocab_size 200 is smaller"):
         data.load_for_model(lm(vocab=200))
     with pytest.raises(DataError, match="task 'seg' is not one of"):
-        data.load_for_model(SimpleNamespace(task="seg"))
+        data.load_for_model(TaskIO("seg"))
     folder = _image_folder(tmp_path)
     with pytest.raises(DataError, match="holds images, but the model is a language model"):
         data.load_for_model(lm(), folder)

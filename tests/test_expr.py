@@ -78,8 +78,8 @@ def test_training_variables_are_range_checked_like_the_model(tmp_path: Path, lr:
 
 def test_plan_io_of_a_language_model_and_a_classifier() -> None:
     lm = blockdsl.resolve(SPACE.replace("LR", ""), "base")
-    assert lm.io.task == "lm" and lm.io.vocab == 64 and lm.io.context == 16
+    assert lm.io.task == "lm" and lm.io.vocab == 64 and lm.io.seq == 16
     assert lm.io.width == lm.io_width == 32 and lm.io.classes is None and lm.image_size is None
     vit = blockdsl.resolve(Path(__file__).parent.parent / "specs" / "vit-b16.block")
     assert (vit.image_size, vit.channels, vit.num_classes) == (224, 3, 1000)
-    assert vit.io.image == 224 and vit.io.patch == 16 and vit.io.vocab is None
+    assert vit.io.image_size == 224 and vit.io.patch == 16 and vit.io.vocab is None

@@ -188,3 +188,33 @@ def test_with_impls_sets_auto_arguments_and_keeps_explicit_ones() -> None:
     assert impls == ["bmm", "manual"]
     mlp_args = [[la.args for la in p.layers if la.prim == "mlp"] for p in (plan, out)]
     assert mlp_args[0] == mlp_args[1]
+
+
+def test_every_shipped_lowering_passes_every_module_argument() -> None:
+    """The schema's defaults are the only ones a spec reaches: each registry entry passes
+    every keyword of its module's constructor (register() checks the other direction: every
+    schema argument is passed), so a module default is never silently used."""
+    import inspect
+
+    from blockdsl.primitives import PRIMITIVES
+
+    for name, prim in PRIMITIVES.items():
+        low = prim.lowering
+        params = inspect.signature(low.module_class()).parameters
+        passed = set(low.kwargs.values()) | set(low.env)
+        assert passed == set(params), (name, set(params) ^ passed)
+
+
+def test_model_io_is_the_plans_task_shape() -> None:
+    from pathlib import Path
+
+    from blockdsl.taskio import TaskIO
+
+    lm = blockdsl.build(TINY.replace("PLACEMENT", "pre"), device="cpu")
+    assert lm.io == TaskIO("lm", seq=8, vocab=32, width=16, name="m")
+    vit = blockdsl.resolve(Path(__file__).parent.parent / "specs/tiny/vit.block")
+    io = blockdsl.build(vit, device="cpu").io
+    stem, head = vit.stem[1], vit.head[1]
+    assert io == TaskIO("classify", seq=vit.seq, image_size=stem["image"],
+                        channels=stem["channels"], classes=head["classes"], width=vit.d,
+                        name=vit.name)

@@ -146,12 +146,12 @@ def test_train_refuses_without_allocating(huge: Path, tmp_path: Path) -> None:
 
 
 def test_memory_estimate_uses_the_dispatch_rule_of_resolve_impl() -> None:
-    """graph.py (torch-free) mirrors the CPU threshold at which "auto" dispatch is "bmm"."""
-    from blockdsl import graph
+    """The torch-free estimate mirrors the CPU threshold at which "auto" dispatch is "bmm"."""
     from blockdsl.nn import dispatch
+    from blockdsl.primitives import memory
 
-    assert graph.SMALL_EXPERT_WEIGHT == dispatch.SMALL_EXPERT_WEIGHT
+    assert memory.SMALL_EXPERT_WEIGHT == dispatch.SMALL_EXPERT_WEIGHT
     cpu = torch.device("cpu")
     for w in (dispatch.SMALL_EXPERT_WEIGHT, dispatch.SMALL_EXPERT_WEIGHT + 1):
         picked = dispatch.resolve_impl("auto", cpu, torch.float32, 1, w)
-        assert graph._dispatch_saves_rows("auto", w, "cpu") == (picked == "bmm")
+        assert memory.dispatch_saves_rows("auto", w, "cpu") == (picked == "bmm")

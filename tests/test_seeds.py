@@ -77,12 +77,13 @@ def test_tiny_seed_trains_one_step(path: str) -> None:
     rep = blockdsl.report(path)
     assert sum(p.numel() for p in model.parameters()) == rep.stored_params
     assert rep.stored_params < 1_000_000
-    if model.task == "lm":
-        x = torch.randint(0, model.vocab_size, (4, 33))
+    io = model.io
+    if io.task == "lm":
+        x = torch.randint(0, io.vocab, (4, 33))
         inputs, target = x[:, :-1], x[:, 1:]
     else:
-        inputs = torch.randn(4, model.channels, model.image_size, model.image_size)
-        target = torch.randint(0, model.num_classes, (4,))
+        inputs = torch.randn(4, io.channels, io.image_size, io.image_size)
+        target = torch.randint(0, io.classes, (4,))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     out = model(inputs)
@@ -159,7 +160,7 @@ def test_tiny_seed_learns_on_the_default_data(path: str) -> None:
     try:
         seed_everything(0)
         model = blockdsl.build(path, device="cpu")
-        lm = model.task == "lm"
+        lm = model.io.task == "lm"
         cfg = TrainConfig(steps=30, batch_size=8 if lm else 32, seq_len=32 if lm else None,
                           lr=3e-3, warmup=5, eval_every=30, eval_batches=2 if lm else None,
                           quiet=True, log_every=10)
@@ -175,6 +176,7 @@ def test_tiny_seed_learns_on_the_default_data(path: str) -> None:
 
 
 def _example(model) -> torch.Tensor:  # noqa: ANN001
-    if model.task == "lm":
-        return torch.randint(0, model.vocab_size, (2, 16))
-    return torch.randn(2, model.channels, model.image_size, model.image_size)
+    io = model.io
+    if io.task == "lm":
+        return torch.randint(0, io.vocab, (2, 16))
+    return torch.randn(2, io.channels, io.image_size, io.image_size)

@@ -9,13 +9,13 @@ import os
 import stat
 import sysconfig
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from blockdsl.cli import main
+from blockdsl.taskio import TaskIO
 from blockdsl.train import data, tokdata
 from blockdsl.train.data import DataError
 
@@ -66,8 +66,8 @@ def spec(tmp_path: Path, vocab: int) -> Path:
     return p
 
 
-def lm(vocab: int, seq_len: int = 16) -> SimpleNamespace:
-    return SimpleNamespace(task="lm", vocab_size=vocab, seq_len=seq_len)
+def lm(vocab: int, seq_len: int = 16) -> TaskIO:
+    return TaskIO("lm", seq=seq_len, vocab=vocab)
 
 
 # ----------------------------------------------------------------------------- tokenize

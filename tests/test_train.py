@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from blockdsl.nn.output import ModelOutput
+from blockdsl.taskio import TaskIO
 from blockdsl.train import (
     TrainConfig,
     TrainError,
@@ -39,7 +40,7 @@ class TinyGPT(nn.Module):
     def __init__(self, vocab: int = 256, d: int = 32, layers: int = 2, heads: int = 2,
                  seq_len: int = 32, dropout: float = 0.0, aux: bool = False) -> None:
         super().__init__()
-        self.vocab_size, self.seq_len = vocab, seq_len
+        self.io = TaskIO("lm", seq=seq_len, vocab=vocab)
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.zeros(seq_len, d))
         layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout, batch_first=True,
@@ -67,7 +68,8 @@ class TinyCNN(nn.Module):
 
     def __init__(self, image_size: int = 8, channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
-        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.io = TaskIO("classify", image_size=image_size, channels=channels,
+                         classes=num_classes)
         self.net = nn.Sequential(
             nn.Conv2d(channels, 16, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(4),
             nn.Flatten(), nn.Linear(16 * 16, num_classes),

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blockdsl.names import ATTENTION_IMPLS as IMPLS
 from blockdsl.nn.rope import apply_rope
-
-IMPLS = ("sdpa", "manual", "bmm")
 
 
 class _BmmAttention(torch.autograd.Function):

@@ -11,16 +11,16 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blockdsl.names import ACTIVATIONS, GATE_OF
+
 _ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,  # exact (erf) GELU, as in BERT, ViT
     "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's approximation
     "silu": F.silu,
 }
-# gated name -> activation applied to the gate half
-_GATED: dict[str, str] = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
-
-ACTIVATIONS: tuple[str, ...] = (*_ELEMENTWISE, *_GATED)
+# gated name -> activation applied to the gate half (the names live in blockdsl.names)
+_GATED: dict[str, str] = GATE_OF
 
 
 def _check(name: str) -> None:

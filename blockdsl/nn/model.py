@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from blockdsl.names import PLACEMENTS
 from blockdsl.nn import aux
 from blockdsl.nn.altup import AltUp, narrow, widen
 from blockdsl.nn.output import ModelOutput
-
-PLACEMENTS = ("pre", "post", "sandwich", "peri", "none")
+from blockdsl.taskio import TaskIO
 
 
 class Residual(nn.Module):
@@ -52,8 +52,9 @@ class Residual(nn.Module):
 class BlockModel(nn.Module):
     """Stem -> block applications (optionally inside AltUp) -> final norm -> head.
 
-    `forward` opens one aux-loss collector, so `ModelOutput.aux` holds every routed
-    layer's weighted auxiliary losses for this pass, pooled as each regulariser needs.
+    `io` (a `TaskIO`) says what it takes and returns. `forward` opens one aux-loss
+    collector, so `ModelOutput.aux` holds every routed layer's weighted auxiliary losses
+    for this pass, pooled as each regulariser needs.
     """
 
     def __init__(
@@ -64,10 +65,16 @@ class BlockModel(nn.Module):
         head: nn.Module,
         task: str,
         altup: dict | None = None,
+        io: TaskIO | None = None,
     ):
         super().__init__()
         self.stem = stem
         self.task = task
+        # The task shape training reads (sequence, vocabulary, image size, classes);
+        # lowering builds it from the Plan, a hand-assembled model may give only the task.
+        if io is not None and io.task != task:
+            raise ValueError(f"io is for task {io.task!r}, the model for {task!r}")
+        self.io = io if io is not None else TaskIO(task)
         self.altup_mode = altup["mode"] if altup else None
         if altup:
             self.altup = AltUp(list(units), K=altup["k"], selection=altup["selection"])

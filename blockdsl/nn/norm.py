@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NORMS = ("layernorm", "rmsnorm")
+from blockdsl.names import NORM_KINDS as NORMS
 
 
 class RMSNorm(nn.RMSNorm):

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from blockdsl.files import atomic_write
+from blockdsl.taskio import TaskIO
 from blockdsl.train import tokdata
 
 # re-exported: callers and tests know these names as data.DataError, data.text_files, ...
@@ -310,19 +311,23 @@ def load_image_folder(path: str | Path, image_size: int, channels: int) -> Image
 # ----------------------------------------------------------------------------- model
 
 
-def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
+def load_for_model(model: torch.nn.Module | TaskIO, source: str | Path | None = None,
                    seq_len: int | None = None, dtype: str | None = None) -> TaskData:
     """The data set a model trains on, checked against the model's vocabulary or image shape.
+
+    `model` is a model with an `io` (`BlockModel.io`), or that `TaskIO` itself (the CLI
+    checks token data against a Plan before any model is built).
 
     `source=None` picks the default: the stdlib corpus for language models, digits for
     classifiers. `seq_len` overrides the model's training context (it may only be shorter).
     A `.bin` file or a folder with `train.bin` is token ids (`blockdsl.train.tokdata`); `dtype`
     (uint16/uint32) reads one that has no JSON sidecar.
     """
-    task = getattr(model, "task", None)
+    io = model if isinstance(model, TaskIO) else model.io
+    task = io.task
     if task == "lm":
-        vocab = int(model.vocab_size)
-        model_len = int(model.seq_len)
+        vocab = int(io.vocab)
+        model_len = int(io.seq)
         t = model_len if seq_len is None else int(seq_len)
         if t < 1 or t > model_len:
             raise DataError(f"seq_len {t} must be between 1 and the model's seq_len {model_len}")
@@ -343,7 +348,7 @@ def load_for_model(model: torch.nn.Module, source: str | Path | None = None,
     if dtype is not None:
         raise DataError(f"a data dtype ({dtype}) applies to a language model's .bin tokens only")
     if task == "classify":
-        size, ch, ncls = int(model.image_size), int(model.channels), int(model.num_classes)
+        size, ch, ncls = int(io.image_size), int(io.channels), int(io.classes)
         if ch not in (1, 3):
             raise DataError(f"model channels {ch}: images can be fitted to 1 or 3 channels only")
         data = load_digits(size, ch) if source is None else load_image_folder(source, size, ch)

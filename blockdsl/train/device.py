@@ -1,11 +1,8 @@
-"""Where and how numbers are computed: device, precision, seeding, sync, matmul rate.
+"""Training's device side: `--device` names, seeding, and the measured matmul rate.
 
-One home for rules that were written two or three times (train, tune, lower, cli), so
-that `--device auto`, bf16 autocast and "wait for the GPU before reading the clock"
-mean the same thing in every command:
-- `default_device()`: CUDA when present, else the CPU.
-- `autocast(precision, device)`: bf16 autocast with fp32 master weights, or nothing.
-- `sync(device)`: a timing boundary; a no-op on the CPU, where work is synchronous.
+The rules lowering and the tuner need too (`default_device`, `autocast`, `sync`,
+`precision_context`) live one stage lower, in `blockdsl/device.py`, and are re-exported
+here, so every command means the same by `--device auto`, bf16 and a timing boundary.
 """
 
 from __future__ import annotations
@@ -15,14 +12,13 @@ import json
 import platform
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from blockdsl import files as fileio
+from blockdsl.device import autocast, default_device, precision_context, sync
 from blockdsl.train.config import TrainError
 from blockdsl.train.corpus import cache_dir
 
@@ -33,10 +29,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-def default_device() -> torch.device:
-    """The device `auto` means: CUDA when torch sees a GPU, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,23 +44,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """Set float32 matmul precision for the run and restore the caller's afterwards."""
-    prev = torch.get_float32_matmul_precision()
-    if precision == "fp32-medium":
-        torch.set_float32_matmul_precision("medium")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(prev)
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast (fp32 master weights) or nothing."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _device_name(device: torch.device) -> str:
@@ -120,11 +95,6 @@ def _measure_matmul(device: torch.device, precision: str) -> float:
     return 2 * n**3 * reps / dt
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so a clock read after it times that work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def cpu_name() -> str:
     try:
@@ -134,3 +104,7 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+__all__ = ["autocast", "cpu_name", "default_device", "matmul_rate", "precision_context",
+           "resolve_device", "seed_everything", "sync"]

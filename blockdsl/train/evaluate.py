@@ -45,6 +45,6 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], precision: 
         bytes_per_token = 1.0
     if bytes_per_token is not None:
         metrics["val_bpb"] = loss / math.log(2) / bytes_per_token
-    if getattr(model, "task", None) == "classify":
+    if model.io.task == "classify":
         metrics["val_acc"] = float(stats[2] / stats[1])
     return metrics

@@ -139,8 +139,8 @@ class _Run:
             self.ds = dataset or load_for_model(model, cfg.data, cfg.seq_len)
         except DataError as e:
             raise TrainError(str(e)) from None
-        if getattr(model, "task", None) != self.ds.task:
-            raise TrainError(f"model task {getattr(model, 'task', None)!r} does not fit "
+        if model.io.task != self.ds.task:
+            raise TrainError(f"model task {model.io.task!r} does not fit "
                              f"{self.ds.task!r} data {self.ds.name}")
         if cfg.batch_size % (dist.world * cfg.accum):
             raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over "

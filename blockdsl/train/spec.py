@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import blockdsl
@@ -61,9 +60,8 @@ def token_data(plan: Plan, source: str | Path | None, seq: int | None,
             raise TrainError(f"--data-dtype applies to token ids (a .bin file, or a folder "
                              f"with train.bin), not to {source or 'the default data'}")
         return None
-    shape = SimpleNamespace(task="lm", vocab_size=plan.vocab, seq_len=plan.seq)
     try:
-        return load_for_model(shape, source, seq, dtype)
+        return load_for_model(plan.io, source, seq, dtype)
     except VocabMismatch as e:
         raise BlockError(e.message, plan.span, e.hint) from None
     except DataError as e:
@@ -103,9 +101,9 @@ def train_spec(spec: str | Path, model: str | None, config: TrainConfig, *,
     built = build_from_plan(plan, device=device, precision=config.precision, batch=micro)
     rep = blockdsl.report(spec, model)
     # the report counts per token; a classifier's unit of throughput is one image
-    flops = float(rep.flops_per_token) * (rep.seq if built.task == "classify" else 1)
+    flops = float(rep.flops_per_token) * (rep.seq if built.io.task == "classify" else 1)
     cfg = replace(config, out=out, device=str(device), flops_per_token=flops, name=rep.name,
                   tensorboard=Path(out) / "tb" if tensorboard else None)
     if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
         cfg.steps = default_steps
-    return SpecRun(train(built, cfg, dataset=dataset), Path(out), built.task)
+    return SpecRun(train(built, cfg, dataset=dataset), Path(out), built.io.task)

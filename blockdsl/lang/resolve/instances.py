@@ -193,8 +193,10 @@ class _Binder:
                 nargs = default_norm[1]
         else:
             nkind, nargs = default_norm
-        if placement == "peri" and prim.family == "ffn":
-            n_norms = 0  # peri-norm only feeds projections followed by softmax/sigmoid
+        if placement == "peri" and not prim.x_norm:
+            # peri-norm only feeds projections followed by softmax/sigmoid (the router, a
+            # selector, attention scores): a primitive that has none reads no norm
+            n_norms = 0
         else:
             n_norms = {"none": 0, "sandwich": 2}.get(placement, 1)
         nbase = f"normshare:{it.norm_share}" if it.norm_share else f"{inst.norm_base}.norm"

@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from blockdsl.names import DISPATCH as IMPLS
+from blockdsl.names import SMALL_EXPERT_WEIGHT
 from blockdsl.nn.dispatch.grouped import _align_for_grouped_mm
 from blockdsl.nn.dispatch.loop import _loop
 from blockdsl.nn.dispatch.op import _expert_ffn
 from blockdsl.nn.dispatch.padded import _PaddedFFN, _slots
-
-IMPLS: tuple[str, ...] = ("auto", "bmm", "grouped_mm", "sort", "loop")
 
 
 @functools.cache
@@ -78,7 +78,7 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
 # is within it (d <= 64, d_moe <= 4d, gated: 64 x 512 = 32768), MoEUT-44M's experts
 # (412 x 128 = 52736, 412 x 256 gated) and the coarse 8x512 shape's (256 x 1024) are not.
 # Rows per expert barely separate these (256-512 in the search, 317 in MoEUT-44M).
-SMALL_EXPERT_WEIGHT = 32768
+# (The value lives in blockdsl.names: the torch-free memory estimate reads it too.)
 
 
 def resolve_impl(

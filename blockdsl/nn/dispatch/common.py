@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from blockdsl.names import GATE_OF
 from blockdsl.nn.ffn import activate, is_gated
 
 # Elementwise activation behind each FFN activation name, and its derivative written into
 # `out` given (dL/da, h). ffn.py owns the forward; the backward must be explicit because
 # custom-op bodies run below autograd.
-_BASE = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+_BASE = GATE_OF
 _ACT_BWD: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "relu": lambda g, h, out: torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=out),
     "gelu": lambda g, h, out: torch.ops.aten.gelu_backward.grad_input(

@@ -1,0 +1,36 @@
+"""What a built model takes in and puts out: its task shape, one typed record.
+
+Why a record rather than attributes: lowering used to set loose attributes on the module
+(`seq_len`, `vocab_size`, `image_size`, ...), each only for one task, and training read
+them back with `getattr`, so a misspelt or missing one surfaced as an AttributeError deep
+in a run. `BlockModel.io` is built once from the Plan, frozen, and every reader names a
+field a type checker can see. Torch-free: the CLI builds one from a Plan to check data
+before any model exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskIO:
+    """task "lm": token ids [B, seq] of `vocab` in, next-token logits out;
+    task "classify": images [B, channels, image_size, image_size] in, `classes` logits out.
+
+    `seq` is the tokens per example the blocks see (an LM's training context; for a
+    classifier, its patches plus the class token); `width` is the embedding/head width
+    (K·d under wide AltUp); `patch` a classifier's patch side; `name` the spec's model
+    name. Fields a task does not have are None. `Plan.io` builds it; it imports nothing,
+    so `nn` (which must not import the language or the Plan) can hold one.
+    """
+
+    task: str
+    seq: int | None = None
+    vocab: int | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    classes: int | None = None
+    width: int | None = None
+    patch: int | None = None
+    name: str = ""
