@@ -17,17 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from blockdsl.lang.errors import BlockError
 from blockdsl.lang.ir import Module
-from blockdsl.lang.resolve import resolve as _resolve
-
-# The submodule is imported before `def resolve` below (a later first import would rebind
-# `blockdsl.resolve` to the module); `blockdsl.lang.parse` (lark) is imported on first use.
+from blockdsl.lang.resolve import resolve as _resolve  # `blockdsl.lang.parse` (lark): on first use
 from blockdsl.plan import Plan
+from blockdsl.version import __version__
 
 if TYPE_CHECKING:
     from blockdsl.graph import Report
     from blockdsl.nn.model import BlockModel
 
-__version__ = "0.1.0"
 __all__ = ["BlockError", "load", "resolve", "report", "build", "check", "__version__"]
 
 

@@ -1,14 +1,35 @@
 """The Plan: a resolved model as concrete layer instances, each naming the parameter group
-it owns or shares. What every later stage (report, lower, train, search) reads. Torch-free."""
+it owns or shares. What every later stage (report, lower, train, search) reads. Torch-free.
+
+It imports nothing of the language at run time: resolve builds Plans, so the Plan module
+sits below it and every later stage can read a Plan without the parser."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockdsl.lang import ir
-from blockdsl.lang.expr import ChoiceDef
 from blockdsl.taskio import TaskIO
+
+if TYPE_CHECKING:  # spans are carried, never inspected, here: the language sits above
+    from blockdsl.lang import ir
+
+
+@dataclass(frozen=True)
+class ChoiceDef:
+    """A search choice as the sampler sees it (defined by `lang.expr.choice_def`)."""
+
+    name: str
+    kind: str  # "categorical" | "int" | "float"
+    values: tuple[Any, ...] = ()
+    lo: float = 0
+    hi: float = 0
+    step: float | None = None
+    log: bool = False
+    span: ir.Span | None = None
+    # Categorical options computed from another choice (`{2*d | 4*d}`, d a choice): the
+    # values change from trial to trial, so a sampler must pick an option's position.
+    dynamic: bool = False
 
 
 @dataclass(frozen=True)

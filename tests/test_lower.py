@@ -217,4 +217,5 @@ def test_model_io_is_the_plans_task_shape() -> None:
     stem, head = vit.stem[1], vit.head[1]
     assert io == TaskIO("classify", seq=vit.seq, image_size=stem["image"],
                         channels=stem["channels"], classes=head["classes"], width=vit.d,
-                        name=vit.name)
+                        patch=stem["patch"], name=vit.name)
+    assert io == vit.io

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from blockdsl.lang import ir
 from blockdsl.lang.errors import BlockError, bounded, brief, did_you_mean
+from blockdsl.plan import ChoiceDef
 
 __all__ = [
     "MAX_VAR_DEPTH",
@@ -32,23 +32,6 @@ __all__ = [
     "eval_expr",
     "first_option",
 ]
-
-
-@dataclass(frozen=True)
-class ChoiceDef:
-    """A search choice as the sampler sees it."""
-
-    name: str
-    kind: str  # "categorical" | "int" | "float"
-    values: tuple[Any, ...] = ()
-    lo: float = 0
-    hi: float = 0
-    step: float | None = None
-    log: bool = False
-    span: ir.Span | None = None
-    # Categorical options computed from another choice (`{2*d | 4*d}`, d a choice): the
-    # values change from trial to trial, so a sampler must pick an option's position.
-    dynamic: bool = False
 
 
 Chooser = Callable[[ChoiceDef], Any]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from blockdsl import __version__
 from blockdsl.plan import LayerPlan, Plan
+from blockdsl.version import __version__
 
 
 def _value(v: Any) -> str:

@@ -1,0 +1,3 @@
+"""The release: written once, read by the package, rendered specs and run records."""
+
+__version__ = "0.1.0"
