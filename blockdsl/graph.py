@@ -16,18 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blockdsl.plan import Plan
-from blockdsl.primitives import (
-    FAMILIES,
-    PRIMITIVES,
-    Ctx,
-    altup_flops,
-    altup_params,
-    head_flops,
-    head_params,
-    norm_params,
-    stem_flops,
-    stem_params,
-)
+from blockdsl.primitives import FAMILIES, PRIMITIVES, Ctx
+from blockdsl.primitives import stems as io_formulas  # stems, heads, norms, AltUp
 from blockdsl.primitives.memory import MemCtx, input_only
 
 if TYPE_CHECKING:
@@ -101,12 +91,12 @@ def report(plan: Plan) -> Report:
     stem_kind, stem_args = plan.stem
     head_kind, head_args = plan.head
     breakdown = {
-        "stem": stem_params(stem_kind, stem_args, w),
-        "head": head_params(head_kind, head_args, w, plan.vocab),
-        "final_norm": norm_params(plan.final_norm.kind, plan.final_norm.args, w)
+        "stem": io_formulas.stem_params(stem_kind, stem_args, w),
+        "head": io_formulas.head_params(head_kind, head_args, w, plan.vocab),
+        "final_norm": io_formulas.norm_params(plan.final_norm.kind, plan.final_norm.args, w)
         if plan.final_norm
         else 0,
-        "altup": altup_params(plan.altup["k"], plan.n_units) if plan.altup else 0,
+        "altup": io_formulas.altup_params(plan.altup["k"], plan.n_units) if plan.altup else 0,
         **dict.fromkeys(FAMILIES, 0),  # the registry's families, in their order
         "norms": 0,
     }
@@ -118,11 +108,11 @@ def report(plan: Plan) -> Report:
     seen: set[str] = set()
     rows: list[Row] = []
     active = 0.0
-    flops = stem_flops(stem_kind, stem_args, w) + head_flops(
+    flops = io_formulas.stem_flops(stem_kind, stem_args, w) + io_formulas.head_flops(
         head_kind, head_args, w, plan.vocab, plan.seq
     )
     if plan.altup:
-        flops += altup_flops(plan.altup["k"], plan.d) * plan.n_units
+        flops += io_formulas.altup_flops(plan.altup["k"], plan.d) * plan.n_units
     for layer in plan.layers:
         prim = PRIMITIVES[layer.prim]
         owner = layer.key not in seen
@@ -134,7 +124,7 @@ def report(plan: Plan) -> Report:
         for n in layer.norms:
             if n.key not in seen:
                 seen.add(n.key)
-                n_p += norm_params(n.kind, n.args, plan.d)
+                n_p += io_formulas.norm_params(n.kind, n.args, plan.d)
         breakdown["norms"] += n_p
         f = prim.flops(ctx, layer.args)
         flops += f

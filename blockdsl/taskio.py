@@ -26,11 +26,14 @@ class TaskIO:
     """
 
     task: str
+    name: str = ""
+    # both tasks
     seq: int | None = None
+    width: int | None = None
+    # a language model
     vocab: int | None = None
+    # a classifier
     image_size: int | None = None
+    patch: int | None = None
     channels: int | None = None
     classes: int | None = None
-    width: int | None = None
-    patch: int | None = None
-    name: str = ""

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from blockdsl.lang.errors import BlockError
+from blockdsl.exits import exit_status
 
 # Subcommands that live in their own module: each has register(subparsers) and run(args).
 _PLUGINS = ("blockdsl.cli.train", "blockdsl.cli.search", "blockdsl.cli.tokenize")
@@ -262,23 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     args = make_parser(plugins=not words or words[0] not in _CORE).parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except BlockError as err:
-        print(err.format(), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
-        if os.environ.get("BLOCKDSL_DEBUG"):
-            raise
-        msg = getattr(err, "cli_message", None) or f"{type(err).__name__}: {err}"
-        print(f"error: {msg}", file=sys.stderr)
-        if not getattr(err, "cli_message", None):
-            print("  (an internal error; set BLOCKDSL_DEBUG=1 for a traceback and report it)",
-                  file=sys.stderr)
-        # an exception that carries a one-line message for the user is their mistake: 1
-        return 1 if getattr(err, "cli_message", None) else 2
+        return exit_status(lambda: args.func(args))
     finally:
         if argv is None:
             # The process's own command line, so it exits next: move every object to the

@@ -18,12 +18,9 @@ from blockdsl.primitives.base import (
     Lowering,
     Primitive,
     Tunable,
-    k_le_experts,
-    nonneg,
-    positive,
-    prob,
     register,
 )
+from blockdsl.primitives.common import k_le_experts, nonneg, positive, prob
 from blockdsl.primitives.memory import MemCtx, dispatch_saves_rows, grid_slots, grid_tiles
 from blockdsl.primitives.routing import DISPATCH_ARG, dispatch_tunable
 

@@ -5,18 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from blockdsl.names import ACTIVATIONS
-from blockdsl.primitives.base import (
-    ArgSpec,
-    Ctx,
-    Lowering,
-    Primitive,
-    d4,
-    mlp_flops,
-    mlp_params,
-    positive,
-    prob,
-    register,
-)
+from blockdsl.primitives.base import ArgSpec, Ctx, Lowering, Primitive, register
+from blockdsl.primitives.common import d4, mlp_flops, mlp_params, positive, prob
 from blockdsl.primitives.memory import MemCtx, ffn_hidden
 
 ACT_ARG = ArgSpec("enum", "gelu", ACTIVATIONS, "activation (gated: swiglu, geglu, reglu)")

@@ -10,14 +10,8 @@ import math
 from typing import Any
 
 from blockdsl.names import ELEMENTWISE
-from blockdsl.primitives.base import (
-    REQUIRED,
-    ArgError,
-    ArgSpec,
-    BuildEnv,
-    Ctx,
-    Lowering,
-    Primitive,
+from blockdsl.primitives.base import REQUIRED, ArgError, ArgSpec, BuildEnv, Ctx, Lowering, Primitive, register
+from blockdsl.primitives.common import (
     d4,
     gated_factor,
     k_le_experts,
@@ -26,7 +20,6 @@ from blockdsl.primitives.base import (
     nonneg,
     positive,
     prob,
-    register,
 )
 from blockdsl.primitives.ffn import ACT_ARG
 from blockdsl.primitives.memory import MemCtx, dispatch_saves_rows, ffn_hidden, grid_slots, grid_tiles

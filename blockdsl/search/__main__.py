@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     # Before torch loads OpenMP (the CLI's reason: spinning threads slow small kernels
     # badly on shared cores); a value set by the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from blockdsl.lang.errors import BlockError
+    from blockdsl.exits import exit_status
     from blockdsl.search.run import quiet_optuna, run_worker
 
     if len(argv) != 5 or not argv[2].isdigit():
@@ -27,21 +27,8 @@ def main(argv: list[str]) -> int:
         return 2
     study, storage, index, space_file, space_name = argv
     quiet_optuna()
-    try:
-        return run_worker(study, storage, int(index), space_file, space_name)
-    except BlockError as err:
-        print(err.format(), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - one line for the driver's log, as the CLI does
-        if os.environ.get("BLOCKDSL_DEBUG"):
-            raise
-        msg = getattr(err, "cli_message", None)
-        print(f"error: {msg or f'{type(err).__name__}: {err}'}", file=sys.stderr)
-        return 1 if msg else 2
-
+    return exit_status(lambda: run_worker(study, storage, int(index), space_file, space_name),
+                       internal_hint=False)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

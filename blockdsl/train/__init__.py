@@ -13,7 +13,7 @@ import (`from blockdsl.train import train, TrainConfig, ...`):
 - spec: `train_spec`, a .block spec built and trained (what `blockdsl train` runs)
 
 `spec` is not imported here: it imports `blockdsl.lower` (the nn modules), which a
-caller that brings its own model does not need.
+caller that brings its own model does not need. Every name imported below is public.
 """
 
 from __future__ import annotations
@@ -45,12 +45,3 @@ from blockdsl.train.runfiles import plot_losses
 # `step` and `evaluate` are not re-exported: the functions would shadow their modules
 # (`blockdsl.train.step`); import them from there.
 from blockdsl.train.step import StepResult, accumulate_gradients, task_loss
-
-__all__ = [
-    "CKPT_PREFIX", "LATEST", "PRECISIONS", "EvalCallback", "StepResult", "TrainConfig",
-    "TrainError", "TrainResult", "_summary", "accumulate_gradients", "autocast",
-    "available_memory", "checkpoint_folders", "default_device", "latest_checkpoint",
-    "load_checkpoint", "lr_at", "make_adamw", "matmul_rate", "memory_guard", "param_groups",
-    "plot_losses", "precision_context", "resolve_device", "run_environment", "save_checkpoint",
-    "seed_everything", "sync", "task_loss", "train",
-]

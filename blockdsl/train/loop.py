@@ -31,15 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from blockdsl.train.checkpoint import (
-    CKPT_PREFIX,
-    LATEST,
-    checkpoint_folders,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-)
+from blockdsl.train import checkpoint as checkpoints
 from blockdsl.train.config import EvalCallback, TrainConfig, TrainError, TrainResult, validate
 from blockdsl.train.data import BYTE_VOCAB, DataError, TaskData, load_for_model
 from blockdsl.train.device import matmul_rate, precision_context, seed_everything
@@ -159,8 +151,8 @@ class _Run:
             except TensorBoardMissing as e:
                 raise TrainError(str(e)) from None
         self.out = Path(cfg.out).expanduser() if cfg.out is not None else None
-        ckpt = latest_checkpoint(self.out) if self.out is not None else None
-        found = checkpoint_folders(self.out) if self.out is not None else []
+        ckpt = checkpoints.latest_checkpoint(self.out) if self.out is not None else None
+        found = checkpoints.checkpoint_folders(self.out) if self.out is not None else []
         if self.out is not None and dist.main:
             check_out(self.out)
             if (ckpt is not None or found) and not cfg.resume:
@@ -181,7 +173,7 @@ class _Run:
         self.recent: dict[str, list[Tensor]] = {}
         if self.resumed:
             if ckpt is not None:
-                state = load_checkpoint(ckpt, model, self.opt)
+                state = checkpoints.load_checkpoint(ckpt, model, self.opt)
             else:
                 ckpt, state = self._newest_loadable(found)
             for name in ("seed", "batch_size"):
@@ -196,7 +188,7 @@ class _Run:
             # the per-step losses of the log window the checkpoint fell in, so the first
             # logged window after a resume averages the same steps as an uninterrupted run
             self.recent = {k: list(v.unbind()) for k, v in state.get("recent", {}).items()}
-            set_rng_state(state["rng"])
+            checkpoints.set_rng_state(state["rng"])
 
     def _newest_loadable(self, found: list[Path]) -> tuple[Path, dict[str, Any]]:
         """No `latest` (lost, or never written): the newest checkpoint that verifies and
@@ -204,16 +196,16 @@ class _Run:
         skipped: list[str] = []
         for path in found:
             try:
-                state = load_checkpoint(path, self.model, self.opt)
+                state = checkpoints.load_checkpoint(path, self.model, self.opt)
             except TrainError as e:
                 skipped.append(f"{path.name}: {str(e).split(': ', 1)[-1]}")
                 continue
             if self.dist.main and not self.cfg.quiet:
                 extra = f" (skipped {'; '.join(skipped)})" if skipped else ""
-                print(f"note: {self.out} has no '{LATEST}': resuming from {path.name}, the "
+                print(f"note: {self.out} has no '{checkpoints.LATEST}': resuming from {path.name}, the "
                       f"newest checkpoint that loads{extra}", file=sys.stderr, flush=True)
             return path, state
-        raise TrainError(f"{self.out} has no '{LATEST}' and none of its checkpoints loads "
+        raise TrainError(f"{self.out} has no '{checkpoints.LATEST}' and none of its checkpoints loads "
                          f"({'; '.join(skipped)[:400]}); nothing was changed")
 
     # -- pieces of the loop
@@ -318,7 +310,7 @@ class _Run:
         if self.out is None:
             kept = "nothing was saved (no output folder)"
         else:
-            last = self.last_ckpt or latest_checkpoint(self.out)
+            last = self.last_ckpt or checkpoints.latest_checkpoint(self.out)
             kept = (f"the last checkpoint, {last}, is kept" if last is not None
                     else "no checkpoint had been written (see --ckpt-every)")
         raise TrainError(f"{what} at step {step}: training diverged and was stopped; {kept}; "
@@ -375,7 +367,7 @@ class _Run:
     def checkpoint(self) -> None:
         if self.out is None or not self.dist.main:
             return
-        if self.last_ckpt is not None and self.last_ckpt.name == f"{CKPT_PREFIX}{self.step:08d}":
+        if self.last_ckpt is not None and self.last_ckpt.name == f"{checkpoints.CKPT_PREFIX}{self.step:08d}":
             return  # the end-of-run checkpoint of a step that --ckpt-every just wrote
         recent = {"loss": self.window("loss", self.losses)}
         recent.update({f"aux/{k}": self.window(f"aux/{k}", v) for k, v in self.aux_steps.items()})
@@ -386,7 +378,7 @@ class _Run:
                        for k, v in asdict(self.cfg).items()},
         }
         try:
-            self.last_ckpt = save_checkpoint(self.out, self.step, self.model, self.opt, state,
+            self.last_ckpt = checkpoints.save_checkpoint(self.out, self.step, self.model, self.opt, state,
                                              self.cfg.keep_checkpoints)
         except OSError as e:
             raise TrainError(f"cannot write checkpoint in {self.out}: {e.strerror or e}") from None

@@ -8,19 +8,9 @@ from torch import Tensor
 from blockdsl.nn.dispatch.common import _acc, _activate
 
 
-def _loop(
-    x: Tensor,
-    src: Tensor,
-    dst: Tensor,
-    expert: Tensor,
-    gate: Tensor,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor | None,
-    b2: Tensor | None,
-    activation: str,
-    n_out: int,
-) -> Tensor:
+def _loop(x: Tensor, src: Tensor, dst: Tensor, expert: Tensor, gate: Tensor, w1: Tensor,
+          b1: Tensor | None, w2: Tensor | None, b2: Tensor | None, activation: str,
+          n_out: int) -> Tensor:
     """The reference: one masked gather, FFN and scatter per expert, plain autograd.
 
     Weights are unbound once so the backward stacks E expert gradients instead of writing

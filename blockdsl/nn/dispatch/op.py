@@ -12,21 +12,10 @@ from blockdsl.nn.dispatch.sort import _sort_backward, _sort_forward
 
 @torch.library.custom_op("blockdsl::expert_ffn", mutates_args=())
 def _expert_ffn(
-    x: Tensor,
-    src: Tensor,
-    dst: Tensor,
-    expert: Tensor,
-    gate: Tensor,
-    offs: Tensor,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor | None,
-    b2: Tensor | None,
-    activation: str,
-    n_out: int,
-    backend: str,
-    skipped: bool,
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, src: Tensor, dst: Tensor, expert: Tensor, gate: Tensor, offs: Tensor,
+    w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None,
+    activation: str, n_out: int, backend: str, skipped: bool,
+) -> tuple[Tensor, Tensor]:  # (annotations are the op's schema: torch.library reads them)
     """Sorted assignments -> (out [n_out, d_out], saved pre-activation h [M, F] or [0])."""
     with torch.autocast(x.device.type, enabled=False):
         if backend == "grouped_mm":
@@ -45,21 +34,9 @@ def _(x, src, dst, expert, gate, offs, w1, b1, w2, b2, activation, n_out, backen
 
 @torch.library.custom_op("blockdsl::expert_ffn_backward", mutates_args=())
 def _expert_ffn_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    src: Tensor,
-    dst: Tensor,
-    expert: Tensor,
-    gate: Tensor,
-    offs: Tensor,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor | None,
-    b2: Tensor | None,
-    h: Tensor,
-    activation: str,
-    backend: str,
-    skipped: bool,
+    grad_out: Tensor, x: Tensor, src: Tensor, dst: Tensor, expert: Tensor, gate: Tensor,
+    offs: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None,
+    h: Tensor, activation: str, backend: str, skipped: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, gate, w1, b1, w2, b2); a missing weight or bias gets an empty tensor."""
     with torch.autocast(x.device.type, enabled=False):
