@@ -410,6 +410,19 @@ def test_local_workers_share_the_journal(tmp_path: Path) -> None:
     assert len(hashes) == len(set(hashes))
 
 
+@pytest.mark.slow  # worker processes that train: 15-30 s
+def test_the_library_runs_worker_processes_too(tmp_path: Path) -> None:
+    """`search.run(..., workers=2)` is what the CLI's --workers 2 calls: one setup, then two
+    worker processes on the one journal study (before, only the CLI could start them)."""
+    space = _space(tmp_path, TINY.replace("trials=7", "trials=4"))
+    S.quiet_optuna()
+    study = S.run(space, study="lib2", root=tmp_path, workers=2, threads=1)
+    counted = S.counted_trials(study.get_trials())
+    assert len(counted) == 4 and all(t.state.is_finished() for t in counted)
+    assert len({t.system_attrs[S.ATTR + "worker"]["pid"] for t in counted}) == 2
+    assert (tmp_path / "lib2.journal").is_file()  # root= is the studies folder
+
+
 def test_a_failing_candidate_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
     # heads=3 does not divide d=32: the resolver's BlockError fails that trial only.
     sp = S.load_space(_space(tmp_path, TINY.replace("mha(heads={2 | 4}", "mha(heads={3 | 2}")))

@@ -62,7 +62,7 @@ class SearchConfig:
     prune_quantile: float = 0.5  # single objective: stop when worse than this quantile at a rung
     prune_margin: float = 0.0  # multi-objective: loss must be worse by this much to be dominated
     timing_steps: int = 4  # timed steps per model in the paired timing (after 1 warm-up step)
-    precision: str = "bf16"  # the CLI's one default for every command (cli_common.py says why)
+    precision: str = "bf16"  # the CLI's one default for every command (cli/common.py says why)
     lr: float = 3e-3  # measured best of 2e-3..1.2e-2 for 100-250 steps of the default space
     warmup: int = 10
     weight_decay: float = 0.1
