@@ -37,3 +37,16 @@ class TaskIO:
     patch: int | None = None
     channels: int | None = None
     classes: int | None = None
+
+
+def io_of(model: object) -> TaskIO:
+    """A model's task shape: its `.io`; for a model without one (a module not built by
+    blockdsl), a TaskIO holding only its `.task`, or None as the task when it has neither,
+    so that the data check names what is missing instead of failing on an attribute."""
+    io = getattr(model, "io", None)
+    return io if isinstance(io, TaskIO) else TaskIO(getattr(model, "task", None))  # type: ignore[arg-type]
+
+
+def missing(io: TaskIO, *fields: str) -> str | None:
+    """The first of `fields` the task shape lacks (None when it has them all)."""
+    return next((f for f in fields if getattr(io, f) is None), None)

@@ -99,6 +99,17 @@ def _env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPat
     torch.set_num_threads(threads)
 
 
+def test_a_model_without_a_task_shape_is_a_train_error_not_a_crash() -> None:
+    """A plain module (no `.io`, no `.task`) is the user's mistake, named as one (exit 1 in
+    the CLI), as is a model whose TaskIO lacks what its data needs."""
+    with pytest.raises(TrainError, match="model task None is not one of 'lm', 'classify'"):
+        train(nn.Linear(2, 2), TrainConfig(steps=1, quiet=True))
+    bare = TinyGPT()
+    bare.io = TaskIO("lm", seq=8)  # no vocabulary
+    with pytest.raises(TrainError, match="task shape has no vocab"):
+        train(bare, TrainConfig(steps=1, quiet=True))
+
+
 def test_val_loss_falls_on_default_corpus(tmp_path: Path) -> None:
     r = train(gpt(aux=True), TrainConfig(steps=40, out=tmp_path, flops_per_token=1e5, **FAST))
     assert r.steps == 40 and r.stopped_by == "budget"

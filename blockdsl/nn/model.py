@@ -69,7 +69,6 @@ class BlockModel(nn.Module):
     ):
         super().__init__()
         self.stem = stem
-        self.task = task
         # The task shape training reads (sequence, vocabulary, image size, classes);
         # lowering builds it from the Plan, a hand-assembled model may give only the task.
         if io is not None and io.task != task:
@@ -84,6 +83,11 @@ class BlockModel(nn.Module):
             self.units = nn.ModuleList(units)
         self.final_norm = final_norm if final_norm is not None else nn.Identity()
         self.head = head
+
+    @property
+    def task(self) -> str:
+        """"lm" or "classify": the task of `io`, stored once."""
+        return self.io.task
 
     def forward(self, x: Tensor) -> ModelOutput:
         with aux.collect() as col:

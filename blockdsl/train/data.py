@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from blockdsl.files import atomic_write
-from blockdsl.taskio import TaskIO
+from blockdsl.taskio import TaskIO, io_of, missing
 from blockdsl.train import tokdata
 
 # re-exported: callers and tests know these names as data.DataError, data.text_files, ...
@@ -323,8 +323,13 @@ def load_for_model(model: torch.nn.Module | TaskIO, source: str | Path | None = 
     A `.bin` file or a folder with `train.bin` is token ids (`blockdsl.train.tokdata`); `dtype`
     (uint16/uint32) reads one that has no JSON sidecar.
     """
-    io = model if isinstance(model, TaskIO) else model.io
+    io = model if isinstance(model, TaskIO) else io_of(model)
     task = io.task
+    lack = missing(io, *{"lm": ("vocab", "seq"),
+                         "classify": ("image_size", "channels", "classes")}.get(task, ()))
+    if lack is not None:
+        raise DataError(f"the {task} model's task shape has no {lack}: build it with "
+                        "blockdsl.build, or give it io=TaskIO(...)")
     if task == "lm":
         vocab = int(io.vocab)
         model_len = int(io.seq)

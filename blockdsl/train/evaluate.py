@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blockdsl.taskio import io_of
 from blockdsl.train.device import autocast
 from blockdsl.train.dist import Dist
 
@@ -45,6 +46,6 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], precision: 
         bytes_per_token = 1.0
     if bytes_per_token is not None:
         metrics["val_bpb"] = loss / math.log(2) / bytes_per_token
-    if model.io.task == "classify":
+    if io_of(model).task == "classify":
         metrics["val_acc"] = float(stats[2] / stats[1])
     return metrics

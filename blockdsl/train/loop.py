@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from blockdsl.taskio import io_of
 from blockdsl.train import checkpoint as checkpoints
 from blockdsl.train.config import EvalCallback, TrainConfig, TrainError, TrainResult, validate
 from blockdsl.train.data import BYTE_VOCAB, DataError, TaskData, load_for_model
@@ -47,7 +48,7 @@ from blockdsl.train.tblog import TensorBoardMissing, require
 
 def train(model: nn.Module, config: TrainConfig | None = None, *,
           dataset: TaskData | None = None, on_eval: EvalCallback | None = None) -> TrainResult:
-    """Train `model` (a blockdsl module: `model(x).logits`, `.aux`, `.task`) in place.
+    """Train `model` (a blockdsl module: `model(x).logits`, `.aux`, `.io`) in place.
 
     `dataset` lets a caller (the search) load data once for many runs; by default it is
     loaded from `config.data` and checked against the model. Launched by torchrun, every
@@ -131,8 +132,8 @@ class _Run:
             self.ds = dataset or load_for_model(model, cfg.data, cfg.seq_len)
         except DataError as e:
             raise TrainError(str(e)) from None
-        if model.io.task != self.ds.task:
-            raise TrainError(f"model task {model.io.task!r} does not fit "
+        if io_of(model).task != self.ds.task:
+            raise TrainError(f"model task {io_of(model).task!r} does not fit "
                              f"{self.ds.task!r} data {self.ds.name}")
         if cfg.batch_size % (dist.world * cfg.accum):
             raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over "
