@@ -315,7 +315,7 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
         else:
             con.print(f"wrote {', '.join(summary['files']['blocks'] + [summary['files']['plot'] or ''])}"
                       f", {out / 'summary.json'}")
-        if "://" not in storage_url:
+        if not S.is_url(storage_url):
             given = f" --storage {storage_url}" if args.storage else ""
             # never wrapped: a command line to copy, whatever the path's length
             con.print(f"inspect: blockdsl search show {name}{given}   |   "

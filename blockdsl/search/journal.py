@@ -36,9 +36,9 @@ from typing import Any
 
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
-# Optuna's lock interface is not re-exported by `optuna.storages.journal` (5.0), but
-# `JournalFileBackend(lock_obj=...)` takes any subclass of it.
-from optuna.storages.journal._file import BaseJournalFileLock
+from blockdsl.search.optuna_glue import journal_lock_base
+
+BaseJournalFileLock = journal_lock_base()
 
 try:
     import fcntl

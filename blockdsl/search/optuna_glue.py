@@ -12,6 +12,7 @@ name with a leading underscore on an Optuna object.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -76,3 +77,36 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, attrs: dict[str, Any]) -
     for k, v in attrs.items():
         st.set_trial_user_attr(tid, k, v)
     st.set_trial_state_values(tid, TrialState.FAIL)
+
+
+class FilteredStudy:
+    """A study whose trials are filtered by `keep`, for handing to a sampler.
+
+    Optuna's samplers read trials through the study's private `_get_trials` as well as the
+    public `get_trials` / `trials`, so the view must filter all three; everything else is
+    the study's own.
+    """
+
+    def __init__(self, study: optuna.Study, keep: Callable[[FrozenTrial], bool]):
+        self._study, self._keep = study, keep
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        return [t for t in cached_trials(self._study, *args, **kwargs) if self._keep(t)]
+
+    def get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        return [t for t in self._study.get_trials(*args, **kwargs) if self._keep(t)]
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+
+def journal_lock_base() -> type:
+    """Optuna's journal lock interface: `JournalFileBackend(lock_obj=...)` takes any
+    subclass of it, but `optuna.storages.journal` (5.0) does not re-export it."""
+    from optuna.storages.journal._file import BaseJournalFileLock
+
+    return BaseJournalFileLock

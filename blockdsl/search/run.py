@@ -71,13 +71,13 @@ class Outcome:
     failed_workers: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _stored(study: str | None, storage: str | None) -> dict[str, Any]:
+def _stored(study: str | None, storage: str | None, root: Path | None) -> dict[str, Any]:
     """What a study remembers (space file, space, config) when it is resumed without a
     space: {} when there is no such study yet (a new one, on the default space)."""
     if not study:
         return {}
     try:
-        _, stored = load_study_info(study, storage)
+        _, stored = load_study_info(study, storage, root)
     except SearchError:
         return {}
     if stored.get("space_file") is None:
@@ -143,7 +143,7 @@ def prepare(space: str | Path | Space | None = None, *, study: str | None = None
     `_event_files`. Settings that are None count as not given.
     """
     quiet_optuna()
-    stored = _stored(study, storage) if resume and space is None else {}
+    stored = _stored(study, storage, root) if resume and space is None else {}
     sp = space if isinstance(space, Space) else load_space(
         space or stored.get("space_file") or default_space_path(),
         space_name or stored.get("space"))
@@ -151,7 +151,7 @@ def prepare(space: str | Path | Space | None = None, *, study: str | None = None
     cfg = make_config(sp, **{**(defaults or {}), **(stored.get("config") or {}), **given})
     _check_token_data(sp, cfg.data)
     name = study or new_study_name(sp)
-    results = Path(out) if out else STUDY_DIR / name
+    results = Path(out) if out else (root or STUDY_DIR) / name  # beside the journal
     # Set (or cleared) for this run before the study records its config, which worker
     # processes read.
     cfg.tensorboard = _event_files(tensorboard, cfg, results)
@@ -225,12 +225,19 @@ def conclude(setup: Setup, interrupted: bool = False,
 def run(space: str | Path | Space | None = None, *, study: str | None = None,
         storage: str | None = None, workers: int = 1, root: Path | None = None,
         on_event: Event | None = None, **settings: Any) -> optuna.Study:
-    """Run (or resume) a search: `workers` 1 in this process, more as processes.
+    """Run (or resume) a search: `workers` 1 in this process, more as processes
+    (`prepare` then `run_workers`; a failed worker process raises SearchError).
 
-    Returns the study; `summarize(study)` / `write_results(study, dir)` give the results.
+    Returns the study; `summarize(study)` / `write_results(study, dir)` give the results
+    (`conclude` is what the CLI calls to write them once, after every worker).
     """
     setup = prepare(space, study=study, storage=storage, root=root, **settings)
-    run_workers(setup, workers, on_event)
+    outcome = run_workers(setup, workers, on_event)
+    if outcome.failed_workers:
+        failed = ", ".join(f"worker {i} (exit status {rc})" for i, rc in outcome.failed_workers)
+        raise SearchError(f"{failed} of study '{setup.name}' failed (its message is above); "
+                          "the trials that finished are kept: run again with the same study "
+                          "to finish the budget")
     return setup.study
 
 

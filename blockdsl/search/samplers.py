@@ -15,31 +15,10 @@ from blockdsl.search.errors import SearchError
 from blockdsl.search.space import SearchConfig, Space
 
 
-class _StudyView:
+def _without_baseline(study: optuna.Study) -> Any:
     """The study as a sampler should see it: without the baseline trial, which is no point
     of the space (it has no parameters and would empty NSGA-II's intersection space)."""
-
-    def __init__(self, study: optuna.Study):
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    @staticmethod
-    def _keep(t: FrozenTrial) -> bool:
-        return t.user_attrs.get("role") != "baseline"
-
-    def _get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
-        # Optuna's samplers read trials through this private method, so the view must
-        # filter it as well; the real one is reached through `optuna_glue`.
-        return [t for t in glue.cached_trials(self._study, *args, **kwargs) if self._keep(t)]
-
-    def get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
-        return [t for t in self._study.get_trials(*args, **kwargs) if self._keep(t)]
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self.get_trials()
+    return glue.FilteredStudy(study, lambda t: t.user_attrs.get("role") != "baseline")
 
 
 class BaselineBlindSampler(optuna.samplers.BaseSampler):
@@ -49,23 +28,23 @@ class BaselineBlindSampler(optuna.samplers.BaseSampler):
         self.base = base
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
-        return self.base.infer_relative_search_space(_StudyView(study), trial)
+        return self.base.infer_relative_search_space(_without_baseline(study), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
         if trial.user_attrs.get("role") == "baseline":
             return {}
-        return self.base.sample_relative(_StudyView(study), trial, search_space)
+        return self.base.sample_relative(_without_baseline(study), trial, search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str,
                            distribution: Any) -> Any:
-        return self.base.sample_independent(_StudyView(study), trial, name, distribution)
+        return self.base.sample_independent(_without_baseline(study), trial, name, distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.base.before_trial(_StudyView(study), trial)
+        self.base.before_trial(_without_baseline(study), trial)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
-        self.base.after_trial(_StudyView(study), trial, state, values)
+        self.base.after_trial(_without_baseline(study), trial, state, values)
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()

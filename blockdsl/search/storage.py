@@ -35,11 +35,16 @@ def default_storage_path(study: str, root: Path | None = None) -> Path:
     return (root or STUDY_DIR) / f"{study}.journal"
 
 
+def is_url(storage: str | None) -> bool:
+    """Whether a --storage value names a database (an RDB URL) rather than a journal file."""
+    return bool(storage) and "://" in storage
+
+
 def open_storage(url: str | None, study: str, cfg: SearchConfig | None = None,
                  root: Path | None = None) -> BaseStorage:
     """A journal file (default `studies/<study>.journal`, or a path), or an RDB URL."""
     cfg = cfg or SearchConfig()
-    if url and "://" in url:
+    if is_url(url):
         return _rdb_storage(_driver_url(url), cfg)
     path = (Path(url).expanduser() if url else default_storage_path(study, root)).absolute()
     from optuna.storages import JournalStorage
@@ -193,7 +198,7 @@ def load_study_info(name: str, storage_url: str | None = None,
         path = default_storage_path(name, root)
         if not path.exists():
             raise SearchError(f"no study '{name}' in {path.parent}/ (pass --storage for others)")
-    elif "://" not in storage_url and not os.path.lexists(Path(storage_url).expanduser()):
+    elif not is_url(storage_url) and not os.path.lexists(Path(storage_url).expanduser()):
         # Reading must not create an empty journal where the user mistyped a path.
         raise SearchError(f"no such journal file: {storage_url}")
     storage = open_storage(storage_url, name, root=root)
