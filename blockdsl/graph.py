@@ -80,14 +80,9 @@ def ctx_for(plan: Plan) -> Ctx:
     return Ctx(d=plan.d, seq=plan.seq, causal=plan.task == "lm", rope=False)
 
 
-def io_width(plan: Plan) -> int:
-    """Width of the embedding, final norm and head (kept for callers: see Plan.io_width)."""
-    return plan.io_width
-
-
 def report(plan: Plan) -> Report:
     ctx = ctx_for(plan)
-    w = io_width(plan)
+    w = plan.io_width
     stem_kind, stem_args = plan.stem
     head_kind, head_args = plan.head
     breakdown = {
@@ -252,7 +247,7 @@ def estimate_memory(plan: Plan, batch: int, seq: int | None = None, precision: s
     e = 2 if precision == "bf16" else 4
     seq = seq or plan.seq
     n = batch * seq
-    d, w = plan.d, io_width(plan)
+    d, w = plan.d, plan.io_width
     stored = report(plan).stored_params
     ctx = ctx_for(plan)
     weights = stored * 4 + (stored * 2 if precision == "bf16" else 0)

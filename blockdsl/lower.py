@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from blockdsl.device import default_device
-from blockdsl.graph import io_width
 from blockdsl.nn.model import BlockModel, Residual
 from blockdsl.nn.norm import make_norm
 from blockdsl.nn.stems import ClassifierHead, LMHead, PatchEmbedding, TokenEmbedding
@@ -57,7 +56,7 @@ def build_from_plan(plan: Plan, device: str | torch.device | None = None,
     the one timed at the nearest token count.
     """
     dev = torch.device(device) if device is not None else default_device()
-    d, w = plan.d, io_width(plan)
+    d, w = plan.d, plan.io_width
     stem_kind, sa = plan.stem
     if stem_kind == "tokens":
         stem: nn.Module = TokenEmbedding(

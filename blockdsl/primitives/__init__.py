@@ -20,7 +20,6 @@ from blockdsl.names import ACTIVATIONS, DISPATCH, GATED, PLACEMENTS
 from blockdsl.primitives.base import (
     FAMILIES,
     PRIMITIVES,
-    REGISTRY,
     REQUIRED,
     ArgError,
     ArgSpec,
@@ -62,7 +61,7 @@ from blockdsl.primitives.stems import (  # noqa: E402
 
 __all__ = [
     "ACTIVATIONS", "ALTUP", "DISPATCH", "FAMILIES", "GATED", "HEADS", "NORMS", "PLACEMENTS",
-    "PRIMITIVES", "REGISTRY", "REQUIRED", "STEMS", "ArgError", "ArgSpec", "BuildEnv", "Ctx",
+    "PRIMITIVES", "REQUIRED", "STEMS", "ArgError", "ArgSpec", "BuildEnv", "Ctx",
     "Family", "Lowering", "Primitive", "Tunable", "altup_flops", "altup_params",
     "attention_impl", "get", "head_flops", "head_params", "norm_params", "register",
     "register_family", "stem_flops", "stem_params", "stem_tokens", "tunable", "unregister",

@@ -157,7 +157,6 @@ class Primitive:
 
 # The registry. `PRIMITIVES` is the name the resolver and the report have always read.
 PRIMITIVES: dict[str, Primitive] = {}
-REGISTRY = PRIMITIVES
 FAMILIES: dict[str, Family] = {}
 
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from blockdsl.lang.errors import BlockError
-from blockdsl.lang.expr import ChoiceDef, eval_expr
-from blockdsl.plan import Plan
+from blockdsl.lang.expr import eval_expr
+from blockdsl.plan import ChoiceDef, Plan
 from blockdsl.search.constraints import static_metrics, violation
 from blockdsl.search.space import STATIC_METRICS, Space, bind_train_variables
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from blockdsl.lang import ir
 from blockdsl.lang.errors import BlockError, brief
-from blockdsl.lang.expr import ChoiceDef, Scope, eval_expr, first_option
+from blockdsl.lang.expr import Scope, eval_expr, first_option
 from blockdsl.lang.parse import load_module
 from blockdsl.lang.resolve import merged, resolve
-from blockdsl.plan import Plan
+from blockdsl.plan import ChoiceDef, Plan
 from blockdsl.search.errors import SearchError
 
 # Metrics a space may minimize/maximize or constrain. Static ones are known from the Plan.

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-import blockdsl
 from blockdsl.train.config import TrainResult
 from blockdsl.train.device import cpu_name
+from blockdsl.version import __version__
 
 
 def _git_commit(where: Path) -> str | None:
@@ -47,12 +47,12 @@ def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str
     kernels = sorted({f"{type(m).__name__}.{k}={getattr(m, k)}" for m in model.modules()
                       for k in ("impl", "dispatch") if isinstance(getattr(m, k, None), str)})
     env: dict[str, Any] = {
-        "blockdsl": blockdsl.__version__, "torch": torch.__version__,
+        "blockdsl": __version__, "torch": torch.__version__,
         "python": platform.python_version(), "device": str(device),
         "threads": torch.get_num_threads(), "kernels": kernels,
         "data": getattr(ds, "name", None), "data_units": len(getattr(ds, "tokens", ())) or None,
     }
-    commit = _git_commit(Path(blockdsl.__file__).parent)
+    commit = _git_commit(Path(__file__).resolve().parents[1])  # the blockdsl package
     if commit:
         env["git"] = commit
     if device.type == "cuda":

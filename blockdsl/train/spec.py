@@ -14,8 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import blockdsl
+from blockdsl.graph import report
 from blockdsl.lang.errors import BlockError
+from blockdsl.lang.parse import load_module
+from blockdsl.lang.resolve import resolve
 from blockdsl.lower import build_from_plan
 from blockdsl.plan import Plan
 from blockdsl.train.checkpoint import LATEST
@@ -87,7 +89,7 @@ def train_spec(spec: str | Path, model: str | None, config: TrainConfig, *,
     seed_everything(config.seed)  # fixes the initial weights too
     # Kernels tuned by `compile --tune --batch` for the nearest per-device batch are used.
     micro = max(1, config.batch_size // max(1, config.accum) // world)
-    plan = blockdsl.resolve(spec, model)
+    plan = resolve(load_module(spec), model)
     dataset = token_data(plan, config.data, config.seq_len, data_dtype)  # before building
     out = config.out
     if out is None:
@@ -99,7 +101,7 @@ def train_spec(spec: str | Path, model: str | None, config: TrainConfig, *,
                  hint="use a smaller --batch (or a larger --accum) or --seq, "
                  "or pass --force to try anyway")
     built = build_from_plan(plan, device=device, precision=config.precision, batch=micro)
-    rep = blockdsl.report(spec, model)
+    rep = report(plan)
     # the report counts per token; a classifier's unit of throughput is one image
     flops = float(rep.flops_per_token) * (rep.seq if built.io.task == "classify" else 1)
     cfg = replace(config, out=out, device=str(device), flops_per_token=flops, name=rep.name,

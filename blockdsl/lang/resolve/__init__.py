@@ -14,7 +14,7 @@ reported first and in which order search choices are asked for):
 - `instances`: each instance's primitive, arguments and norms; sharing checked;
 - `altup`: the AltUp widening;
 and `args` binds any call's arguments for all of them. Expressions are evaluated by the
-one evaluator in `blockdsl.lang.expr` (re-exported here: the search imports it from here).
+one evaluator in `blockdsl.lang.expr`, which the search uses too.
 """
 
 from __future__ import annotations
@@ -22,26 +22,17 @@ from __future__ import annotations
 from typing import Any
 
 from blockdsl.lang import ir
-from blockdsl.lang.errors import MAX_INT, BlockError
-from blockdsl.lang.expr import Chooser, Scope, depends_on_choice, eval_expr, first_option
+from blockdsl.lang.errors import BlockError
+from blockdsl.lang.expr import Chooser, Scope, first_option
 from blockdsl.lang.resolve.altup import bind_altup
 from blockdsl.lang.resolve.instances import MAX_PARAMS, bind_instances, too_many_params
 from blockdsl.lang.resolve.io import bind_io
-from blockdsl.lang.resolve.layout import MAX_INSTANCES, expand_layout
+from blockdsl.lang.resolve.layout import expand_layout
 from blockdsl.lang.resolve.merge import merge_model, merged
 from blockdsl.plan import Plan
 from blockdsl.primitives import head_params, stem_params
 
-__all__ = [
-    "MAX_INT",
-    "MAX_INSTANCES",
-    "MAX_PARAMS",
-    "Plan",
-    "depends_on_choice",
-    "eval_expr",
-    "merged",
-    "resolve",
-]
+__all__ = ["merged", "resolve"]
 
 
 def resolve(
