@@ -2,7 +2,7 @@
 
 The `blockdsl` command and the search's worker processes end alike: a located
 `BlockError` prints as its message and exits 1; an exception that carries a one-line
-`cli_message` (TrainError, SearchError, DataError ...) is the user's to fix: `error: ...`,
+`cli_message` (TrainError, SearchError, JournalError) is the user's to fix: `error: ...`,
 exit 1; Ctrl-C prints `interrupted` and exits 130; anything else is ours: one line and
 exit 2 (`BLOCKDSL_DEBUG=1` re-raises it for the traceback).
 """
