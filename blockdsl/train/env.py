@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import blockdsl
+from blockdsl.primitives import PRIMITIVES
 from blockdsl.train.config import TrainResult
 from blockdsl.train.device import cpu_name
 
@@ -33,6 +34,21 @@ def _git_commit(where: Path) -> str | None:
     return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _kernel_attrs() -> tuple[str, ...]:
+    """The module attributes that hold a chosen implementation, read off the registry.
+
+    Each tunable primitive names its implementation argument (`Tunable.arg`); its
+    lowering passes it under the module keyword the module keeps it as. Taken from every
+    entry, so a registered primitive's kernel is recorded without editing this file.
+    """
+    attrs = set()
+    for prim in PRIMITIVES.values():
+        if prim.tunable is not None:
+            arg = prim.tunable.arg
+            attrs.add(prim.lowering.kwargs.get(arg, arg) if prim.lowering else arg)
+    return tuple(sorted(attrs))
+
+
 def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str, Any]:
     """What a run's numbers depend on besides the spec, the flags and the seed.
 
@@ -44,8 +60,9 @@ def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str
     default one is this Python's standard library) each change them. The summary row
     records all of these, so two runs' figures can be told apart before they are compared.
     """
+    attrs = _kernel_attrs()
     kernels = sorted({f"{type(m).__name__}.{k}={getattr(m, k)}" for m in model.modules()
-                      for k in ("impl", "dispatch") if isinstance(getattr(m, k, None), str)})
+                      for k in attrs if isinstance(getattr(m, k, None), str)})
     env: dict[str, Any] = {
         "blockdsl": blockdsl.__version__, "torch": torch.__version__,
         "python": platform.python_version(), "device": str(device),
