@@ -83,8 +83,9 @@ def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str
     return env
 
 
-def _summary(r: TrainResult) -> dict[str, Any]:
-    """The JSON-friendly part of a result (the metrics file's last line)."""
+def summary_row(r: TrainResult) -> dict[str, Any]:
+    """The JSON-friendly part of a result: the metrics file's last line, and the core of
+    `blockdsl train --json`'s summary (public: the loop and the CLI both read it)."""
     return {
         "tokens": r.tokens, "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
         "train_loss": r.train_loss, **r.val, "first_val_loss": r.first_val.get("val_loss"),
