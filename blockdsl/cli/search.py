@@ -87,7 +87,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="TensorBoard event files per trial in <out>/tb/trial-<n> (the scalars "
                    "of a train run); needs pip install 'blockdsl[tensorboard]'")
-    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     # `search --storage X show STUDY --write` (show after options) still works the old way
     C.alias(p, "--write", "write", action="store_true")
     p.set_defaults(func=run, write=False)
@@ -275,11 +274,6 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     from blockdsl import search as S
 
     S.quiet_optuna()
-    if args.worker_index is not None:
-        if not args.study:
-            raise S.SearchError("--worker-index needs --study")
-        return S.run_worker(args.study, args.storage, args.worker_index, space_path,
-                            args.space_name, **_settings(args))
     # Resuming (no SPEC, --study NAME): the study remembers its space file and settings.
     setup = S.prepare(space_path, study=args.study, storage=args.storage,
                       space_name=args.space_name, resume=True, out=args.out,
