@@ -253,7 +253,6 @@ def make_config(space: Space, **overrides: Any) -> SearchConfig:
     return replace(cfg, **given)
 
 
-
 def bind_train_variables(space: Space, plan: Plan,
                          chooser: Callable[[ChoiceDef], Any] | None = None) -> dict[str, Any]:
     """The space's training hyper-parameters (`lr = {1e-4 .. 1e-2 log}` ...), bound.

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 MAX_RETRIES = 2
 
+
 def default_storage_path(study: str, root: Path | None = None) -> Path:
     return (root or STUDY_DIR) / f"{study}.journal"
 
@@ -109,7 +110,6 @@ def redact(url: str) -> str:
     return url
 
 
-
 def own_heartbeat(storage: BaseStorage) -> bool:
     """Whether blockdsl keeps the trials' heartbeat itself: the journal has none in Optuna
     5, so each trial writes `blockdsl:heartbeat` and workers reap by its age; an RDB
@@ -130,7 +130,6 @@ def fail_stale_trials(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-
 
 
 def retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -29,7 +29,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
 def resolve_device(name: str) -> torch.device:
     """`auto` (see `default_device`), or a torch device name that this machine has."""
     if name == "auto":
@@ -41,8 +40,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"device {name!r} requested but CUDA is not available")
     return dev
-
-
 
 
 def _device_name(device: torch.device) -> str:
@@ -92,7 +89,6 @@ def _measure_matmul(device: torch.device, precision: str) -> float:
         sync(device)
         dt = time.perf_counter() - t0
     return 2 * n**3 * reps / dt
-
 
 
 __all__ = ["autocast", "cpu_name", "default_device", "matmul_rate", "precision_context",
