@@ -8,12 +8,15 @@ nothing but torch, so lowering, the tuner and training all import it without a c
 - `precision_context(precision, device)`: fp32-medium's matmul precision, restored after.
 - `autocast(precision, device)`: bf16 autocast with fp32 master weights, or nothing.
 - `sync(device)`: a timing boundary; a no-op on the CPU, where work is synchronous.
+- `cpu_name()`: the CPU's model name, as the tuning cache's key and a run's record give it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,3 +50,18 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so a clock read after it times that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("model name" in /proc/cpuinfo), else what `platform` says.
+
+    One reader for the tuning cache's device key and the run environment's record, so
+    both name a machine alike; the key is stored in tune.json, so its text must not change.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

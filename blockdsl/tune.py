@@ -29,6 +29,7 @@ import torch
 
 from blockdsl.device import autocast, default_device, precision_context, sync
 from blockdsl.lower import build_from_plan, build_layer, random_batch
+from blockdsl.names import PRECISIONS
 from blockdsl.plan import LayerPlan, Plan
 from blockdsl.primitives import BuildEnv, Tunable, tunable
 from blockdsl.tuning_cache import cache_path, device_signature, load, lookup, save, shape_key
@@ -41,6 +42,9 @@ DEFAULT_TOKENS = 4096
 # Per-layer winners are kept unless the whole model with them is this much slower.
 WHOLE_MODEL_MARGIN = 0.02
 TOLERANCE = {"fp32": 1e-4, "fp32-medium": 5e-3, "bf16": 3e-2}
+# One tolerance per precision a run may use: a precision added to names.PRECISIONS
+# without one fails here, at import, rather than as a KeyError inside `compile --tune`.
+assert tuple(TOLERANCE) == PRECISIONS, "tune.TOLERANCE must cover names.PRECISIONS"
 # Per primitive, the argument that names the implementation, the candidates and the
 # reference are the registry entry's `Tunable`; the cache lives in tuning_cache.py.
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from blockdsl.device import cpu_name
 from blockdsl.plan import LayerPlan
 from blockdsl.primitives import get, tunable
 
@@ -31,13 +31,7 @@ def cache_path() -> Path:
 def device_signature(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"cpu:{model}:{torch.get_num_threads()}t"
+    return f"cpu:{cpu_name()}:{torch.get_num_threads()}t"
 
 
 def shape_key(layer: LayerPlan, d: int, seq: int, precision: str, device: torch.device) -> str:

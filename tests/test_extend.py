@@ -3,13 +3,16 @@
 Its module and its registry entry live here, registered through the public registry API
 and removed after each test. A spec that uses it then checks, compiles with exact
 parameter counts, trains, shows in the report and the picture, and is a slot choice a
-search trains, with no other file touched. Everything runs in-process: a CLI subprocess
-would not see a primitive this test registered.
+search trains, with no other file touched. A variant whose entry names a tunable
+argument is tuned by `compile --tune`'s `tune_plan`, and lowering uses its decision.
+Everything runs in-process: a CLI subprocess would not see a primitive this test
+registered.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -194,3 +197,91 @@ def test_a_family_no_one_registered_is_drawn_as_other(tmp_path: Path) -> None:
     assert rep.breakdown["conv"] == 2 * (2 * 32 * 48 + 48 + 32) and rep.breakdown["ffn"] == 0
     svg = to_svg(rep, plan=odd)
     assert ">other</text>" in svg and svg.count('fill="#dddddd" stroke="#333"/>') == 3
+
+
+class TunableSquaredReLUFFN(SquaredReLUFFN):
+    """The same FFN with two implementations of relu(h)^2: "plain" squares, "mul"
+    multiplies relu(h) by itself, and "wrong" forgets the square (a candidate the
+    tuner's check against the reference must reject)."""
+
+    def __init__(self, d: int, d_ff: int, bias: bool, impl: str) -> None:
+        super().__init__(d, d_ff, bias)
+        self.impl = impl
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.w_in(x))
+        if self.impl == "plain":
+            h = h.square()
+        elif self.impl == "mul":
+            h = h * h
+        return self.w_out(h)
+
+
+def _impl_default(a: dict[str, Any], env: P.BuildEnv) -> str:
+    return "plain"  # the rule with no measurement
+
+
+SQRELU_TUNED = replace(
+    SQRELU,
+    name="sqrelu_t",
+    args={**SQRELU.args, "impl": P.ArgSpec("enum", "auto", ("auto", "plain", "mul", "wrong"))},
+    lowering=P.Lowering(
+        TunableSquaredReLUFFN, {"d_ff": "d_ff", "bias": "bias", "impl": "impl"},
+        prepare=lambda a, env: {**a, "impl": _impl_default(a, env) if a["impl"] == "auto"
+                                else a["impl"]},
+    ),
+    tunable=P.Tunable("impl", ("plain", "mul", "wrong"), "plain", _impl_default),
+)
+
+
+def test_a_registered_primitive_with_a_tunable_argument_is_tuned_and_lowered_with_the_winner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blockdsl.tune import TOLERANCE, lookup, tune_plan
+
+    monkeypatch.setenv("BLOCKDSL_CACHE", str(tmp_path))
+    P.register(SQRELU_TUNED)
+    try:
+        # attention's kernel is fixed, so the one tuned shape is the new primitive's
+        spec = SPEC.replace("sqrelu(d_ff=48)", "sqrelu_t(d_ff=48)").replace(
+            "mha(heads=2, bias=false)", "mha(heads=2, bias=false, impl=manual)")
+        plan = blockdsl.resolve(_spec(tmp_path, spec))
+        dec = tune_plan(plan, device="cpu", precision="fp32", verbose=False, batch=1,
+                        whole_model=False)
+        (rec,) = dec.values()  # two layers, one shape
+        cands = rec["candidates"]
+        assert rec["default"] == "plain" and "whole_model" not in rec
+        # both correct implementations were checked against the reference and timed ...
+        for impl in ("plain", "mul"):
+            assert cands[impl]["ok"] and cands[impl]["error"] <= TOLERANCE["fp32"]
+            assert cands[impl]["seconds"] > 0
+        # ... and the one that differs from it was rejected, never timed or chosen
+        assert not cands["wrong"]["ok"] and "differs from plain" in cands["wrong"]["why"]
+        assert "seconds" not in cands["wrong"] and rec["choice"] in ("plain", "mul")
+
+        cpu = torch.device("cpu")
+        layer = next(la for la in plan.layers if la.prim == "sqrelu_t")
+        assert lookup(layer, plan.d, plan.seq, "fp32", cpu) == rec["choice"]
+
+        def impls() -> set[str]:
+            model = blockdsl.build(plan, device="cpu")
+            return {r.fn.impl for unit in model.units for r in unit
+                    if isinstance(r.fn, TunableSquaredReLUFFN)}
+
+        assert impls() == {rec["choice"]}
+        # Whichever won, lowering follows the cache: recorded the other way, it builds that.
+        other = {"plain": "mul", "mul": "plain"}[rec["choice"]]
+        cache = json.loads((tmp_path / "tune.json").read_text())
+        for run in cache.values():
+            run["choice"] = other
+            for by in run["by_tokens"].values():
+                by["choice"] = other
+        path = tmp_path / "tune.json"
+        mtime = path.stat().st_mtime_ns
+        path.write_text(json.dumps(cache))
+        os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # the cache re-reads on a new mtime
+        assert impls() == {other}
+        monkeypatch.setenv("BLOCKDSL_TUNE", "off")  # no cache: the entry's default rule
+        assert impls() == {"plain"}
+    finally:
+        P.unregister("sqrelu_t")

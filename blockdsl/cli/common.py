@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-PRECISIONS = ("fp32", "fp32-medium", "bf16")
+from blockdsl.names import PRECISIONS
+
 # Measured (docs/train.md "Precision"; benchmarks/train_precision.py): bf16 autocast with
 # fp32 master weights ran the search's baseline block (1 thread) at 1.12x fp32's speed, the
 # tiny GPT at 1.16-1.25x, a 10.7M model at 1.82x, and the tiny MoEUT at 0.97x (equal within

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blockdsl.names import SAMPLERS, STARTS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "paired clock (default) it is converted to baseline steps at the space's "
                    "pace, i.e. seconds on the machine that measured the pace, not this one: "
                    "prefer --baseline-steps")
-    p.add_argument("--start", choices=["neighbourhood", "random"],
+    p.add_argument("--start", choices=STARTS,
                    help="start design: neighbourhood (default) = one-change neighbours of the "
                    "baseline first, so a short --budget trains feasible blocks; random = "
                    "Optuna's random start-up trials")
@@ -60,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="paired (default): train each trial for the steps it takes in --seconds "
                    "at its measured speed relative to the baseline, so machine load does not change "
                    "results; wall: for --seconds of wall-clock time (Brainformer's literal rule)")
-    p.add_argument("--sampler", choices=["auto", "tpe", "nsga2", "random"],
+    p.add_argument("--sampler", choices=SAMPLERS,
                    help="auto = TPE for one objective, NSGA-II for several")
     p.add_argument("--seed", type=int, help="sampler and training seed (default 0)")
     p.add_argument("--no-prune", dest="prune", action="store_false", default=None,
@@ -85,7 +87,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="TensorBoard event files per trial in <out>/tb/trial-<n> (the scalars "
                    "of a train run); needs pip install 'blockdsl[tensorboard]'")
-    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     # `search --storage X show STUDY --write` (show after options) still works the old way
     C.alias(p, "--write", "write", action="store_true")
     p.set_defaults(func=run, write=False)
@@ -273,11 +274,6 @@ def cmd_search(args: argparse.Namespace, space_path: str | None) -> int:
     from blockdsl import search as S
 
     S.quiet_optuna()
-    if args.worker_index is not None:
-        if not args.study:
-            raise S.SearchError("--worker-index needs --study")
-        return S.run_worker(args.study, args.storage, args.worker_index, space_path,
-                            args.space_name, **_settings(args))
     # Resuming (no SPEC, --study NAME): the study remembers its space file and settings.
     setup = S.prepare(space_path, study=args.study, storage=args.storage,
                       space_name=args.space_name, resume=True, out=args.out,

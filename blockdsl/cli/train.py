@@ -154,9 +154,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _json_summary(r: Any) -> dict[str, Any]:
-    from blockdsl.train import _summary
+    from blockdsl.train import summary_row
 
-    return {**_summary(r), "steps": r.steps, "val": r.val, "aux": r.aux,
+    return {**summary_row(r), "steps": r.steps, "val": r.val, "aux": r.aux,
             "checkpoint": r.checkpoint, "metrics": r.metrics_path, "loss_plot": r.plot_path}
 
 

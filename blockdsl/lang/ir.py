@@ -129,9 +129,6 @@ class Assign(Node):
 
 
 # ---------------------------------------------------------------- blocks
-Placement = Literal["pre", "post", "sandwich", "peri", "none"]
-
-
 class NormOpt(Node):
     placement: str
     kind: str | None = None

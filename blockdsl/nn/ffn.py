@@ -11,6 +11,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blockdsl import names
 from blockdsl.names import ACTIVATIONS, GATE_OF
 
 _ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {
@@ -29,9 +30,9 @@ def _check(name: str) -> None:
 
 
 def is_gated(name: str) -> bool:
-    """Gated activations need an input projection twice as wide (gate and up halves)."""
+    """`names.is_gated` (the rule), after rejecting a name no module implements."""
     _check(name)
-    return name in _GATED
+    return names.is_gated(name)
 
 
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:

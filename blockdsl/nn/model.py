@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from blockdsl.names import PLACEMENTS
+from blockdsl.names import NORMS_PER_PLACEMENT, PLACEMENTS
 from blockdsl.nn import aux
 from blockdsl.nn.altup import AltUp, narrow, widen
 from blockdsl.nn.output import ModelOutput
@@ -29,8 +29,9 @@ class Residual(nn.Module):
         super().__init__()
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown norm placement {placement!r}; expected {PLACEMENTS}")
-        need = {"pre": 1, "post": 1, "sandwich": 2, "none": 0, "peri": len(norms)}[placement]
-        if len(norms) != need:
+        need = NORMS_PER_PLACEMENT[placement]
+        # peri's norm is optional: lowering gives none to a primitive without `x_norm=`
+        if len(norms) != need and not (placement == "peri" and not norms):
             raise ValueError(f"placement {placement!r} needs {need} norm(s), got {len(norms)}")
         self.fn = fn
         self.placement = placement

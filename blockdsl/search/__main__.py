@@ -30,5 +30,6 @@ def main(argv: list[str]) -> int:
     return exit_status(lambda: run_worker(study, storage, int(index), space_file, space_name),
                        internal_hint=False)
 
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

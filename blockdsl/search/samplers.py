@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from blockdsl.names import SAMPLERS
 from blockdsl.search import optuna_glue as glue
 from blockdsl.search.errors import SearchError
 from blockdsl.search.space import SearchConfig, Space
@@ -71,5 +72,5 @@ def make_sampler(space: Space, cfg: SearchConfig, offset: int = 0) -> optuna.sam
         elif kind == "random":
             base = optuna.samplers.RandomSampler(seed=seed)
         else:
-            raise SearchError(f"unknown sampler '{cfg.sampler}' (auto, tpe, nsga2, random)")
+            raise SearchError(f"unknown sampler '{cfg.sampler}' ({', '.join(SAMPLERS)})")
     return BaselineBlindSampler(base)

@@ -22,6 +22,7 @@ from blockdsl.lang.errors import BlockError, brief
 from blockdsl.lang.expr import Scope, eval_expr, first_option
 from blockdsl.lang.parse import load_module
 from blockdsl.lang.resolve import merged, resolve
+from blockdsl.names import PRECISIONS, SAMPLERS, STARTS
 from blockdsl.plan import ChoiceDef, Plan
 from blockdsl.search.errors import SearchError
 
@@ -212,8 +213,8 @@ _SETTINGS: dict[str, tuple[type, float, bool, float | None]] = {
     "threads": (int, 1, True, None), "heartbeat": (float, 0, False, None),
     "grace": (float, 0, False, None), "baseline_steps": (int, 1, True, None),
 }
-_CHOICES = {"clock": ("wall", "paired"), "sampler": ("auto", "tpe", "nsga2", "random"),
-            "precision": ("fp32", "fp32-medium", "bf16"), "start": ("neighbourhood", "random")}
+_CHOICES = {"clock": ("wall", "paired"), "sampler": SAMPLERS, "precision": PRECISIONS,
+            "start": STARTS}
 
 
 def setting_problem(key: str, v: Any) -> str | None:
@@ -250,7 +251,6 @@ def make_config(space: Space, **overrides: Any) -> SearchConfig:
             flag = {"trials": "budget"}.get(k, k).replace("_", "-")
             raise SearchError(f"--{flag} {v!r}: {problem}")
     return replace(cfg, **given)
-
 
 
 def bind_train_variables(space: Space, plan: Plan,

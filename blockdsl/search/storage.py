@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from blockdsl.names import STARTS
 from blockdsl.search import optuna_glue as glue
 from blockdsl.search.arch import neighbourhood
 from blockdsl.search.errors import SearchError
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
 MAX_RETRIES = 2
+
 
 def default_storage_path(study: str, root: Path | None = None) -> Path:
     return (root or STUDY_DIR) / f"{study}.journal"
@@ -113,7 +115,6 @@ def redact(url: str) -> str:
     return url
 
 
-
 def own_heartbeat(storage: BaseStorage) -> bool:
     """Whether blockdsl keeps the trials' heartbeat itself: the journal has none in Optuna
     5, so each trial writes `blockdsl:heartbeat` and workers reap by its age; an RDB
@@ -134,7 +135,6 @@ def fail_stale_trials(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-
 
 
 def retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -179,8 +179,8 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
     if space.baseline is not None and not study.get_trials(deepcopy=False):
         # A racing worker may enqueue it too: the copy is then deduplicated, not retrained.
         study.enqueue_trial({}, user_attrs={"role": "baseline"})
-        if cfg.start not in ("neighbourhood", "random"):
-            raise SearchError(f"start must be neighbourhood or random, got {cfg.start!r}")
+        if cfg.start not in STARTS:
+            raise SearchError(f"start must be {' or '.join(STARTS)}, got {cfg.start!r}")
         # `--sampler random` is the comparison point for the samplers: random from trial 1.
         if cfg.start == "neighbourhood" and cfg.sampler != "random":
             # no more than the budget holds: an enqueued start trial past it would be

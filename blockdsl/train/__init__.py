@@ -36,7 +36,7 @@ from blockdsl.train.device import (
     seed_everything,
     sync,
 )
-from blockdsl.train.env import _summary, run_environment
+from blockdsl.train.env import run_environment, summary_row
 from blockdsl.train.loop import train
 from blockdsl.train.memory import available_memory, memory_guard
 from blockdsl.train.optim import lr_at, make_adamw, param_groups

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp32-medium", "bf16")
+from blockdsl.names import PRECISIONS
 
 EvalCallback = Callable[[int, dict[str, float]], "bool | None"]
 """`on_eval(step, metrics) -> bool | None`: called on rank 0 after each evaluation.

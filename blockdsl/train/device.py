@@ -1,7 +1,7 @@
 """Training's device side: `--device` names, seeding, and the measured matmul rate.
 
 The rules lowering and the tuner need too (`default_device`, `autocast`, `sync`,
-`precision_context`) live one stage lower, in `blockdsl/device.py`, and are re-exported
+`precision_context`, `cpu_name`) live one stage lower, in `blockdsl/device.py`, and are re-exported
 here, so every command means the same by `--device auto`, bf16 and a timing boundary.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import platform
 import random
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from blockdsl import files as fileio
-from blockdsl.device import autocast, default_device, precision_context, sync
+from blockdsl.device import autocast, cpu_name, default_device, precision_context, sync
 from blockdsl.train.config import TrainError
 from blockdsl.train.corpus import cache_dir
 
@@ -28,7 +27,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,8 +40,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"device {name!r} requested but CUDA is not available")
     return dev
-
-
 
 
 def _device_name(device: torch.device) -> str:
@@ -93,17 +89,6 @@ def _measure_matmul(device: torch.device, precision: str) -> float:
         sync(device)
         dt = time.perf_counter() - t0
     return 2 * n**3 * reps / dt
-
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 __all__ = ["autocast", "cpu_name", "default_device", "matmul_rate", "precision_context",

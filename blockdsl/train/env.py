@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from blockdsl.primitives import PRIMITIVES
 from blockdsl.train.config import TrainResult
 from blockdsl.train.device import cpu_name
 from blockdsl.version import __version__
@@ -33,6 +34,21 @@ def _git_commit(where: Path) -> str | None:
     return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _kernel_attrs() -> tuple[str, ...]:
+    """The module attributes that hold a chosen implementation, read off the registry.
+
+    Each tunable primitive names its implementation argument (`Tunable.arg`); its
+    lowering passes it under the module keyword the module keeps it as. Taken from every
+    entry, so a registered primitive's kernel is recorded without editing this file.
+    """
+    attrs = set()
+    for prim in PRIMITIVES.values():
+        if prim.tunable is not None:
+            arg = prim.tunable.arg
+            attrs.add(prim.lowering.kwargs.get(arg, arg) if prim.lowering else arg)
+    return tuple(sorted(attrs))
+
+
 def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str, Any]:
     """What a run's numbers depend on besides the spec, the flags and the seed.
 
@@ -44,8 +60,9 @@ def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str
     default one is this Python's standard library) each change them. The summary row
     records all of these, so two runs' figures can be told apart before they are compared.
     """
+    attrs = _kernel_attrs()
     kernels = sorted({f"{type(m).__name__}.{k}={getattr(m, k)}" for m in model.modules()
-                      for k in ("impl", "dispatch") if isinstance(getattr(m, k, None), str)})
+                      for k in attrs if isinstance(getattr(m, k, None), str)})
     env: dict[str, Any] = {
         "blockdsl": __version__, "torch": torch.__version__,
         "python": platform.python_version(), "device": str(device),
@@ -66,8 +83,9 @@ def run_environment(model: nn.Module, device: torch.device, ds: Any) -> dict[str
     return env
 
 
-def _summary(r: TrainResult) -> dict[str, Any]:
-    """The JSON-friendly part of a result (the metrics file's last line)."""
+def summary_row(r: TrainResult) -> dict[str, Any]:
+    """The JSON-friendly part of a result: the metrics file's last line, and the core of
+    `blockdsl train --json`'s summary (public: the loop and the CLI both read it)."""
     return {
         "tokens": r.tokens, "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
         "train_loss": r.train_loss, **r.val, "first_val_loss": r.first_val.get("val_loss"),

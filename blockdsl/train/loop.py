@@ -37,7 +37,7 @@ from blockdsl.train.config import EvalCallback, TrainConfig, TrainError, TrainRe
 from blockdsl.train.data import BYTE_VOCAB, DataError, TaskData, load_for_model
 from blockdsl.train.device import matmul_rate, precision_context, seed_everything
 from blockdsl.train.dist import Dist
-from blockdsl.train.env import _summary, run_environment
+from blockdsl.train.env import run_environment, summary_row
 from blockdsl.train.evaluate import evaluate
 from blockdsl.train.optim import lr_at, make_adamw, param_groups
 from blockdsl.train.progress import Interrupt, Progress
@@ -428,7 +428,7 @@ class _Run:
                  for k, v in self.aux_steps.items()},
         )
         if self.dist.main and self.out is not None:
-            self.files.log({"kind": "summary", "step": self.step, **_summary(r),
+            self.files.log({"kind": "summary", "step": self.step, **summary_row(r),
                             "env": run_environment(self.model, self.device, self.ds)})
             self.files.close()
             train_hist, val_hist = self.files.history()

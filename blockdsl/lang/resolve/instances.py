@@ -16,6 +16,7 @@ from blockdsl.lang.expr import Scope
 from blockdsl.lang.resolve.args import bind_args
 from blockdsl.lang.resolve.io import BoundIO
 from blockdsl.lang.resolve.layout import Instance
+from blockdsl.names import NORM_KINDS, NORMS_PER_PLACEMENT
 from blockdsl.plan import LayerPlan, NormPlan
 from blockdsl.primitives import NORMS, PLACEMENTS, PRIMITIVES, ArgError, Primitive
 
@@ -186,7 +187,7 @@ class _Binder:
                 raise BlockError(
                     f"unknown norm kind '{nopt.kind}'",
                     nopt.span,
-                    did_you_mean(nopt.kind, ["layernorm", "rmsnorm"]),
+                    did_you_mean(nopt.kind, NORM_KINDS),
                 )
             nkind, nargs = nopt.kind, {k: s.default for k, s in NORMS[nopt.kind].items()}
             if nopt.kind == default_norm[0]:
@@ -198,7 +199,7 @@ class _Binder:
             # selector, attention scores): a primitive that has none reads no norm
             n_norms = 0
         else:
-            n_norms = {"none": 0, "sandwich": 2}.get(placement, 1)
+            n_norms = NORMS_PER_PLACEMENT[placement]
         nbase = f"normshare:{it.norm_share}" if it.norm_share else f"{inst.norm_base}.norm"
         return placement, tuple(NormPlan(nkind, nargs, f"{nbase}{j}") for j in range(n_norms))
 
