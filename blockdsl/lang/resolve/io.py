@@ -7,8 +7,7 @@ reader would fix, and search choices are asked for in a stable order. Torch-free
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from blockdsl.lang import ir
 from blockdsl.lang.errors import BlockError, did_you_mean
@@ -19,8 +18,7 @@ from blockdsl.plan import NormPlan
 from blockdsl.primitives import HEADS, NORMS, STEMS, Ctx, stem_tokens
 
 
-@dataclass(frozen=True)
-class BoundIO:
+class BoundIO(NamedTuple):
     """The bound stem, head and norms, and what the layers need to know of them."""
 
     d: int
