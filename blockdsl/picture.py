@@ -115,7 +115,7 @@ def to_svg(rep: Report, families: dict[int, str] | None = None, plan: Any = None
     sy = top - 4
     out.append(f'<rect x="{x0}" y="{sy}" width="{_BOX_W}" height="18" fill="#eeeeee" '
                'stroke="#555"/>')
-    out.append(f'<text x="{x0 + 8}" y="{sy + 13}">stem{_stem_text(plan)}</text>')
+    out.append(f'<text x="{x0 + 8}" y="{sy + 13}">stem{_io_text(plan, "stem")}</text>')
     out.append(f'<text x="{x0 + _COL["params"]}" y="{sy + 13}">{si(bd.get("stem", 0))}</text>')
     lane: dict[str, int] = {}
     first_y: dict[str, int] = {}
@@ -149,7 +149,7 @@ def to_svg(rep: Report, families: dict[int, str] | None = None, plan: Any = None
                 out.append(f'<text x="{tx}" y="{ty}" fill="{c}">{escape(tag)}</text>')
     y = top + len(rows) * row_h
     fin = plan.final_norm.kind if plan is not None and plan.final_norm else None
-    end = (f"final {_NORM_ABBR.get(fin, fin)} → head" if fin else "head") + _head_text(plan)
+    end = (f"final {_NORM_ABBR.get(fin, fin)} → head" if fin else "head") + _io_text(plan, "head")
     out.append(f'<rect x="{x0}" y="{y}" width="{_BOX_W}" height="18" fill="#eeeeee" '
                'stroke="#555"/>')
     out.append(f'<text x="{x0 + 8}" y="{y + 13}">{escape(end)}</text>')
@@ -210,19 +210,16 @@ def _altup_text(plan: Any) -> str:
     return escape(f"AltUp K={a['k']} ({a['mode']}, {a['selection']}) around each block application")
 
 
-def _stem_text(plan: Any) -> str:
-    if plan is None:
-        return ""
-    kind, a = plan.stem
-    if kind == "tokens":
-        return escape(f" (tokens: vocab {a['vocab']}, pos {a['pos']})")
-    return escape(f" ({kind})")
+# What the picture says of a stem or head beyond its kind, by kind.
+_IO_DETAIL: dict[str, Any] = {
+    "tokens": lambda a: f"tokens: vocab {a['vocab']}, pos {a['pos']}",
+    "lm": lambda a: "lm, tied" if a.get("tie") else "lm",
+}
 
 
-def _head_text(plan: Any) -> str:
+def _io_text(plan: Any, part: str) -> str:
+    """" (kind, details)" of the plan's stem or head (`part`), or "" without a plan."""
     if plan is None:
         return ""
-    kind, a = plan.head
-    if kind == "lm":
-        return f" (lm{', tied' if a.get('tie') else ''})"
-    return f" ({kind})"
+    kind, a = getattr(plan, part)
+    return escape(f" ({_IO_DETAIL[kind](a) if kind in _IO_DETAIL else kind})")

@@ -26,10 +26,10 @@ class TaskIO:
     """
 
     task: str
-    name: str = ""
     # both tasks
     seq: int | None = None
     width: int | None = None
+    name: str = ""
     # a language model
     vocab: int | None = None
     # a classifier
