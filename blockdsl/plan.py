@@ -1,20 +1,29 @@
 """The Plan: a resolved model as concrete layer instances, each naming the parameter group
 it owns or shares. What every later stage (report, lower, train, search) reads. Torch-free.
 
-It imports nothing of the language at run time: resolve builds Plans, so the Plan module
-sits below it and every later stage can read a Plan without the parser. The two small
-records (ChoiceDef, NormPlan) are NamedTuples, the others frozen dataclasses (their
-`dataclasses.replace` is used to derive plans): same immutability and repr, and a
-NamedTuple costs a tenth of a frozen dataclass to define at every `blockdsl check`."""
+It imports nothing of the language: resolve builds Plans, so the Plan module sits below
+it and every later stage can read a Plan without the parser. A Plan carries source spans
+(for located errors after resolve) only as `SourceSpan`, the little it needs of one; the
+language's `ir.Span` is one. The two small records (ChoiceDef, NormPlan) are NamedTuples,
+the others frozen dataclasses (`dataclasses.replace` derives plans from them): the same
+immutability and repr, and a NamedTuple costs a tenth of a frozen dataclass to define at
+every `blockdsl check`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-if TYPE_CHECKING:  # spans are carried, never inspected, here: the language sits above
-    from blockdsl.lang import ir
+if TYPE_CHECKING:
     from blockdsl.taskio import TaskIO
+
+
+class SourceSpan(Protocol):
+    """Where in a .block file something was written (`lang.ir.Span` is one)."""
+
+    file: str
+    line: int
+    col: int
 
 
 class ChoiceDef(NamedTuple):
@@ -27,7 +36,7 @@ class ChoiceDef(NamedTuple):
     hi: float = 0
     step: float | None = None
     log: bool = False
-    span: ir.Span | None = None
+    span: SourceSpan | None = None
     # Categorical options computed from another choice (`{2*d | 4*d}`, d a choice): the
     # values change from trial to trial, so a sampler must pick an option's position.
     dynamic: bool = False
@@ -57,7 +66,7 @@ class LayerPlan:
     placement: str
     norms: tuple[NormPlan, ...]
     key: str  # parameter group of the primitive; equal keys = one shared module
-    span: ir.Span
+    span: SourceSpan
 
     def signature(self) -> tuple:
         return (self.prim, tuple(sorted(self.args.items())))
@@ -79,7 +88,7 @@ class Plan:
     variables: dict[str, Any] = field(default_factory=dict)
     assignment: dict[str, Any] = field(default_factory=dict)
     choices: tuple[ChoiceDef, ...] = ()
-    span: ir.Span | None = None
+    span: SourceSpan | None = None
     default_norm: tuple[str, dict[str, Any]] = ("layernorm", {"eps": 1e-5, "bias": True})
 
     # Derived facts are properties, not fields: they follow from the fields, so storing
