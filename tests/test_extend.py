@@ -66,26 +66,22 @@ SQRELU = P.Primitive(
 SPEC = """
 model sq {
   d = 32
-  stem tokens(vocab=256, context=32, pos=learned)
-  head lm(tie=true)
   block cell {
     a mha(heads=2, bias=false) norm=pre
     f sqrelu(d_ff=48)          norm=pre
   }
   repeat 2 cell
+  stem tokens(vocab=256, context=32, pos=learned)
+  head lm(tie=true)
 }
 """
 
-SPACE = """
-model dense {
-  d = 32
-  stem tokens(vocab=256, context=32, pos=learned)
-  head lm(tie=true)
+SPACE = SPEC + """
+model dense extends sq {  # the same model with a dense FFN: the baseline
   block cell {
     a mha(heads=2, bias=false)             norm=pre
     f mlp(d_ff=64, act=gelu, bias=false)   norm=pre
   }
-  repeat 2 cell
 }
 space ext extends dense {
   block cell {
