@@ -7,6 +7,7 @@ average for expert choice) plus the router; FLOPs likewise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from blockdsl.names import ELEMENTWISE
@@ -26,38 +27,48 @@ from blockdsl.primitives.memory import MemCtx, dispatch_saves_rows, ffn_hidden, 
 from blockdsl.primitives.routing import DISPATCH_ARG, dispatch_tunable
 
 
-def _expert_dims(a: dict[str, Any], d: int) -> tuple[int, int]:
-    """(d_in, first-layer width) of the expert matmuls, which dispatch=auto decides on."""
-    width = a["expert_size"] if "expert_size" in a else a["d_ff"]
-    return d, width * gated_factor(a["act"])
+def _ffn_dims(a: dict[str, Any], d: int) -> tuple[int, int]:
+    """(d_in, first-layer width) of an FFN expert's matmuls, which dispatch=auto decides on."""
+    return d, a["d_ff"] * gated_factor(a["act"])
 
 
-_TUNABLE = dispatch_tunable(_expert_dims)
+def _sigma_dims(a: dict[str, Any], d: int) -> tuple[int, int]:
+    """(d_in, first-layer width) of a sigma-MoE expert (its activations are never gated)."""
+    return d, a["expert_size"]
 
 
-def _routed_memory(m: MemCtx, a: dict[str, Any]) -> tuple[int, int]:
-    """fp32 router logits and probabilities N·E·8 and, for each of the copies of a token the
-    dispatch gathers (k; the capacity factor for expert choice), its hidden ("sort",
+def _routed_memory(dims: Callable[[dict[str, Any], int], tuple[int, int]],
+                   copies: Callable[[dict[str, Any]], float],
+                   hidden: Callable[[dict[str, Any]], int]) -> Callable[..., tuple[int, int]]:
+    """The memory formula of a routed FFN whose experts have `dims(args, d)`, each token
+    being dispatched `copies(args)` times (k; the capacity factor for expert choice) and
+    each copy keeping `hidden(args)` widths for backward.
+
+    Kept: fp32 router logits and probabilities N·E·8 and, per copy, its hidden ("sort",
     "grouped_mm") or its input, hidden and output in every slot of the padded grid, plus
     the grid's per-tile weight copies ("bmm", "loop"). While it runs: the gathered inputs
-    and per-assignment outputs."""
-    n, d, e = m.n, m.d, m.e
-    if "expert_size" in a:  # sigma-MoE
-        copies, hidden = a["k"], 2 * a["expert_size"]
-    else:
-        hidden = ffn_hidden(a["act"], a["d_ff"])
-        copies = a["k"] if "k" in a else min(a["capacity_factor"], a["experts"])
-    assignments = int(math.ceil(n * copies))
-    acts = n * d * e + n * a["experts"] * 8
-    gate_width = _expert_dims(a, d)[1]
-    if dispatch_saves_rows(a.get("dispatch", "auto"), d * gate_width, m.device_type):
-        acts += grid_slots(assignments, a["experts"], a) * (2 * d + hidden) * e
-        acts += grid_tiles(assignments, a["experts"], a, e) * d * gate_width * 2 * e
-    else:
-        acts += assignments * hidden * e
-    if a.get("shared_d_ff"):
-        acts += n * ffn_hidden(a["act"], a["shared_d_ff"]) * e
-    return acts, assignments * 2 * d * e
+    and per-assignment outputs.
+    """
+
+    def memory(m: MemCtx, a: dict[str, Any]) -> tuple[int, int]:
+        n, d, e = m.n, m.d, m.e
+        assignments = int(math.ceil(n * copies(a)))
+        acts = n * d * e + n * a["experts"] * 8
+        gate_width = dims(a, d)[1]
+        if dispatch_saves_rows(a.get("dispatch", "auto"), d * gate_width, m.device_type):
+            acts += grid_slots(assignments, a["experts"], a) * (2 * d + hidden(a)) * e
+            acts += grid_tiles(assignments, a["experts"], a, e) * d * gate_width * 2 * e
+        else:
+            acts += assignments * hidden(a) * e
+        if a.get("shared_d_ff"):
+            acts += n * ffn_hidden(a["act"], a["shared_d_ff"]) * e
+        return acts, assignments * 2 * d * e
+
+    return memory
+
+
+def _ffn_hidden(a: dict[str, Any]) -> int:
+    return ffn_hidden(a["act"], a["d_ff"])
 
 
 # ---------------------------------------------------------------- top-k
@@ -130,9 +141,9 @@ TOPK = register(Primitive(
          "z_loss": "z_weight", "shared_d_ff": "shared_d_ff",
          "expert_dropout": "expert_dropout", "dispatch": "dispatch"},
     ),
-    tunable=_TUNABLE,
+    tunable=dispatch_tunable(_ffn_dims),
     x_norm=True,
-    memory=_routed_memory,
+    memory=_routed_memory(_ffn_dims, lambda a: a["k"], _ffn_hidden),
 ))
 
 
@@ -193,9 +204,10 @@ EXPERT_CHOICE = register(Primitive(
          "act": "activation", "bias": "bias", "group": "group", "dispatch": "dispatch"},
         prepare=_ec_prepare,
     ),
-    tunable=_TUNABLE,
+    tunable=dispatch_tunable(_ffn_dims),
     x_norm=True,
-    memory=_routed_memory,
+    memory=_routed_memory(_ffn_dims, lambda a: min(a["capacity_factor"], a["experts"]),
+                          _ffn_hidden),
 ))
 
 
@@ -243,7 +255,7 @@ SIGMA_MOE = register(Primitive(
          "dispatch": "dispatch"},
         env={"d": "d", "n_applications": "n_applications"},
     ),
-    tunable=_TUNABLE,
+    tunable=dispatch_tunable(_sigma_dims),
     x_norm=True,
-    memory=_routed_memory,
+    memory=_routed_memory(_sigma_dims, lambda a: a["k"], lambda a: 2 * a["expert_size"]),
 ))
