@@ -31,9 +31,12 @@ def attention_impl(requested: str, device: Any, precision: str, seq: int) -> str
     SDPA's fused kernel is the slow one (its backward in bf16; in fp32-medium it does not
     use the bf16 path at all): explicit batched matmuls with a hand-written backward
     measured 1.3-1.6x SDPA at seq 128-256 here. `compile --tune` overrides this per shape."""
-    if requested != "auto":
-        return requested
-    if device.type == "cpu" and precision in ("bf16", "fp32-medium") and seq <= 512:
+    return requested if requested != "auto" else _auto_impl(device.type, precision, seq)
+
+
+def _auto_impl(device_type: str, precision: str, seq: int) -> str:
+    """`attention_impl`'s default rule on a device type (the memory estimate has no device)."""
+    if device_type == "cpu" and precision in ("bf16", "fp32-medium") and seq <= 512:
         return "bmm"
     return "sdpa"
 
@@ -106,17 +109,15 @@ def _mha_prepare(a: dict[str, Any], env: BuildEnv) -> dict[str, Any]:
 def _saves_scores(a: dict[str, Any], m: MemCtx) -> bool:
     """Whether an mha layer runs the explicit-softmax path, which saves the T x T scores.
 
-    Follows `attention_impl`'s default rule: an explicit impl=manual/bmm, the CPU
+    Follows `attention_impl`'s default rule (`_auto_impl`): an explicit impl=manual/bmm, the CPU
     bf16/fp32-medium default at seq <= 512, or dropout (bmm falls back to the reference
     path). SDPA's fused kernels save only a log-sum-exp per row. A tuned 'auto' may pick
     either; counting the scores then is the conservative side.
     """
     impl = a.get("impl", "auto")
-    if impl in ("manual", "bmm") or a.get("dropout", 0.0) > 0:
-        return True
     if impl == "auto":
-        return m.device_type == "cpu" and m.precision in ("bf16", "fp32-medium") and m.seq <= 512
-    return False
+        impl = _auto_impl(m.device_type, m.precision, m.seq)
+    return impl in ("manual", "bmm") or a.get("dropout", 0.0) > 0
 
 
 def _mha_memory(m: MemCtx, a: dict[str, Any]) -> tuple[int, int]:
