@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from blockdsl.device import cpu_name
+from blockdsl.files import atomic_write
 from blockdsl.plan import LayerPlan
 from blockdsl.primitives import get, tunable
 
@@ -60,11 +61,9 @@ def load() -> dict[str, Any]:
 
 
 def save(cache: dict[str, Any]) -> None:
-    p = cache_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(p)
+    """Replace the cache file whole (`files.atomic_write`: a killed or concurrent tuner
+    leaves the old file or the new one, never a torn or half-shared temporary)."""
+    atomic_write(cache_path(), json.dumps(cache, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def lookup(layer: LayerPlan, d: int, seq: int, precision: str, device: torch.device,
