@@ -40,9 +40,12 @@ class TaskIO:
 
 
 def io_of(model: object) -> TaskIO:
-    """A model's task shape: its `.io`; for a model without one (a module not built by
-    blockdsl), a TaskIO holding only its `.task`, or None as the task when it has neither,
-    so that the data check names what is missing instead of failing on an attribute."""
+    """A model's task shape: a TaskIO itself, or a model's `.io`; for a model without one (a
+    module not built by blockdsl), a TaskIO holding only its `.task`, or None as the task
+    when it has neither, so that the data check names what is missing instead of failing
+    on an attribute."""
+    if isinstance(model, TaskIO):
+        return model
     io = getattr(model, "io", None)
     return io if isinstance(io, TaskIO) else TaskIO(getattr(model, "task", None))  # type: ignore[arg-type]
 

@@ -323,7 +323,7 @@ def load_for_model(model: torch.nn.Module | TaskIO, source: str | Path | None = 
     A `.bin` file or a folder with `train.bin` is token ids (`blockdsl.train.tokdata`); `dtype`
     (uint16/uint32) reads one that has no JSON sidecar.
     """
-    io = model if isinstance(model, TaskIO) else io_of(model)
+    io = io_of(model)
     task = io.task
     lack = missing(io, *{"lm": ("vocab", "seq"),
                          "classify": ("image_size", "channels", "classes")}.get(task, ()))

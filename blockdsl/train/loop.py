@@ -132,8 +132,9 @@ class _Run:
             self.ds = dataset or load_for_model(model, cfg.data, cfg.seq_len)
         except DataError as e:
             raise TrainError(str(e)) from None
-        if io_of(model).task != self.ds.task:
-            raise TrainError(f"model task {io_of(model).task!r} does not fit "
+        task = io_of(model).task
+        if task != self.ds.task:
+            raise TrainError(f"model task {task!r} does not fit "
                              f"{self.ds.task!r} data {self.ds.name}")
         if cfg.batch_size % (dist.world * cfg.accum):
             raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over "
