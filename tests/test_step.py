@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from blockdsl import device
 from blockdsl.nn.output import ModelOutput
 from blockdsl.train.step import accumulate_gradients, step
 
@@ -80,3 +86,50 @@ def test_a_failing_check_leaves_the_weights_as_they_were() -> None:
     with pytest.raises(RuntimeError, match="stop"):
         step(m, x, y, precision="fp32", device=CPU, optimizer=opt, before_update=refuse)
     assert all(torch.equal(p.detach(), p0) for p, p0 in zip(m.parameters(), before, strict=True))
+
+
+# A search-scale top-2 MoE layer's forward + backward, its minor page faults per call
+# printed, in a fresh process (malloc settings are process-wide and one-way): MODE "keep"
+# runs one `step()` first, which is what sets them.
+_FAULTS = """
+import resource, sys, torch
+from blockdsl.nn.moe import TopKMoE
+from blockdsl.train.step import step
+import blockdsl.device as device
+from tests.test_step import Tiny, batch
+if sys.argv[1] == "keep":
+    step(Tiny(), *batch(), precision="fp32", device=torch.device("cpu"))
+    assert device._host_memory_kept is True
+torch.manual_seed(0)
+moe = TopKMoE(48, 48, 8, 2, activation="gelu", bias=False)
+x = torch.randn(16, 64, 48, requires_grad=True)
+def run(n):
+    for _ in range(n):
+        moe(x).square().mean().backward()
+run(3)
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+run(10)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 10)
+"""
+
+
+@pytest.mark.skipif(not device._glibc(), reason="glibc malloc only")
+def test_the_first_step_makes_malloc_keep_freed_tensor_memory() -> None:
+    """Without it, glibc returns freed activations to the OS and the next step faults them
+    back in (hundreds of pages per MoE layer call, whose buffer sizes vary step to step)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    faults = {}
+    for mode in ("keep", "default"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True,
+                             text=True, cwd=root, env=env, timeout=120, check=True)
+        faults[mode] = float(out.stdout.split()[-1])
+    assert faults["keep"] <= max(20.0, 0.2 * faults["default"]), faults
+
+
+def test_keeping_host_memory_respects_the_users_own_malloc_settings() -> None:
+    code = "import blockdsl.device as d; print(d.keep_host_memory())"
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
