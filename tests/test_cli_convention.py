@@ -188,6 +188,19 @@ def test_search_device_is_checked_like_train_s(tmp_path: Path) -> None:
     assert t.returncode == 1 and t.stderr.startswith("error: unknown device 'bogus'")
 
 
+def test_search_data_is_checked_before_the_study_starts(tmp_path: Path) -> None:
+    """Bad data is one error before any trial runs, not a failure in every trial of a
+    search that then ends with exit 0 and nothing found."""
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "imgs" / "a" / "x.png").write_bytes(b"not really")
+    for data, message in (("nope.txt", "error: data path not found: nope.txt"),
+                          ("imgs", "holds images, but the model is a language model")):
+        p = _cli("search", str(_space(tmp_path)), "--data", data, "--budget", "3", cwd=tmp_path)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert message in p.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "studies").exists()
+
+
 def test_search_show_errors_and_help(tmp_path: Path) -> None:
     p = _cli("search", "show", "nope", cwd=tmp_path)
     assert p.returncode == 1 and "Traceback" not in p.stderr

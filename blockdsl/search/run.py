@@ -90,20 +90,25 @@ def _stored(study: str | None, storage: str | None, root: Path | None) -> dict[s
     return stored
 
 
-def _check_token_data(space: Space, data: str | None) -> None:
-    """Token ids (`data` a .bin or a `blockdsl tokenize` folder) must fit the space's
-    vocabulary: checked once against the baseline before the study starts, rather than
-    failing every trial with the same message. (The training package is imported here, not
-    at the top: it brings torch, which `search show` and the results do not need.)"""
+def _check_data(space: Space, cfg: SearchConfig) -> None:
+    """The data every trial reads, loaded for the baseline before the study starts: a
+    missing file, a corpus of the wrong kind or token ids outside the vocabulary is one
+    error (located at the baseline for a vocabulary) instead of a failure in every trial
+    and a finished search that found nothing. Loading caches the corpus, so the worker's
+    own load is then quick. A space without a baseline has no model to check the data
+    against; there only a missing path is caught. (The training package is imported here,
+    not at the top: it brings torch, which `search show` and the results do not need.)"""
     from blockdsl.lang.errors import BlockError
     from blockdsl.train import tokdata
-    from blockdsl.train.data import DataError
+    from blockdsl.train.data import DataError, load_for_model
 
-    if space.task != "lm" or space.baseline is None or not tokdata.is_token_source(data):
+    if space.baseline is None:
+        if cfg.data is not None and not Path(cfg.data).expanduser().exists():
+            raise SearchError(f"--data {cfg.data}: no such file or folder")
         return
     plan = space.resolve_baseline()
     try:
-        tokdata.check_vocab(data, plan.vocab)
+        load_for_model(plan.io, cfg.data, cfg.seq_len)
     except tokdata.VocabMismatch as e:
         raise BlockError(e.message, plan.span, e.hint) from None
     except DataError as e:
@@ -149,7 +154,7 @@ def prepare(space: str | Path | Space | None = None, *, study: str | None = None
         space_name or stored.get("space"))
     given = {k: v for k, v in settings.items() if v is not None}
     cfg = make_config(sp, **{**(defaults or {}), **(stored.get("config") or {}), **given})
-    _check_token_data(sp, cfg.data)
+    _check_data(sp, cfg)
     name = study or new_study_name(sp)
     results = Path(out) if out else (root or STUDY_DIR) / name  # beside the journal
     # Set (or cleared) for this run before the study records its config, which worker
