@@ -317,3 +317,19 @@ def test_an_inline_choice_computed_from_another_choice_is_searched(tmp_path: Pat
         plan = resolve(load_module(t.user_attrs["block"]))
         (d_ff,) = {la.args["d_ff"] for la in plan.layers if la.prim == "mlp"}
         assert plan.d == t.params["d"] and d_ff == (2, 4)[t.params["cell.s1.d_ff@option"]] * plan.d
+
+
+def test_a_study_refuses_trials_of_another_space(tmp_path: Path) -> None:
+    """Naming an existing study with another space file would mix two spaces' trials in one
+    sampler history and one 'best block'; the same space (edited or not) resumes it."""
+    a, b = tmp_path / "a.block", tmp_path / "b.block"
+    a.write_text(TINY)
+    b.write_text(TINY)
+    journal = tmp_path / "s.journal"
+    S.prepare(a, study="s", storage=str(journal), root=tmp_path)
+    with pytest.raises(S.SearchError, match="study 's' searches space .* of .*a.block, not .* of "
+                                           ".*b.block: name a new study"):
+        S.prepare(b, study="s", storage=str(journal), root=tmp_path)
+    a.write_text(TINY + "\n# edited\n")
+    again = S.prepare(a, study="s", storage=str(journal), root=tmp_path)
+    assert len(again.study.get_trials(deepcopy=False)) >= 1  # the baseline, enqueued once

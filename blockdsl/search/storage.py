@@ -162,6 +162,7 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
         have = [d.name.lower() for d in existing.directions]
         if have != directions:
             raise SearchError(f"study '{name}' optimises {have}, the space {directions}")
+        _check_same_space(existing, space, name)
         study = existing
     else:
         study = optuna.create_study(study_name=name, storage=storage, directions=directions,
@@ -189,6 +190,19 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
             for params in neighbourhood(space, limit, cfg.seed):
                 study.enqueue_trial(params, user_attrs={"role": "start"})
     return study
+
+
+def _check_same_space(study: optuna.Study, space: Space, name: str) -> None:
+    """A study holds one space's trials: another space's would share its sampler history
+    and its best block with them. (The file may have been edited since; its path and the
+    space's name are what identify it.)"""
+    attrs = study.user_attrs
+    file, sp = attrs.get("space_file"), attrs.get("space")
+    here = (str(Path(space.file).resolve()), space.name)
+    if file is not None and sp is not None and (file, sp) != here:
+        raise SearchError(
+            f"study '{name}' searches space '{sp}' of {file}, not '{space.name}' of "
+            f"{here[0]}: name a new study (--study), or resume this one without a space")
 
 
 def load_study_info(name: str, storage_url: str | None = None,
