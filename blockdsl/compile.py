@@ -57,6 +57,16 @@ def write_summary(summary: dict[str, Any], out: Path) -> None:
     (out / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 
+def smoke_shape(plan: Plan, batch: int | None, seq: int | None) -> tuple[int, int | None]:
+    """The smoke step's (batch, seq): 2 and the model's context unless given. A seq outside
+    the context is refused as `train --seq` refuses it (a located error): shortened silently,
+    the step would time another shape than the one asked for."""
+    if seq is not None and plan.seq is not None and not 1 <= seq <= plan.seq:
+        raise BlockError(f"--seq {seq} is outside model {plan.name}'s context of {plan.seq}",
+                         plan.span, f"use --seq between 1 and {plan.seq}")
+    return batch or 2, seq or plan.seq
+
+
 def smoke(plan: Plan, *, batch: int | None = None, seq: int | None = None,
           device: str = "auto", force: bool = False) -> dict[str, Any]:
     """Build the model and run one training step's forward and backward on random input.
@@ -69,8 +79,7 @@ def smoke(plan: Plan, *, batch: int | None = None, seq: int | None = None,
     from blockdsl.train.device import resolve_device
     from blockdsl.train.memory import memory_guard
 
-    b = batch or 2
-    seq = min(seq or plan.seq, plan.seq)
+    b, seq = smoke_shape(plan, batch, seq)
     dev = resolve_device(device)
     # Before anything is built: a spec can describe terabytes (d_ff=2**28) or a 1B model
     # whose smoke step takes minutes and most of the machine; refuse it with the numbers.

@@ -102,6 +102,17 @@ def test_compile_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert smoke["input_shape"] == [2, 32]
 
 
+def test_compile_smoke_refuses_a_seq_beyond_the_context(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """As `train --seq` does: shortening it silently would smoke-test another shape."""
+    rc, _, err = run_main(capsys, "compile", str(TINY_GPT), "--smoke", "--device", "cpu",
+                          "--seq", "100000", "--out", str(tmp_path))
+    assert rc == 1 and "Traceback" not in err
+    assert "gpt.block:3:1: error: --seq 100000 is outside model gpt_tiny's context of 128" in err
+    assert "hint: use --seq between 1 and 128" in err
+    assert not list(tmp_path.iterdir())  # refused before any artifact is written
+
+
 @pytest.mark.parametrize("flag,value", [("--batch", "-3"), ("--batch", "0"), ("--seq", "x")])
 def test_compile_rejects_non_positive_sizes(flag: str, value: str,
                                             capsys: pytest.CaptureFixture[str]) -> None:

@@ -131,10 +131,12 @@ def _totals_table(rep) -> Any:
 def cmd_compile(args: argparse.Namespace) -> int:
     import json
 
-    from blockdsl.compile import default_out, smoke, write_artifacts, write_summary
+    from blockdsl.compile import default_out, smoke, smoke_shape, write_artifacts, write_summary
     from blockdsl.graph import report
 
     plan = _load_plan(args)
+    if args.smoke:
+        smoke_shape(plan, args.batch, args.seq)  # a bad --seq before anything is written
     rep = report(plan)
     out_dir = Path(args.out) if args.out else default_out(plan)
     summary = write_artifacts(plan, out_dir, rep)
