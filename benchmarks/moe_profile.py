@@ -48,6 +48,7 @@ def main() -> None:
     import blockdsl
     from blockdsl.train import precision_context, seed_everything
     from blockdsl.train.data import load_for_model
+    from blockdsl.train.optim import make_adamw, param_groups
     from blockdsl.train.step import step
 
     dev = torch.device("cpu")
@@ -58,7 +59,7 @@ def main() -> None:
             p.write_text(SPEC.format(ffn=ffn), encoding="utf-8")
             seed_everything(0)
             models[name] = blockdsl.build(str(p), device=dev, precision=args.precision, batch=BATCH)
-            opts[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-4)
+            opts[name] = make_adamw(param_groups(models[name], 0.1), 1e-4, (0.9, 0.95), device)
     data = load_for_model(models["moe"])
     batches = [data.train_batch(i, BATCH, seed=0) for i in range(8)]
     stats: dict[str, dict[str, list[float]]] = {}

@@ -11,8 +11,9 @@ baseline cell with its three FFN slots as
     mlp(d_ff=4d)   vs  topk(experts=8, k=2, d_ff=2d)
 
 (act=gelu, bias=false, the topk primitive's default balance loss, as the search space
-writes them), one train step = forward, loss + aux, backward, grad clipping, AdamW step,
-exactly the step the search times (`blockdsl.train.step.step`). Every thread count runs in its own subprocess
+writes them), one train step = forward, loss + aux, backward, grad clipping, and the
+AdamW step training builds (`train.optim.make_adamw`: fused), exactly the step the search
+times (`blockdsl.train.step.step`). Every thread count runs in its own subprocess
 (torch.set_num_threads before any work). Contenders run round-robin, the order rotated
 each round; a round times `--steps` steps of each and keeps each one's median, and the
 reported ratio is the median over `--rounds` rounds with its min-max spread, all ratios
@@ -106,6 +107,7 @@ def child(args) -> None:
     import blockdsl
     from blockdsl.train import precision_context, seed_everything
     from blockdsl.train.data import load_for_model
+    from blockdsl.train.optim import make_adamw, param_groups
     from blockdsl.train.step import step
 
     device = torch.device("cpu")
@@ -118,7 +120,7 @@ def child(args) -> None:
                 p.write_text(SPEC.format(ffn=ffn), encoding="utf-8")
                 seed_everything(0)
                 models[name] = blockdsl.build(str(p), device=device, precision=precision, batch=BATCH)
-                opts[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-4)
+                opts[name] = make_adamw(param_groups(models[name], 0.1), 1e-4, (0.9, 0.95), device)
         data = load_for_model(next(iter(models.values())))
         n_batches = 8
         batches = [data.train_batch(i, BATCH, seed=0) for i in range(n_batches)]

@@ -42,17 +42,22 @@ def paired_step_times(model: nn.Module, ref: nn.Module | None, batch: tuple[Any,
     a clearly infeasible candidate costs three steps, not the full count. The candidate's
     weights are restored afterwards, so timing does not train it. Each step is the one
     training step every caller runs (`blockdsl.train.step.step`, clipped at 1.0 as a
-    trial's training is), so what is timed is what is trained.
+    trial's training is) with the optimizer training builds (`train.optim.make_adamw` over
+    the same parameter groups: fused AdamW where torch has it), so what is timed is what
+    is trained. (It was a plain multi-tensor AdamW, slower per parameter: that taxed
+    models with more stored parameters, MoE ones, beyond what their training pays.)
     """
-    import torch
-
+    from blockdsl.train.config import TrainConfig
+    from blockdsl.train.optim import make_adamw, param_groups
     from blockdsl.train.step import step
 
     device = next(model.parameters()).device
     x, y = batch[0].to(device), batch[1].to(device)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     models = [model] + ([ref] if ref is not None else [])
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
+    dflt = TrainConfig()
+    opts = [make_adamw(param_groups(m, dflt.weight_decay), 1e-4, dflt.betas, device)
+            for m in models]
     wall: list[list[float]] = [[] for _ in models]
     cpu: list[list[float]] = [[] for _ in models]
     try:
