@@ -9,6 +9,11 @@ baseline cell with its three FFN slots as
 
     mlp(d_ff=2d)   vs  topk(experts=8, k=2, d_ff=d)    (equal FLOPs per token)
     mlp(d_ff=4d)   vs  topk(experts=8, k=2, d_ff=2d)
+    mlp(d_ff=2d)   vs  expert_choice(experts=8, capacity_factor=2, d_ff=d, group=position)
+
+The expert-choice slot has the same FLOPs as topk(d) and every expert exactly full (no
+imbalance, no padding, no host sync): the difference between it and topk(d) is what
+routing imbalance costs, and its own ratio is the dispatch's cost without it.
 
 (act=gelu, bias=false, the topk primitive's default balance loss, as the search space
 writes them), one train step = forward, loss + aux, backward, grad clipping, and the
@@ -62,7 +67,9 @@ model m {{
 """
 MLP = "mlp(d_ff={f}, act=gelu, bias=false)"
 TOPK = "topk(experts=8, k=2, d_ff={f}, act=gelu, bias=false, dispatch={disp})"
-PAIRS = (("mlp(2d)", "topk(d)"), ("mlp(4d)", "topk(2d)"))
+EC = ("expert_choice(experts=8, capacity_factor=2, d_ff=d, act=gelu, bias=false, "
+      "group=position, dispatch={disp})")
+PAIRS = (("mlp(2d)", "topk(d)"), ("mlp(4d)", "topk(2d)"), ("mlp(2d)", "ec(d)"))
 BATCH = 16
 
 
@@ -72,6 +79,7 @@ def contenders(dispatches: list[str]) -> dict[str, str]:
         tag = "" if disp == "auto" else f"[{disp}]"
         out[f"topk(d){tag}"] = TOPK.format(f="d", disp=disp)
         out[f"topk(2d){tag}"] = TOPK.format(f="2*d", disp=disp)
+        out[f"ec(d){tag}"] = EC.format(disp=disp)
     return out
 
 
