@@ -178,7 +178,10 @@ class _Run:
         if cfg.shard != "none" or cfg.ep > 1:
             self.par = Parallel.setup(model, self.dist, cfg.shard, cfg.ep, cfg.precision)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = make_adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas, self.device)
+        groups = param_groups(model, cfg.weight_decay)
+        if self.par is not None:
+            groups = self.par.optimizer_groups(groups)
+        self.opt = make_adamw(groups, cfg.lr, cfg.betas, self.device)
         self.resumed = cfg.resume and (ckpt is not None or bool(found))
         if cfg.resume and not self.resumed and self.out is not None and self.dist.main:
             # not an error (a first run may ask to resume), but a mistyped --out must not

@@ -203,11 +203,37 @@ class Parallel:
         for k in list(msd):
             if k in names:
                 msd[k] = wrap(msd[k])
-        for k, st in osd.get("state", {}).items():
-            if k in names:
-                for s, v in st.items():
-                    if isinstance(v, Tensor) and v.ndim > 0:
-                        st[s] = wrap(v)
+        for k, v in osd.items():  # flattened: "state.<fqn>.<exp_avg|exp_avg_sq|step>"
+            if isinstance(v, Tensor) and v.ndim > 0 and _state_fqn(k) in names:
+                osd[k] = wrap(v)
+
+    def optimizer_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each AdamW group split into its DTensor (FSDP) and plain (expert, replicated)
+        parameters: fused and foreach kernels take one kind per group, and AdamW steps
+        group by group. Checkpoints store optimizer state per parameter, so the grouping
+        may differ between the run that saved and the one that loads."""
+        from torch.distributed.tensor import DTensor
+
+        out = []
+        for g in groups:
+            for keep in (True, False):
+                ps = [p for p in g["params"] if isinstance(p, DTensor) == keep]
+                if ps:
+                    out.append({**g, "params": ps})
+        return out
+
+
+def _state_fqn(key: str) -> str | None:
+    """The parameter name in a flattened optimizer key "state.<fqn>.<name>"."""
+    if not key.startswith("state."):
+        return None
+    return key[len("state."):].rsplit(".", 1)[0]
+
+
+def _flat() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _state_dicts(model: nn.Module, opt: torch.optim.Optimizer | None,
@@ -216,8 +242,8 @@ def _state_dicts(model: nn.Module, opt: torch.optim.Optimizer | None,
 
     if opt is None:
         msd, osd = get_model_state_dict(model), {}
-    else:
-        msd, osd = get_state_dict(model, opt)
+    else:  # flattened: per-parameter keys, independent of how parameters are grouped
+        msd, osd = get_state_dict(model, opt, options=_flat())
     if par is not None:
         par._wrap_experts(msd, osd)
     return {"model": msd, "optim": osd} if opt is not None else {"model": msd}
@@ -250,8 +276,5 @@ def load_sharded(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | No
         model.load_state_dict(msd) if par is None else set_state_dict(
             model, [], model_state_dict=msd, optim_state_dict={})
         return
-    osd = sd["optim"]
-    for k, st in osd.get("state", {}).items():
-        for s, v in list(st.items()):
-            st[s] = unwrap(k, v)
-    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    osd = {k: unwrap(_state_fqn(k), v) for k, v in sd["optim"].items()}
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd, options=_flat())
