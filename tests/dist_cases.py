@@ -35,12 +35,21 @@ def _bytes_per_rank(model: torch.nn.Module) -> dict[str, int]:
     return {"param_elems": total, "expert_elems": expert}
 
 
+def make_config(c: dict) -> object:
+    """The TrainConfig of one case; the single-process references use it too."""
+    from blockdsl.train.config import TrainConfig
+
+    return TrainConfig(steps=c["steps"], batch_size=c.get("batch", 8), seq_len=32, lr=3e-3,
+                       warmup=2, min_lr_ratio=1.0, precision="fp32", eval_every=10,
+                       eval_batches=2, log_every=5, seed=0, out=c["out"], device="cpu",
+                       quiet=True, resume=c.get("resume", False), shard=c.get("shard", "none"),
+                       ep=c.get("ep", 1), data=c.get("data"))
+
+
 def main() -> None:
     cases = json.loads(Path(sys.argv[1]).read_text())
     dist.init_process_group("gloo")  # Dist.setup then joins it and leaves it open
     from blockdsl.train import spec as spec_mod
-    from blockdsl.train.config import TrainConfig
-
     results = []
     for c in cases:
         seen: dict[str, object] = {}
@@ -52,11 +61,7 @@ def main() -> None:
             return r
 
         spec_mod.train = spy
-        cfg = TrainConfig(steps=c["steps"], batch_size=c.get("batch", 8), seq_len=32, lr=3e-3,
-                          warmup=2, min_lr_ratio=1.0, precision="fp32", eval_every=c.get("eval_every", 10),
-                          eval_batches=2, log_every=5, seed=0, out=c["out"], device="cpu",
-                          quiet=True, resume=c.get("resume", False), shard=c.get("shard", "none"),
-                          ep=c.get("ep", 1), data=c.get("data"))
+        cfg = make_config(c)
         try:
             run = spec_mod.train_spec(c["spec"], None, cfg, default_steps=c["steps"])
             res = {"losses": run.result.losses, "val": run.result.val.get("val_loss"),
@@ -74,5 +79,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

@@ -278,3 +278,23 @@ def load_sharded(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | No
         return
     osd = {k: unwrap(_state_fqn(k), v) for k, v in sd["optim"].items()}
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd, options=_flat())
+
+
+def to_single_file(src: Path, model: nn.Module, out: Path, keep: int = 2) -> Path:
+    """Convert the sharded checkpoint folder `src` into out/ckpt-<step> in the single-file
+    format (model.safetensors + train_state.pt) that `load_checkpoint` and the rest of
+    blockdsl read, in this one process; `model` is the spec's model, freshly built.
+
+    The optimizer state, RNG state, step and run state are carried over, so the converted
+    checkpoint also resumes (in one process or plain data parallel). Returns the folder.
+    """
+    from blockdsl.train import checkpoint as checkpoints
+    from blockdsl.train.optim import make_adamw, param_groups
+
+    device = next(model.parameters()).device
+    opt = make_adamw(param_groups(model, 0.0), 1e-3, (0.9, 0.95), device)  # groups: restored
+    state = checkpoints.load_checkpoint(src, model, opt)
+    rng = state.pop("rng")
+    checkpoints.set_rng_state(rng)  # save_checkpoint records the current RNG state
+    out.mkdir(parents=True, exist_ok=True)
+    return checkpoints.save_checkpoint(out, int(state["step"]), model, opt, state, keep)
