@@ -123,7 +123,7 @@ def test_save_at_4_resume_at_2_and_at_1_equals_uninterrupted(runs: dict, single:
 
 def test_sharded_checkpoint_converts_to_the_single_file_format(runs: dict, single: dict) -> None:
     from blockdsl.train import checkpoint as checkpoints
-    from blockdsl.train.parallel import to_single_file
+    from blockdsl.train.checkpoint import to_single_file
 
     tmp = runs["tmp"]
     src = checkpoints.latest_checkpoint(tmp / "convert")
@@ -146,3 +146,50 @@ def _expert_elems(model) -> int:  # noqa: ANN001
 
     return sum(p.numel() for m in _expert_modules(model) for n, p in m.named_parameters(recurse=False)
                if n in {"w1", "b1", "w2", "b2", "keys", "values", "v", "o"})
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "blockdsl.cli", "train", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_nproc_launches_a_sharded_run_and_its_checkpoint_exports(tmp_path: Path) -> None:
+    from blockdsl.train.checkpoint import load_checkpoint
+
+    run = _cli(GPT, "--nproc", "2", "--shard", "fsdp", "--steps", "2", "--batch", "4",
+               "--seq", "16", "--eval-batches", "1", "--precision", "fp32", "--out", "run",
+               "--json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])  # rank 0 prints it, once
+    assert res["steps"] == 2 and res["val_loss"] > 0
+    assert (tmp_path / "run/ckpt-00000002/dcp/.metadata").is_file()
+    exp = _cli(GPT, "--out", "run", "--export-checkpoint", "single", cwd=tmp_path)
+    assert exp.returncode == 0, exp.stderr
+    state = load_checkpoint(tmp_path / "single/ckpt-00000002", _built(GPT))
+    assert state["step"] == 2
+
+
+def test_layout_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    bad = _cli(GPT, "--nproc", "2", "--ep", "3", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --ep 3 must divide --nproc 2")
+    alone = _cli(ROUTED, "--ep", "2", "--steps", "1", "--out", "x", cwd=tmp_path)
+    assert alone.returncode == 1 and "Traceback" not in alone.stderr
+    assert "--ep 2 must divide the number of processes (1)" in alone.stderr
+    none = _cli(GPT, "--out", "nothing", "--export-checkpoint", "y", cwd=tmp_path)
+    assert none.returncode == 1 and "has no sharded checkpoint" in none.stderr
+
+
+def test_search_workers_each_get_their_own_gpu() -> None:
+    from blockdsl.search.run import worker_env
+
+    base = {"PATH": "/bin"}
+    assert [worker_env(i, "cuda", base, 4)["CUDA_VISIBLE_DEVICES"] for i in range(5)] == \
+        ["0", "1", "2", "3", "0"]
+    # a visible list is what gets divided; the CPU, one GPU and a pinned device stay as asked
+    vis = {**base, "CUDA_VISIBLE_DEVICES": "2,5"}
+    assert [worker_env(i, "cuda", vis, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == \
+        ["2", "5", "2"]
+    assert worker_env(1, "cpu", base, 4) == base
+    assert worker_env(1, "cuda", base, 1) == base
+    assert worker_env(1, "cuda:1", base, 4) == base

@@ -120,6 +120,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--nproc", type=_POS_INT, default=None,
                    help="launch this many local processes with torchrun (one per GPU when "
                    "there are GPUs); across machines run torchrun yourself (see README)")
+    p.add_argument("--export-checkpoint", type=Path, default=None, metavar="DEST",
+                   help="train nothing: convert --out's latest sharded checkpoint (from "
+                   "--shard/--ep) into DEST/ckpt-<step>, the single-file format")
     p.set_defaults(func=run)
 
 
@@ -131,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     """Build, train, print the summary; a TrainError prints as one line and exits 1."""
     if args.nproc is not None:
         return _launch(args)
+    if args.export_checkpoint is not None:
+        return _export(args)
     from blockdsl.train import TrainConfig, TrainError
     from blockdsl.train.spec import train_spec
 
@@ -164,6 +169,30 @@ def run(args: argparse.Namespace) -> int:
         else:
             _print_summary(result, done.task)
     return 130 if result.stopped_by == "interrupt" else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """`--export-checkpoint DEST`: a sharded checkpoint of --out as a single-file one."""
+    import blockdsl
+    from blockdsl.train import TrainError
+    from blockdsl.train.checkpoint import latest_checkpoint, to_single_file
+
+    if args.out is None:
+        print("error: --export-checkpoint needs --out, the run folder holding the sharded "
+              "checkpoint", file=sys.stderr)
+        return 2
+    try:
+        src = latest_checkpoint(args.out)
+        if src is None or not (src / "dcp").is_dir():
+            raise TrainError(f"{args.out} has no sharded checkpoint ('latest' naming a folder "
+                             "with dcp/); single-file checkpoints need no conversion")
+        model = blockdsl.build(args.spec, args.model, device="cpu")
+        dest = to_single_file(src, model, args.export_checkpoint)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {dest}")
+    return 0
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -239,3 +239,22 @@ def load_checkpoint(path: Path, model: nn.Module,
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrainError(f"checkpoint {path} is corrupt or incompatible: {reason}") from None
     return state
+
+
+def to_single_file(src: Path, model: nn.Module, out: Path, keep: int = 2) -> Path:
+    """Convert the sharded checkpoint folder `src` into out/ckpt-<step> in the single-file
+    format (model.safetensors + train_state.pt) that `load_checkpoint` and the rest of
+    blockdsl read, in this one process; `model` is the spec's model, freshly built.
+
+    The optimizer state, RNG state, step and run state are carried over, so the converted
+    checkpoint also resumes (in one process or plain data parallel). Returns the folder.
+    """
+    from blockdsl.train.optim import make_adamw, param_groups
+
+    device = next(model.parameters()).device
+    opt = make_adamw(param_groups(model, 0.0), 1e-3, (0.9, 0.95), device)  # groups: restored
+    state = load_checkpoint(src, model, opt)
+    rng = state.pop("rng")
+    set_rng_state(rng)  # save_checkpoint records the current RNG state
+    out.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(out, int(state["step"]), model, opt, state, keep)

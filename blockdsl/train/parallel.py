@@ -20,13 +20,14 @@
 - Checkpoints: `torch.distributed.checkpoint` (DCP) of the model and optimizer state dicts,
   expert blocks presented as DTensors sharded along dim 0 so DCP records global shapes and
   offsets; so a checkpoint saved at one world size (or layout) loads at another, or in one
-  process, and `to_single_file` converts it to the folder format the rest of blockdsl reads.
+  process, and `checkpoint.to_single_file` converts it to the folder format the rest of blockdsl reads.
 
 Device-agnostic: the mesh takes the device type of the run (NCCL on CUDA, gloo on CPU).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ def check_layout(world: int, shard: str, ep: int) -> None:
     if shard not in SHARDING:
         raise TrainError(f"shard {shard!r} is not one of {', '.join(SHARDING)}")
     if ep < 1 or world % ep:
-        raise TrainError(f"--ep {ep} must divide the number of processes ({world})")
+        raise TrainError(f"--ep {ep} must divide the number of processes ({world}); start "
+                         "several with --nproc N or torchrun")
 
 
 @dataclass
@@ -77,11 +79,13 @@ class Parallel:
         return self.shard != "none" or self.ep > 1
 
     @classmethod
-    def setup(cls, model: nn.Module, dist: Dist, shard: str, ep: int, precision: str) -> Parallel:
+    def setup(cls, model: nn.Module, dist: Dist, shard: str, ep: int,
+              precision: str) -> Parallel | None:
+        """Shard `model` in place; a run of one process has nothing to shard (None)."""
         check_layout(dist.world, shard, ep)
         par = cls(dist, shard, ep)
-        if not par.active or dist.world == 1 and ep == 1 and shard == "none":
-            return par
+        if not par.active or dist.world == 1:
+            return None
         from torch.distributed.device_mesh import init_device_mesh
 
         par.mesh = init_device_mesh(dist.device.type, (dist.world // ep, ep),
@@ -268,7 +272,10 @@ def load_sharded(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | No
     from torch.distributed.tensor import DTensor
 
     sd = _state_dicts(model, opt, par)
-    dcp.load(sd, checkpoint_id=str(folder), no_dist=par is None or not par.active)
+    no_dist = par is None or not par.active
+    with warnings.catch_warnings():  # DCP warns that one process reads alone: that is meant
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(sd, checkpoint_id=str(folder), no_dist=no_dist)
     names = {n for v in (par.experts if par else {}).values() for n in v}
     unwrap = lambda k, v: v.to_local() if k in names and isinstance(v, DTensor) else v  # noqa: E731
     msd = {k: unwrap(k, v) for k, v in sd["model"].items()}
@@ -279,22 +286,3 @@ def load_sharded(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | No
     osd = {k: unwrap(_state_fqn(k), v) for k, v in sd["optim"].items()}
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd, options=_flat())
 
-
-def to_single_file(src: Path, model: nn.Module, out: Path, keep: int = 2) -> Path:
-    """Convert the sharded checkpoint folder `src` into out/ckpt-<step> in the single-file
-    format (model.safetensors + train_state.pt) that `load_checkpoint` and the rest of
-    blockdsl read, in this one process; `model` is the spec's model, freshly built.
-
-    The optimizer state, RNG state, step and run state are carried over, so the converted
-    checkpoint also resumes (in one process or plain data parallel). Returns the folder.
-    """
-    from blockdsl.train import checkpoint as checkpoints
-    from blockdsl.train.optim import make_adamw, param_groups
-
-    device = next(model.parameters()).device
-    opt = make_adamw(param_groups(model, 0.0), 1e-3, (0.9, 0.95), device)  # groups: restored
-    state = checkpoints.load_checkpoint(src, model, opt)
-    rng = state.pop("rng")
-    checkpoints.set_rng_state(rng)  # save_checkpoint records the current RNG state
-    out.mkdir(parents=True, exist_ok=True)
-    return checkpoints.save_checkpoint(out, int(state["step"]), model, opt, state, keep)
