@@ -2,7 +2,7 @@
 
 Usage (under torchrun): python tests/dist_cases.py CASES.json RESULT.json
 CASES.json is a list of {"spec", "shard", "ep", "steps", "out", "resume",
-"batch", "data"}; every rank trains each case in turn through `blockdsl.train.spec.train_spec`
+"batch", "data", "precision", "accum"}; every rank trains each case in turn through `blockdsl.train.spec.train_spec`
 (the path `blockdsl train` runs), and rank 0 writes one result per case: the per-step
 losses, the final val loss, and this layout's parameter and optimizer bytes per rank.
 One launch runs many cases because starting processes and importing torch costs more
@@ -40,7 +40,8 @@ def make_config(c: dict) -> object:
     from blockdsl.train.config import TrainConfig
 
     return TrainConfig(steps=c["steps"], batch_size=c.get("batch", 8), seq_len=32, lr=3e-3,
-                       warmup=2, min_lr_ratio=1.0, precision="fp32", eval_every=10,
+                       warmup=2, min_lr_ratio=1.0, precision=c.get("precision", "fp32"),
+                       accum=c.get("accum", 1), eval_every=10,
                        eval_batches=2, log_every=5, seed=0, out=c["out"], device="cpu",
                        quiet=True, resume=c.get("resume", False), shard=c.get("shard", "none"),
                        ep=c.get("ep", 1), data=c.get("data"))

@@ -176,7 +176,7 @@ class _Run:
         cfg, model, ckpt, found = self.cfg, self.model, self.ckpt, self.found
         self.par: Parallel | None = None
         if cfg.shard != "none" or cfg.ep > 1:
-            self.par = Parallel.setup(model, self.dist, cfg.shard, cfg.ep, cfg.precision)
+            self.par = Parallel.setup(model, self.dist, cfg.shard, cfg.ep)
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = param_groups(model, cfg.weight_decay)
         if self.par is not None:

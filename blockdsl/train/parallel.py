@@ -7,7 +7,8 @@
   (dp, ep) mesh, ep the inner dim: ranks r and r+1 share an EP group, so an EP group's
   batch slices are adjacent. Expert weights are replicated over dp and their gradients
   summed over it.
-- `--shard fsdp`: FSDP2 `fully_shard` (torch's own, as torchtitan uses it) over all ranks:
+- `--shard fsdp`: FSDP2 `fully_shard` (torch's own, as torchtitan uses it) over all ranks,
+  with fp32 weights and gradient reduction under the run's autocast (see `_fully_shard`):
   first every layer shared by several applications (one FSDP unit, sharded once), then each
   block application unit, then the root. Expert weights under EP are left out
   (`ignored_params`): they are already split E-wise, and sharding them again over dp is not
@@ -79,8 +80,7 @@ class Parallel:
         return self.shard != "none" or self.ep > 1
 
     @classmethod
-    def setup(cls, model: nn.Module, dist: Dist, shard: str, ep: int,
-              precision: str) -> Parallel | None:
+    def setup(cls, model: nn.Module, dist: Dist, shard: str, ep: int) -> Parallel | None:
         """Shard `model` in place; a run of one process has nothing to shard (None)."""
         check_layout(dist.world, shard, ep)
         par = cls(dist, shard, ep)
@@ -93,7 +93,7 @@ class Parallel:
         if ep > 1:
             par._split_experts(model)
         if shard == "fsdp":
-            par._fully_shard(model, precision)
+            par._fully_shard(model)
         return par
 
     def _split_experts(self, model: nn.Module) -> None:
@@ -120,13 +120,15 @@ class Parallel:
                 fqns.setdefault(id(p), []).append(name)
         self.experts = {k: tuple(v) for k, v in fqns.items()}
 
-    def _fully_shard(self, model: nn.Module, precision: str) -> None:
+    def _fully_shard(self, model: nn.Module) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         world_mesh = self.mesh._flatten("dp_ep") if self.ep > 1 else self.mesh["dp"]
-        mp = MixedPrecisionPolicy()
-        if precision == "bf16":  # gather weights in bf16, reduce gradients in fp32
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # --precision is honoured as in one process: bf16 is autocast over fp32 weights.
+        # FSDP's own bf16 parameter cast would halve the all-gather but also round the
+        # routers' and norms' weights, which one process keeps in fp32 (routers run in
+        # fp32 so that top-k choices do not flip with precision): fp32 gathers it is.
+        mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         ignored = {p for p in model.parameters() if id(p) in self.experts}
         kw = {"mesh": world_mesh, "mp_policy": mp, "ignored_params": ignored or None}
         uses: dict[int, int] = {}
