@@ -140,15 +140,26 @@ def save_sharded_checkpoint(out: Path, step: int, model: nn.Module,
     tdist.barrier()
     save_sharded(tmp / "dcp", model, optimizer, par)
     tdist.barrier()
+    error: OSError | None = None
     if main:
         try:
             torch.save({"rng": _rng_state(), **state}, tmp / "train_state.pt")
             meta = {"step": step, "format": "dcp", "files": _sha_files(tmp)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             _publish(out, tmp, final, keep)
+        except OSError as e:
+            error = e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # every rank learns whether rank 0 published it, so none waits in a later collective
+    failed = par.dist.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0]))[0] > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise OSError("rank 0 could not publish the checkpoint (see its error)")
     return final
 
 

@@ -6,7 +6,10 @@ Design choices, each for a reason:
   run with gradient accumulation all see the same examples as the straight single run,
   and `batch_size` means the same thing whatever the memory knobs.
 - Gradients are averaged across ranks with one flat all-reduce per step instead of
-  wrapping in DistributedDataParallel (see `dist.Dist`).
+  wrapping in DistributedDataParallel (see `dist.Dist`). `shard`/`ep` runs go through the
+  same step with `parallel.Parallel`'s gradient reduction and clipping hooks; the model is
+  broadcast from rank 0 before it is cut up, and evaluation then splits every batch's rows
+  over the ranks (every rank must run every forward: they hold collectives).
 - The learning-rate schedule is a function of progress in [0, 1], the larger of
   step/total-steps and train-seconds/budget-seconds, so a wall-clock budget (fixed-time
   trials, where faster models take more steps) still ends its cosine at the budget.
