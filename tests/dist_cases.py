@@ -1,10 +1,11 @@
 """Run several training cases in one torchrun launch (the distributed tests' worker).
 
 Usage (under torchrun): python tests/dist_cases.py CASES.json RESULT.json
-CASES.json is a list of {"spec", "shard", "ep", "steps", "out", "resume",
-"batch", "data", "precision", "accum"}; every rank trains each case in turn through `blockdsl.train.spec.train_spec`
-(the path `blockdsl train` runs), and rank 0 writes one result per case: the per-step
-losses, the final val loss, and this layout's parameter and optimizer bytes per rank.
+CASES.json is a list of {"spec", "steps", "out", and optionally "shard", "ep", "resume",
+"batch", "data", "precision", "accum"}; every rank trains each case in turn through
+`blockdsl.train.spec.train_spec` (the path `blockdsl train` runs), and rank 0 writes one
+result per case: the per-step losses, the final val loss, and the parameter elements this
+rank holds (all, and of experts).
 One launch runs many cases because starting processes and importing torch costs more
 than the tiny runs themselves.
 """
