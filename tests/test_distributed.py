@@ -157,10 +157,10 @@ def _built(spec: str):  # noqa: ANN202
 
 
 def _expert_elems(model) -> int:  # noqa: ANN001
-    from blockdsl.train.parallel import _expert_modules
+    from blockdsl.train.parallel import _expert_modules, _weights_of
 
-    return sum(p.numel() for m in _expert_modules(model) for n, p in m.named_parameters(recurse=False)
-               if n in {"w1", "b1", "w2", "b2", "keys", "values", "v", "o"})
+    return sum(getattr(m, w).numel() for m in _expert_modules(model) for w in _weights_of(m)
+               if getattr(m, w) is not None)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

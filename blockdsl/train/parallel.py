@@ -38,22 +38,28 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from blockdsl.nn.expert_parallel import ExpertParallel
+from blockdsl.nn.moe import ExpertChoiceMoE, SigmaMoE, TopKMoE
+from blockdsl.nn.switchhead import SwitchHeadAttention
 from blockdsl.names import SHARDING
 from blockdsl.train.config import TrainError
 from blockdsl.train.dist import Dist
 
-EXPERT_WEIGHTS = {"TopKMoE": ("w1", "b1", "w2", "b2"), "ExpertChoiceMoE": ("w1", "b1", "w2", "b2"),
-                  "SigmaMoE": ("keys", "values"), "SwitchHeadAttention": ("v", "o")}
+# the stacked [E, ...] expert weights of each routed module type (the rest stays whole)
+EXPERT_WEIGHTS: dict[type, tuple[str, ...]] = {
+    TopKMoE: ("w1", "b1", "w2", "b2"), ExpertChoiceMoE: ("w1", "b1", "w2", "b2"),
+    SigmaMoE: ("keys", "values"), SwitchHeadAttention: ("v", "o"),
+}
+
+
+def _weights_of(m: nn.Module) -> tuple[str, ...]:
+    return next((w for t, w in EXPERT_WEIGHTS.items() if isinstance(m, t)), ())
 
 
 def _expert_modules(model: nn.Module) -> list[nn.Module]:
-    """Distinct routed modules with stacked experts (a shared one once)."""
-    out = []
-    for m in model.modules():  # yields a shared module once
-        name = type(m).__name__
-        if name in EXPERT_WEIGHTS and not (name == "SwitchHeadAttention" and m.experts == 1):
-            out.append(m)
-    return out
+    """Distinct routed modules with stacked experts (a shared one once). SwitchHead with
+    one expert per head has dense V/O and no routing: nothing to split."""
+    return [m for m in model.modules()  # yields a shared module once
+            if _weights_of(m) and not (isinstance(m, SwitchHeadAttention) and m.experts == 1)]
 
 
 def check_layout(world: int, shard: str, ep: int) -> None:
@@ -103,7 +109,7 @@ class Parallel:
         fqns: dict[int, list[str]] = {}
         mods = _expert_modules(model)
         for m in mods:
-            for attr in EXPERT_WEIGHTS[type(m).__name__]:
+            for attr in _weights_of(m):
                 p = getattr(m, attr)
                 if p is None:
                     continue
@@ -113,7 +119,7 @@ class Parallel:
                     raise TrainError(f"{type(m).__name__}: {e}; choose --ep dividing it") from None
                 setattr(m, attr, nn.Parameter(p.detach()[lo:hi].clone()))
             m.ep = ctx
-        ids = {id(getattr(m, a)) for m in mods for a in EXPERT_WEIGHTS[type(m).__name__]
+        ids = {id(getattr(m, a)) for m in mods for a in _weights_of(m)
                if getattr(m, a) is not None}
         for name, p in model.named_parameters(remove_duplicate=False):
             if id(p) in ids:
