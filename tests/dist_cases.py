@@ -48,12 +48,62 @@ def make_config(c: dict) -> object:
                        ep=c.get("ep", 1), data=c.get("data"))
 
 
+def check_mixture(impl: str, lopsided: bool) -> float:
+    """`ExpertParallel.mixture` against `expert_mixture` on the whole problem: outputs and
+    the gradients of rows, gates and expert weights, max abs difference over all ranks.
+
+    Every rank draws the same global problem (seeded), keeps its rows and the assignments
+    of its rows, and its block of experts. Some assignments are dropped (id E). `lopsided`:
+    every assignment goes to rank 0's experts and only rank 0 has any, so the other ranks
+    send and receive nothing and must still take part in both exchanges.
+    """
+    from blockdsl.nn.dispatch import expert_mixture
+    from blockdsl.nn.expert_parallel import ExpertParallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(7)
+    n, d, f, e, m = 6 * world, 8, 12, 2 * world, 40
+    x = torch.randn(n, d, generator=g)
+    w1, b1 = torch.randn(e, d, f, generator=g) / 3, torch.randn(e, f, generator=g)
+    w2, b2 = torch.randn(e, f, d, generator=g) / 3, torch.randn(e, d, generator=g)
+    src = torch.randint(0, n // world if lopsided else n, (m,), generator=g)
+    expert = torch.randint(0, e // world if lopsided else e, (m,), generator=g)
+    expert[::7] = e  # dropped
+    gate = torch.rand(m, generator=g)
+    probe = torch.randn(n, d, generator=g)
+    full = [t.clone().requires_grad_() for t in (x, gate, w1, b1, w2, b2)]
+    out = expert_mixture(full[0], src, expert, full[1], *full[2:], activation="gelu",
+                         impl=impl, skipped=True)
+    (out * probe).sum().backward()
+    per, lo = n // world, rank * (n // world)
+    mine = (src >= lo) & (src < lo + per)
+    elo, ehi = rank * (e // world), (rank + 1) * (e // world)
+    part = [x[lo: lo + per], gate[mine]] + [t[elo:ehi] for t in (w1, b1, w2, b2)]
+    part = [t.clone().requires_grad_() for t in part]
+    ep = ExpertParallel(dist.group.WORLD, rank, world, dist.group.WORLD, rank, world)
+    got = ep.mixture(part[0], src[mine] - lo, expert[mine], part[1], *part[2:],
+                     activation="gelu", impl=impl, skipped=True)
+    (got * probe[lo: lo + per]).sum().backward()
+    want = [out[lo: lo + per], full[0].grad[lo: lo + per], full[1].grad[mine]]
+    want += [t.grad[elo:ehi] for t in full[2:]]
+    have = [got, part[0].grad, part[1].grad] + [t.grad for t in part[2:]]
+    # an expert no row reached has no gradient here; the reference's is zero
+    have = [torch.zeros_like(w) if h is None else h for h, w in zip(have, want, strict=True)]
+    err = torch.tensor([max(float((h - w).detach().abs().max()) if w.numel() else 0.0
+                            for h, w in zip(have, want, strict=True))])
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    return float(err[0])
+
+
 def main() -> None:
     cases = json.loads(Path(sys.argv[1]).read_text())
     dist.init_process_group("gloo")  # Dist.setup then joins it and leaves it open
     from blockdsl.train import spec as spec_mod
     results = []
     for c in cases:
+        if "mixture" in c:
+            results.append({"err": check_mixture(c["mixture"], c.get("lopsided", False))})
+            continue
         seen: dict[str, object] = {}
         orig = spec_mod.train
 

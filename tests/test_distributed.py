@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from blockdsl.names import DISPATCH_BACKENDS
 from tests.dist_cases import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTED = str(ROOT / "tests/specs/dist_routed.block")
 GPT = str(ROOT / "specs/tiny/gpt.block")
 WIDENET = str(ROOT / "specs/tiny/widenet.block")
+IMPLS = DISPATCH_BACKENDS  # every backend `expert_mixture` has
 TOL = dict(rel=2e-4, abs=2e-4)  # fp32, different reduction orders; 20 AdamW steps
 # the launches take ~1 min on an idle 2-core machine, several times that when it is shared
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -71,6 +73,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"spec": ROUTED, "ep": 2, "steps": 20, "out": str(tmp / "resume2"), "resume": True},
         {"spec": ROUTED, "ep": 2, "shard": "fsdp", "steps": 5, "precision": "bf16",
          "out": str(tmp / "bf16")},
+        *({"mixture": impl, "lopsided": lop} for impl in IMPLS for lop in (False, True)),
     ], tmp, "two")
     return {"tmp": tmp, "four": four, "two": two}
 
@@ -123,6 +126,15 @@ def test_bf16_follows_autocast_as_in_one_process(runs: dict, single: dict) -> No
     got, ref = runs["two"][4], single["bf16"]
     assert got["losses"] == pytest.approx(ref["losses"], rel=5e-3)
     assert got["losses"] != pytest.approx(single["routed"]["losses"][:5], rel=1e-5)  # not fp32
+
+
+def test_expert_exchange_equals_the_whole_mixture_on_every_backend(runs: dict) -> None:
+    """The exchange under each dispatch backend, forward and backward (rows, gates, expert
+    weights), with dropped assignments, and with ranks that have nothing to send."""
+    got = runs["two"][5:]
+    assert len(got) == 2 * len(IMPLS)
+    for case, r in zip(((i, lop) for i in IMPLS for lop in (False, True)), got, strict=True):
+        assert r["err"] < 1e-4, case
 
 
 def test_save_at_4_resume_at_2_and_at_1_equals_uninterrupted(runs: dict, single: dict) -> None:
