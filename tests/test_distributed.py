@@ -66,6 +66,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ], tmp, "four")
     for name in ("resume2", "resume1", "convert"):
         shutil.copytree(saved, tmp / name)
+    _single({"spec": ROUTED, "steps": 10, "out": str(tmp / "from-single")})  # single-file
     two = _torchrun(2, [
         {"spec": GPT, "shard": "fsdp", "steps": 20, "accum": 2, "out": str(tmp / "gpt-fsdp")},
         {"spec": ROUTED, "ep": 2, "steps": 20, "out": str(tmp / "ep2")},
@@ -74,6 +75,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"spec": ROUTED, "ep": 2, "shard": "fsdp", "steps": 5, "precision": "bf16",
          "out": str(tmp / "bf16")},
         *({"mixture": impl, "lopsided": lop} for impl in IMPLS for lop in (False, True)),
+        {"spec": ROUTED, "ep": 2, "shard": "fsdp", "steps": 20, "out": str(tmp / "from-single"),
+         "resume": True},
     ], tmp, "two")
     return {"tmp": tmp, "four": four, "two": two}
 
@@ -131,8 +134,7 @@ def test_bf16_follows_autocast_as_in_one_process(runs: dict, single: dict) -> No
 def test_expert_exchange_equals_the_whole_mixture_on_every_backend(runs: dict) -> None:
     """The exchange under each dispatch backend, forward and backward (rows, gates, expert
     weights), with dropped assignments, and with ranks that have nothing to send."""
-    got = runs["two"][5:]
-    assert len(got) == 2 * len(IMPLS)
+    got = runs["two"][5: 5 + 2 * len(IMPLS)]
     for case, r in zip(((i, lop) for i in IMPLS for lop in (False, True)), got, strict=True):
         assert r["err"] < 1e-4, case
 
@@ -146,6 +148,12 @@ def test_save_at_4_resume_at_2_and_at_1_equals_uninterrupted(runs: dict, single:
     one = _single({"spec": ROUTED, "steps": 20, "out": str(tmp / "resume1"), "resume": True})
     assert one["losses"] == pytest.approx(ref[10:], **TOL)  # resumed in one process
     assert one["val"] == pytest.approx(single["routed"]["val"], **TOL)
+
+
+def test_a_single_file_checkpoint_resumes_sharded(runs: dict, single: dict) -> None:
+    """Saved by one process, resumed with FSDP + EP 2: each rank cuts out its part."""
+    got = runs["two"][5 + 2 * len(IMPLS)]
+    assert got["losses"] == pytest.approx(single["routed"]["losses"][10:], **TOL)
 
 
 def test_sharded_checkpoint_converts_to_the_single_file_format(runs: dict, single: dict) -> None:

@@ -233,8 +233,11 @@ def load_checkpoint(path: Path, model: nn.Module,
             load_sharded(path / "dcp", model, optimizer, par)
             return torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
         if par is not None and par.active:
-            raise TrainError(f"checkpoint {path} is a single-file checkpoint: resume it without "
-                             "--shard/--ep (sharded runs resume sharded checkpoints)")
+            from blockdsl.train.parallel import load_whole
+
+            state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+            load_whole(path / "model.safetensors", state.pop("optimizer"), model, optimizer, par)
+            return state
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise ValueError(

@@ -294,3 +294,55 @@ def load_sharded(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | No
     osd = {k: unwrap(_state_fqn(k), v) for k, v in sd["optim"].items()}
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd, options=_flat())
 
+
+
+def load_whole(weights: Path, optim_state: dict[str, Any], model: nn.Module,
+               opt: torch.optim.Optimizer | None, par: Parallel) -> None:
+    """Load a single-file checkpoint (whole tensors) into this rank's part of a sharded run.
+
+    Each rank reads the whole file and keeps its part: a DTensor parameter its shard
+    (`distribute_tensor` with the parameter's own mesh and placements), an expert block its
+    rows. The optimizer state of a single-file checkpoint is keyed by position in the
+    unsharded AdamW groups (`optim.param_groups`: matrices, then gains and biases); cutting
+    a model up keeps its parameters' order, so position i is the same parameter here.
+    """
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from blockdsl.train.optim import param_groups
+
+    whole = load_file(str(weights))
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)  # save_model keeps one name of a shared one
+
+    def part(p: Tensor, full: Tensor) -> Tensor:
+        """This rank's part of `full`, shaped like p (a DTensor for a DTensor)."""
+        full = full.to(p.device)
+        if isinstance(p, DTensor):  # every rank has the whole tensor: slice, send nothing
+            return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        if id(p) in par.experts:
+            lo = par.mesh.get_local_rank("ep") * p.shape[0]
+            return full[lo: lo + p.shape[0]]
+        return full
+
+    params = [p for g in param_groups(model, 0.0) for p in g["params"]]
+    with torch.no_grad():
+        for p in params:
+            name = next((n for n in aliases[id(p)] if n in whole), None)
+            if name is None:
+                raise ValueError(f"weights do not fit this model (missing {aliases[id(p)][0]})")
+            local = p.to_local() if isinstance(p, DTensor) else p
+            new = part(p, whole[name])
+            local.copy_(new.to_local() if isinstance(new, DTensor) else new)
+        for name, b in model.named_buffers():
+            if name in whole:
+                b.copy_(whole[name])
+    if opt is None:
+        return
+    saved = optim_state["state"]
+    for i, p in enumerate(params):
+        if i not in saved:
+            continue
+        opt.state[p] = {k: (part(p, v).clone() if v.ndim > 0 else v.to(p.device).clone())
+                        if torch.is_tensor(v) else v for k, v in saved[i].items()}
