@@ -129,7 +129,11 @@ class Parallel:
     def _fully_shard(self, model: nn.Module) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        world_mesh = self.mesh._flatten("dp_ep") if self.ep > 1 else self.mesh["dp"]
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # every rank in one dim: FSDP shards the non-expert parameters over all of them
+        world_mesh = init_device_mesh(self.dist.device.type, (self.dist.world,),
+                                      mesh_dim_names=("fsdp",))
         # --precision is honoured as in one process: bf16 is autocast over fp32 weights.
         # FSDP's own bf16 parameter cast would halve the all-gather but also round the
         # routers' and norms' weights, which one process keeps in fp32 (routers run in
