@@ -39,6 +39,9 @@ assert tuple(NORMS_PER_PLACEMENT) == PLACEMENTS
 # Numeric precisions a run (train, search, compile --tune) may use; see blockdsl/device.py.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp32-medium", "bf16")
 
+# How `blockdsl train --shard` lays parameters over ranks: none (replicated) or FSDP2.
+SHARDING: tuple[str, ...] = ("none", "fsdp")
+
 # Search samplers ("auto": TPE for one objective, NSGA-II for several; built by
 # search/samplers.py) and start designs (search/arch.py's neighbourhood, or Optuna's
 # random start-up trials).

@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", help="journal file path, or an RDB URL such as "
                    "postgresql://user:pw@host/db (default: studies/<study>.journal)")
     p.add_argument("--workers", type=C.positive_int, default=None,
-                   help="local worker processes (default 1; each uses --threads torch threads)")
+                   help="local worker processes (default 1; each uses --threads torch threads; "
+                   "with --device cuda and several GPUs, each worker gets its own)")
     p.add_argument("--threads", type=C.positive_int, help="torch threads per worker (default 1: these models "
                    "are too small to gain from more, and lose badly when cores are shared)")
     p.add_argument("--clock", choices=["wall", "paired"],

@@ -109,6 +109,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files (the metrics.jsonl scalars) to "
                    "<out>/tb; needs pip install 'blockdsl[tensorboard]'")
+    from blockdsl.names import SHARDING
+
+    p.add_argument("--shard", choices=SHARDING, default="none",
+                   help="fsdp: shard parameters, gradients and optimizer state over the "
+                   "processes (FSDP2); none: every process holds the whole model")
+    p.add_argument("--ep", type=_POS_INT, default=1,
+                   help="expert parallelism: split each routed layer's experts over this "
+                   "many processes (must divide the process count)")
+    p.add_argument("--nproc", type=_POS_INT, default=None,
+                   help="launch this many local processes with torchrun (one per GPU when "
+                   "there are GPUs); across machines run torchrun yourself (see README)")
+    p.add_argument("--export-checkpoint", type=Path, default=None, metavar="DEST",
+                   help="train nothing: convert --out's latest sharded checkpoint (from "
+                   "--shard/--ep) into DEST/ckpt-<step>, the single-file format")
     p.set_defaults(func=run)
 
 
@@ -118,6 +132,10 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Build, train, print the summary; a TrainError prints as one line and exits 1."""
+    if args.nproc is not None:
+        return _launch(args)
+    if args.export_checkpoint is not None:
+        return _export(args)
     from blockdsl.train import TrainConfig, TrainError
     from blockdsl.train.spec import train_spec
 
@@ -128,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
             eval_every=args.eval_every, eval_batches=args.eval_batches or None, seed=args.seed,
             out=args.out, resume=args.resume, ckpt_every=args.ckpt_every, device=args.device,
-            quiet=args.quiet or args.json,
+            quiet=args.quiet or args.json, shard=args.shard, ep=args.ep,
         )
         done = train_spec(args.spec, args.model, cfg, default_steps=DEFAULT_STEPS,
                           data_dtype=args.data_dtype, force=args.force,
@@ -151,6 +169,62 @@ def run(args: argparse.Namespace) -> int:
         else:
             _print_summary(result, done.task)
     return 130 if result.stopped_by == "interrupt" else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """`--export-checkpoint DEST`: a sharded checkpoint of --out as a single-file one."""
+    import blockdsl
+    from blockdsl.train import TrainError
+    from blockdsl.train.checkpoint import latest_checkpoint, to_single_file
+
+    if args.out is None:
+        print("error: --export-checkpoint needs --out, the run folder holding the sharded "
+              "checkpoint", file=sys.stderr)
+        return 2
+    try:
+        src = latest_checkpoint(args.out)
+        if src is None or not (src / "dcp").is_dir():
+            raise TrainError(f"{args.out} has no sharded checkpoint ('latest' naming a folder "
+                             "with dcp/); single-file checkpoints need no conversion")
+        model = blockdsl.build(args.spec, args.model, device="cpu")
+        dest = to_single_file(src, model, args.export_checkpoint)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {dest}")
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`--nproc N`: run this same command under `torchrun --standalone` with N processes.
+
+    The child command is this process's own arguments without --nproc; torchrun picks a
+    free port (--standalone) and its exit status is ours.
+    """
+    import subprocess
+
+    if "WORLD_SIZE" in os.environ:
+        print("error: --nproc inside a torchrun launch; drop --nproc (torchrun already "
+              "started the processes)", file=sys.stderr)
+        return 2
+    if args.nproc % args.ep:
+        print(f"error: --ep {args.ep} must divide --nproc {args.nproc}; hint: pick --ep from "
+              f"the divisors of {args.nproc}", file=sys.stderr)
+        return 2
+    argv, skip = [], False
+    for word in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif word == "--nproc":
+            skip = True
+        elif not word.startswith("--nproc="):
+            argv.append(word)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", "-m", "blockdsl.cli", *argv]
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    except KeyboardInterrupt:
+        return 130
 
 
 def _json_summary(r: Any) -> dict[str, Any]:

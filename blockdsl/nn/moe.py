@@ -74,7 +74,11 @@ class _StackedExperts(nn.Module):
 
     Parameters: router d*E; w1 E*d*g*d_ff (g = 2 if gated); w2 E*d_ff*d; with bias b1
     E*g*d_ff and b2 E*d; plus the shared FeedForward when shared_d_ff > 0.
+    `ep`: set by expert parallelism (`nn.expert_parallel`) on a model whose expert
+    weights it sharded; None runs everything here.
     """
+
+    ep = None
 
     def __init__(
         self,
@@ -117,6 +121,7 @@ class _StackedExperts(nn.Module):
         out = expert_mixture(
             x, token, expert, gate, self.w1, self.b1, self.w2, self.b2,
             activation=self.activation, impl=self.dispatch, skipped=skipped, max_load=max_load,
+            ep=self.ep,
         )  # fmt: skip
         if self.shared is not None:
             out = out + self.shared(x)
@@ -223,6 +228,8 @@ class TopKMoE(_StackedExperts):
         return pos < cap
 
     def forward(self, x: Tensor, x_norm: Tensor | None = None) -> Tensor:
+        if self.ep is not None:  # routing over the global batch, experts on their ranks
+            return self.ep.routed_forward(self, x, x_norm)
         b, t, d = x.shape
         sel = (x if x_norm is None else x_norm).reshape(b * t, d)
         token, expert, gate, skipped = self.route(sel)
@@ -282,6 +289,8 @@ class ExpertChoiceMoE(_StackedExperts):
         return flat(token), flat(expert), flat(gate)
 
     def forward(self, x: Tensor, x_norm: Tensor | None = None) -> Tensor:
+        if self.ep is not None:  # routing over the global batch, experts on their ranks
+            return self.ep.routed_forward(self, x, x_norm)
         b, t, d = x.shape
         sel = (x if x_norm is None else x_norm).reshape(b * t, d)
         token, expert, gate = self.route(sel, b, t)
@@ -300,8 +309,10 @@ class SigmaMoE(nn.Module):
     training each (token, expert) score is masked with probability p before the top-k; the
     gates of the chosen experts are their unmasked scores. Init per MoEUT: std scale
     sqrt(2 / n_applications), where n_applications is the number of layer applications in
-    the whole stack (MoEUT: n_layers = G x repeats).
+    the whole stack (MoEUT: n_layers = G x repeats). `ep`: see `_StackedExperts`.
     """
+
+    ep = None
 
     def __init__(
         self,
@@ -355,6 +366,6 @@ class SigmaMoE(nn.Module):
         token = torch.arange(n, device=x.device).repeat_interleave(self.k)
         out = expert_mixture(
             x.reshape(n, d), token, idx.reshape(-1), gate.reshape(-1), self.keys, None,
-            self.values, None, activation=self.activation, impl=self.dispatch,
+            self.values, None, activation=self.activation, impl=self.dispatch, ep=self.ep,
         )  # fmt: skip
         return out.view(b, t, d)

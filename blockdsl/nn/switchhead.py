@@ -37,8 +37,11 @@ class SwitchHeadAttention(nn.Module):
     softmax marginal (V and O separately), pooled over time and applications, times
     -entropy_weight. With experts == 1 there is no selection and no regulariser; `k` is
     then unused. Init per MoEUT with std scale sqrt(2 / n_applications), n_applications =
-    the number of layer applications in the whole stack.
+    the number of layer applications in the whole stack. `ep`: set by expert parallelism
+    (`nn.expert_parallel`) when v and o hold this rank's block of rows; None: all here.
     """
+
+    ep = None
 
     def __init__(
         self,
@@ -122,7 +125,7 @@ class SwitchHeadAttention(nn.Module):
             row, gate = self._select(xq, self.sel_v, "v")
             v = expert_mixture(
                 x.reshape(n, d), token, row, gate, self.v,
-                dst=token * h + head, n_out=n * h, impl=self.dispatch,
+                dst=token * h + head, n_out=n * h, impl=self.dispatch, ep=self.ep,
             )  # fmt: skip
             v = v.view(b, t, h, dh).transpose(1, 2)
 
@@ -138,6 +141,6 @@ class SwitchHeadAttention(nn.Module):
         row, gate = self._select(xq, self.sel_o, "o")
         out = expert_mixture(
             att.reshape(n * h, dh), token * h + head, row, gate, self.o,
-            dst=token, n_out=n, impl=self.dispatch,
+            dst=token, n_out=n, impl=self.dispatch, ep=self.ep,
         )  # fmt: skip
         return out.view(b, t, d)

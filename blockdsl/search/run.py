@@ -177,12 +177,32 @@ def run_workers(setup: Setup, workers: int = 1, on_event: Event | None = None,
     return Outcome(failed_workers=_run_processes(setup, workers, watch or (lambda: None)))
 
 
+def worker_env(index: int, device: str, env: dict[str, str], gpus: int) -> dict[str, str]:
+    """Worker `index`'s environment: on a machine with several GPUs and device "cuda", its
+    own GPU (worker i sees only GPU i mod count, as its "cuda"), so N workers on N GPUs
+    train side by side instead of N on GPU 0. An existing CUDA_VISIBLE_DEVICES list is
+    what is divided; a device with an index ("cuda:1") or the CPU is left as asked.
+    """
+    if device != "cuda" or gpus < 2:
+        return env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    ids = ids[:gpus] or [str(g) for g in range(gpus)]
+    return {**env, "CUDA_VISIBLE_DEVICES": ids[index % len(ids)]}
+
+
 def _run_processes(setup: Setup, workers: int, watch: Callable[[], None]) -> list[tuple[int, int]]:
     space_file = str(Path(setup.space.file).resolve())
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    gpus = 0
+    if str(setup.cfg.device) == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
     procs = [subprocess.Popen([sys.executable, "-m", "blockdsl.search", setup.name,
                                setup.storage_url, str(i), space_file, setup.space.name],
-                              env=env, stdout=subprocess.DEVNULL) for i in range(workers)]
+                              env=worker_env(i, str(setup.cfg.device), env, gpus),
+                              stdout=subprocess.DEVNULL) for i in range(workers)]
     try:
         while any(p.poll() is None for p in procs):
             watch()

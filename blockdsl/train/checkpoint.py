@@ -86,23 +86,80 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():  # safetensors writes its file 0600 whatever the umask
             os.chmod(f, 0o666 & ~fileio.umask())
-        if final.exists():
-            # a folder of this step from a lost tail (e.g. a damaged checkpoint newer than
-            # the one a run resumed from): this run's state replaces it, never the reverse
-            stale = Path(tempfile.mkdtemp(dir=out, prefix=".old-ckpt-"))
-            os.replace(final, stale / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _publish(out, tmp, final, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def _sha_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by path relative to it."""
+    return {str(f.relative_to(folder)): _sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _publish(out: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Move a written checkpoint folder into place, point `latest` at it, prune old ones."""
+    if final.exists():
+        # a folder of this step from a lost tail (e.g. a damaged checkpoint newer than
+        # the one a run resumed from): this run's state replaces it, never the reverse
+        stale = Path(tempfile.mkdtemp(dir=out, prefix=".old-ckpt-"))
+        os.replace(final, stale / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     fileio.atomic_write(out / LATEST, final.name.encode())
     ckpts = sorted(p for p in out.glob(f"{CKPT_PREFIX}*") if p.is_dir())
     for old in ckpts[: max(0, len(ckpts) - keep)]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded_checkpoint(out: Path, step: int, model: nn.Module,
+                            optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int,
+                            par: Any) -> Path:
+    """A sharded run's checkpoint: out/ckpt-<step>/ with the model and optimizer in `dcp/`
+    (torch.distributed.checkpoint: each rank writes its shards; loadable at any world size,
+    or in one process), and train_state.pt and meta.json (sha256 of every file) from rank 0.
+
+    Every rank calls this. The folder is written under a temporary name all ranks agree on
+    (.tmp-ckpt-<step>) and published by rank 0 after the DCP save returns (rank 0 is DCP's
+    coordinator and writes its metadata last), so `latest` never names a half-written one.
+    """
+    import torch.distributed as tdist
+
+    from blockdsl.train.parallel import save_sharded
+
+    final = out / f"{CKPT_PREFIX}{step:08d}"
+    tmp = out / f".tmp-ckpt-{step:08d}"
+    main = par.dist.main
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o777 & ~fileio.umask())
+    tdist.barrier()
+    save_sharded(tmp / "dcp", model, optimizer, par)
+    tdist.barrier()
+    error: OSError | None = None
+    if main:
+        try:
+            torch.save({"rng": _rng_state(), **state}, tmp / "train_state.pt")
+            meta = {"step": step, "format": "dcp", "files": _sha_files(tmp)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            _publish(out, tmp, final, keep)
+        except OSError as e:
+            error = e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # every rank learns whether rank 0 published it, so none waits in a later collective
+    failed = par.dist.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0]))[0] > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise OSError("rank 0 could not publish the checkpoint (see its error)")
     return final
 
 
@@ -154,8 +211,15 @@ def checkpoint_folders(out: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Verify and load a checkpoint folder; any damage becomes a one-line TrainError."""
+                    optimizer: torch.optim.Optimizer | None = None,
+                    par: Any = None) -> dict[str, Any]:
+    """Verify and load a checkpoint folder; any damage becomes a one-line TrainError.
+
+    A sharded (DCP) checkpoint loads into any layout: `par` is this run's
+    `parallel.Parallel` (None in one process or plain data parallel). A single-file
+    checkpoint cannot resume a sharded run (its model is already cut up): convert nothing,
+    resume it without --shard/--ep.
+    """
     from safetensors.torch import load_model
 
     try:
@@ -163,6 +227,17 @@ def load_checkpoint(path: Path, model: nn.Module,
         for name, digest in meta["files"].items():
             if _sha256(path / name) != digest:
                 raise ValueError(f"{name} does not match its recorded sha256")
+        if meta.get("format") == "dcp":
+            from blockdsl.train.parallel import load_sharded
+
+            load_sharded(path / "dcp", model, optimizer, par)
+            return torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        if par is not None and par.active:
+            from blockdsl.train.parallel import load_whole
+
+            state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+            load_whole(path / "model.safetensors", state.pop("optimizer"), model, optimizer, par)
+            return state
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -178,3 +253,22 @@ def load_checkpoint(path: Path, model: nn.Module,
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrainError(f"checkpoint {path} is corrupt or incompatible: {reason}") from None
     return state
+
+
+def to_single_file(src: Path, model: nn.Module, out: Path, keep: int = 2) -> Path:
+    """Convert the sharded checkpoint folder `src` into out/ckpt-<step> in the single-file
+    format (model.safetensors + train_state.pt) that `load_checkpoint` and the rest of
+    blockdsl read, in this one process; `model` is the spec's model, freshly built.
+
+    The optimizer state, RNG state, step and run state are carried over, so the converted
+    checkpoint also resumes (in one process or plain data parallel). Returns the folder.
+    """
+    from blockdsl.train.optim import make_adamw, param_groups
+
+    device = next(model.parameters()).device
+    opt = make_adamw(param_groups(model, 0.0), 1e-3, (0.9, 0.95), device)  # groups: restored
+    state = load_checkpoint(src, model, opt)
+    rng = state.pop("rng")
+    set_rng_state(rng)  # save_checkpoint records the current RNG state
+    out.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(out, int(state["step"]), model, opt, state, keep)

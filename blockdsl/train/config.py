@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blockdsl.names import PRECISIONS
+from blockdsl.names import PRECISIONS, SHARDING
 
 EvalCallback = Callable[[int, dict[str, float]], "bool | None"]
 """`on_eval(step, metrics) -> bool | None`: called on rank 0 after each evaluation.
@@ -64,6 +64,8 @@ class TrainConfig:
     flops_per_token: float | None = None  # forward FLOPs per token (LM) or image, for MFU
     name: str | None = None  # what the run is called in the plot (default: model class)
     tensorboard: str | Path | None = None  # folder for TensorBoard event files (rank 0); None: none
+    shard: str = "none"  # "fsdp": FSDP2 over all ranks (train/parallel.py)
+    ep: int = 1  # expert parallelism: ranks each routed layer's experts are split over
 
 
 @dataclass
@@ -100,6 +102,10 @@ def validate(cfg: TrainConfig) -> None:
             raise TrainError(f"{name} must be a positive finite number, got {v}")
     if cfg.batch_size < 1 or cfg.accum < 1:
         raise TrainError(f"batch_size ({cfg.batch_size}) and accum ({cfg.accum}) must be >= 1")
+    if cfg.shard not in SHARDING:
+        raise TrainError(f"shard {cfg.shard!r} is not one of {', '.join(SHARDING)}")
+    if cfg.ep < 1:
+        raise TrainError(f"ep must be >= 1, got {cfg.ep}")
     if cfg.warmup < 0:
         raise TrainError(f"warmup must be >= 0, got {cfg.warmup}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):

@@ -70,7 +70,7 @@ class Dist:
 
     def average_grads(self, params: list[nn.Parameter]) -> None:
         """One flat all-reduce of all gradients (a missing gradient counts as zero)."""
-        if self.world == 1:
+        if self.world == 1 or not params:
             return
         for p in params:
             if p.grad is None:

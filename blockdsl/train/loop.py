@@ -6,7 +6,10 @@ Design choices, each for a reason:
   run with gradient accumulation all see the same examples as the straight single run,
   and `batch_size` means the same thing whatever the memory knobs.
 - Gradients are averaged across ranks with one flat all-reduce per step instead of
-  wrapping in DistributedDataParallel (see `dist.Dist`).
+  wrapping in DistributedDataParallel (see `dist.Dist`). `shard`/`ep` runs go through the
+  same step with `parallel.Parallel`'s gradient reduction and clipping hooks; the model is
+  broadcast from rank 0 before it is cut up, and evaluation then splits every batch's rows
+  over the ranks (every rank must run every forward: they hold collectives).
 - The learning-rate schedule is a function of progress in [0, 1], the larger of
   step/total-steps and train-seconds/budget-seconds, so a wall-clock budget (fixed-time
   trials, where faster models take more steps) still ends its cosine at the budget.
@@ -40,6 +43,7 @@ from blockdsl.train.dist import Dist
 from blockdsl.train.env import run_environment, summary_row
 from blockdsl.train.evaluate import evaluate
 from blockdsl.train.optim import lr_at, make_adamw, param_groups
+from blockdsl.train.parallel import Parallel
 from blockdsl.train.progress import Interrupt, Progress
 from blockdsl.train.runfiles import RunFiles, check_out, plot_losses
 from blockdsl.train.step import step
@@ -85,18 +89,9 @@ class _Run:
         self.step, self.tokens, self.train_time = 0, 0, 0.0
         self.files = RunFiles(None, None)
         self.bar = Progress(False, None, "")
-        error: TrainError | None = None
-        try:
-            self._setup(dataset)
-        except TrainError as e:
-            error = e
-        # every rank must learn that one failed, or the others wait in a collective forever
-        failed = dist.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0]))[0] > 0
-        if error is not None:
-            raise error
-        if failed:
-            raise TrainError("another process failed to set up training; see rank 0's error")
-        dist.broadcast_module(model)
+        self._agree(self._setup, dataset)
+        dist.broadcast_module(model)  # before sharding: every rank cuts the same weights
+        self._agree(self._setup_state)
         self.start_time = self.train_time
         # Resuming a run whose checkpoint already spent the budget: nothing to train, and
         # nothing to write (a second final evaluation would duplicate the last eval row).
@@ -122,6 +117,20 @@ class _Run:
         self.pending_error: BaseException | None = None
         self.last_ckpt: Path | None = None
         self.last_eval_step = -1
+
+    def _agree(self, fn: Any, *args: Any) -> None:
+        """Run a set-up phase; if it failed on any rank, raise on every rank."""
+        error: TrainError | None = None
+        try:
+            fn(*args)
+        except TrainError as e:
+            error = e
+        # every rank must learn that one failed, or the others wait in a collective forever
+        failed = self.dist.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0]))[0] > 0
+        if error is not None:
+            raise error
+        if failed:
+            raise TrainError("another process failed to set up training; see rank 0's error")
 
     def _setup(self, dataset: TaskData | None) -> None:
         cfg, dist, model = self.cfg, self.dist, self.model
@@ -163,10 +172,21 @@ class _Run:
                                  "resume it or choose another output folder")
         model.to(self.device)
         seed_everything(cfg.seed)  # identical on every rank, so rank 0's RNG state fits all
+        self.ckpt, self.found = ckpt, found
+
+    def _setup_state(self) -> None:
+        """Sharding (if asked), the optimizer, and the resumed state."""
+        cfg, model, ckpt, found = self.cfg, self.model, self.ckpt, self.found
+        self.par: Parallel | None = None
+        if cfg.shard != "none" or cfg.ep > 1:
+            self.par = Parallel.setup(model, self.dist, cfg.shard, cfg.ep)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = make_adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas, self.device)
+        groups = param_groups(model, cfg.weight_decay)
+        if self.par is not None:
+            groups = self.par.optimizer_groups(groups)
+        self.opt = make_adamw(groups, cfg.lr, cfg.betas, self.device)
         self.resumed = cfg.resume and (ckpt is not None or bool(found))
-        if cfg.resume and not self.resumed and self.out is not None and dist.main:
+        if cfg.resume and not self.resumed and self.out is not None and self.dist.main:
             # not an error (a first run may ask to resume), but a mistyped --out must not
             # pass for a resume: say that this one starts afresh
             print(f"note: {self.out} holds no checkpoint to resume: starting a new run there",
@@ -175,7 +195,7 @@ class _Run:
         self.recent: dict[str, list[Tensor]] = {}
         if self.resumed:
             if ckpt is not None:
-                state = checkpoints.load_checkpoint(ckpt, model, self.opt)
+                state = checkpoints.load_checkpoint(ckpt, model, self.opt, self.par)
             else:
                 ckpt, state = self._newest_loadable(found)
             for name in ("seed", "batch_size"):
@@ -198,7 +218,7 @@ class _Run:
         skipped: list[str] = []
         for path in found:
             try:
-                state = checkpoints.load_checkpoint(path, self.model, self.opt)
+                state = checkpoints.load_checkpoint(path, self.model, self.opt, self.par)
             except TrainError as e:
                 skipped.append(f"{path.name}: {str(e).split(': ', 1)[-1]}")
                 continue
@@ -251,8 +271,10 @@ class _Run:
         # check_finite runs before the update: a NaN step leaves the weights as they are
         out = step(self.model, x[lo: lo + per_rank], y[lo: lo + per_rank],
                    precision=cfg.precision, device=self.device, accum=cfg.accum,
-                   optimizer=self.opt, params=self.params, reduce_grads=dist.average_grads,
-                   clip=cfg.grad_clip, before_update=self.check_finite)
+                   optimizer=self.opt, params=self.params,
+                   reduce_grads=self.par.reduce_grads if self.par else dist.average_grads,
+                   clip=cfg.grad_clip, before_update=self.check_finite,
+                   clip_grads=self.par.clip_grad_norm if self.par else None)
         loss, aux, grad_norm = out.loss, out.aux, out.grad_norm
         self.step += 1
         self.tokens += self.per_step
@@ -345,7 +367,8 @@ class _Run:
     def run_eval(self) -> bool:
         """Evaluate, log, call back; True when the callback asked (on rank 0) to stop."""
         metrics = evaluate(self.model, self.val_batches, self.cfg.precision, self.device,
-                           self.dist, bytes_per_token=self.bytes_per_token)
+                           self.dist, bytes_per_token=self.bytes_per_token,
+                           split_rows=self.par is not None)
         if not math.isfinite(metrics["val_loss"]):  # identical on all ranks (all-reduced)
             self.diverged(self.step, f"non-finite validation loss ({metrics['val_loss']})")
         self.last_eval_step = self.step
@@ -367,8 +390,8 @@ class _Run:
         return bool(self.dist.all_reduce_sum(torch.tensor([stop]))[0] > 0)
 
     def checkpoint(self) -> None:
-        if self.out is None or not self.dist.main:
-            return
+        if self.out is None or not (self.dist.main or self.par is not None):
+            return  # a sharded run's ranks each write their shards
         if self.last_ckpt is not None and self.last_ckpt.name == f"{checkpoints.CKPT_PREFIX}{self.step:08d}":
             return  # the end-of-run checkpoint of a step that --ckpt-every just wrote
         recent = {"loss": self.window("loss", self.losses)}
@@ -380,8 +403,13 @@ class _Run:
                        for k, v in asdict(self.cfg).items()},
         }
         try:
-            self.last_ckpt = checkpoints.save_checkpoint(self.out, self.step, self.model, self.opt, state,
-                                             self.cfg.keep_checkpoints)
+            if self.par is not None:
+                self.last_ckpt = checkpoints.save_sharded_checkpoint(
+                    self.out, self.step, self.model, self.opt, state, self.cfg.keep_checkpoints,
+                    self.par)
+            else:
+                self.last_ckpt = checkpoints.save_checkpoint(self.out, self.step, self.model, self.opt, state,
+                                                 self.cfg.keep_checkpoints)
         except OSError as e:
             raise TrainError(f"cannot write checkpoint in {self.out}: {e.strerror or e}") from None
 

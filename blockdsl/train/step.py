@@ -10,6 +10,8 @@ arguments, not copies:
 - `reduce_grads(params)`: averages gradients across torchrun ranks (`Dist.average_grads`);
   a hook rather than a `Dist` argument, so the step knows nothing of process groups.
 - `clip`: the max global gradient norm; 0 skips clipping (and the norm is None).
+  `clip_grads(params, clip)` replaces torch's `clip_grad_norm_` (sharded training forms
+  the norm over ranks: `parallel.Parallel.clip_grad_norm`).
 - `before_update(loss, aux, grad_norm)`: runs after the norm is known and before the
   optimizer touches the weights, so the loop's NaN stop leaves them as they were.
 - `optimizer=None`: no update and no zero_grad, for callers that time (or check) forward
@@ -78,7 +80,8 @@ def step(model: nn.Module, x: Tensor, y: Tensor, *, precision: str, device: torc
          accum: int = 1, optimizer: torch.optim.Optimizer | None = None,
          params: list[nn.Parameter] | None = None,
          reduce_grads: Callable[[list[nn.Parameter]], None] | None = None,
-         clip: float = 0.0, before_update: BeforeUpdate | None = None) -> StepResult:
+         clip: float = 0.0, before_update: BeforeUpdate | None = None,
+         clip_grads: Callable[[list[nn.Parameter], float], Tensor] | None = None) -> StepResult:
     """Run one training step of `model` on the batch (x, y); see the module docstring.
 
     `params` (default: the model's trainable parameters) are what gradients are reduced
@@ -94,7 +97,8 @@ def step(model: nn.Module, x: Tensor, y: Tensor, *, precision: str, device: torc
         params = [p for p in model.parameters() if p.requires_grad]
     if reduce_grads is not None:
         reduce_grads(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
+    clip_fn = clip_grads or torch.nn.utils.clip_grad_norm_
+    grad_norm = clip_fn(params, clip) if clip > 0 else None
     if before_update is not None:
         before_update(loss, aux, grad_norm)
     if optimizer is not None:

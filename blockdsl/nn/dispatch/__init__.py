@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,7 @@ def expert_mixture(
     impl: str = "auto",
     skipped: bool = False,
     max_load: int | None = None,
+    ep: Any = None,
 ) -> Tensor:
     """Σ_m gate_m · f_{e_m}(x[src_m]) scattered into rows dst_m of an [n_out, d_out] result.
 
@@ -156,8 +158,13 @@ def expert_mixture(
     rather than sync. `max_load`, when the routing guarantees it (a capacity), bounds the
     assignments any expert gets, so "bmm" can size its slots without a host sync. Under
     autocast the matmuls run in the autocast dtype; the scatter accumulates in fp32.
-    Returns the compute dtype.
+    Returns the compute dtype. `ep` (an `nn.expert_parallel.ExpertParallel`, or None):
+    the weights are this rank's block of experts and the expert ids are global; the rows
+    travel to their experts' ranks and back (see that module).
     """
+    if ep is not None:
+        return ep.mixture(x, src, expert, gate, w1, b1, w2, b2, activation=activation,
+                          dst=dst, n_out=n_out, impl=impl, skipped=skipped, max_load=max_load)
     n_exp = w1.shape[0]
     dst = src if dst is None else dst
     n_out = x.shape[0] if n_out is None else n_out
