@@ -89,7 +89,7 @@ def size_warnings(rows: list[dict[str, Any]], tolerance: float) -> list[str]:
             continue
         lo, hi = min(vals), max(vals)
         excess = hi[0] / lo[0] - 1
-        if excess > tolerance:
+        if excess > tolerance + 1e-12:  # 1100/1000 - 1 is 0.10000000000000009
             claim = "equal step time" if key == "step_seconds" else (
                 "equal compute" if key == "flops_per_token" else "equal parameters")
             fmt = (lambda v: f"{v * 1000:.3g} ms") if key == "step_seconds" else _num
