@@ -61,7 +61,7 @@ def build_from_plan(plan: Plan, device: str | torch.device | None = None,
     if stem_kind == "tokens":
         stem: nn.Module = TokenEmbedding(
             sa["vocab"], w, max_len=sa["context"] if sa["pos"] == "learned" else None,
-            dropout=sa["dropout"],
+            dropout=sa["dropout"], init=sa["init"],
         )
     else:
         stem = PatchEmbedding(sa["image"], sa["patch"], sa["channels"], w, cls=sa["cls"],

@@ -68,7 +68,7 @@ def _help(*cmd: str) -> None:
 # ----------------------------------------------------------------------------- the convention
 
 
-@pytest.mark.parametrize("cmd", ["check", "compile", "train", "search"])
+@pytest.mark.parametrize("cmd", ["check", "compile", "train", "search", "compare"])
 def test_every_command_spells_the_flags_alike(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
     _help(cmd)
     text = capsys.readouterr().out

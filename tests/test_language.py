@@ -278,7 +278,8 @@ def test_load_never_raises_os_errors(source: str) -> None:
 def test_token_stem_and_lm_head() -> None:
     plan = blockdsl.resolve(model(LAYER + "  repeat 1 layer", head="lm(tie=true)"))
     assert plan.task == "lm" and plan.seq == 8 and plan.vocab == 50
-    assert plan.stem == ("tokens", {"vocab": 50, "context": 8, "pos": "learned", "dropout": 0.0})
+    assert plan.stem == ("tokens", {"vocab": 50, "context": 8, "pos": "learned", "dropout": 0.0,
+                                     "init": "gpt2"})
     assert plan.head == ("lm", {"tie": True, "bias": False})
     assert plan.layers[0].args["causal"] is True and plan.layers[0].args["rope"] is False
     rope = blockdsl.resolve(model(LAYER + "  repeat 1 layer",

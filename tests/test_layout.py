@@ -101,6 +101,7 @@ STAGES: list[tuple[str, ...]] = [
     ("blockdsl.tune",),  # races whole models through the training step
     ("blockdsl.compile",),
     ("blockdsl.search",),
+    ("blockdsl.compare",),  # reuses the search's paired step timing
     ("blockdsl.cli",),
 ]
 

@@ -28,6 +28,22 @@ from blockdsl.nn.moe import renorm_rows_keep_std
 from blockdsl.nn.rope import apply_rope
 
 
+SELECTOR_INITS = ("row_std", "keep_std")
+
+
+@torch.no_grad()
+def renorm_rows_own_std(w: Tensor) -> None:
+    """Unit-normalise each row, then scale it by its own pre-normalisation std over the
+    normalised tensor's std (SwitchHead's selector init in MoEUT's code).
+
+    Unlike `renorm_rows_keep_std` (the sigma-MoE selector's), rows keep unequal norms, in
+    proportion to their initial std: row i ends with norm s_i / std(w / |w|_rows).
+    """
+    row_std = w.std(dim=-1, keepdim=True)
+    w.div_(w.norm(dim=-1, keepdim=True))
+    w.mul_(row_std / w.std())
+
+
 class SwitchHeadAttention(nn.Module):
     """Self-attention over x [B, T, d] with expert V/O projections (MoEUT's SwitchHead).
 
@@ -37,8 +53,11 @@ class SwitchHeadAttention(nn.Module):
     softmax marginal (V and O separately), pooled over time and applications, times
     -entropy_weight. With experts == 1 there is no selection and no regulariser; `k` is
     then unused. Init per MoEUT with std scale sqrt(2 / n_applications), n_applications =
-    the number of layer applications in the whole stack. `ep`: set by expert parallelism
-    (`nn.expert_parallel`) when v and o hold this rank's block of rows; None: all here.
+    the number of layer applications in the whole stack. `selector_init` renormalises the
+    V/O selector rows: "row_std" as MoEUT's code does for SwitchHead (each row scaled by
+    its own std, so norms stay unequal), "keep_std" as its sigma-MoE selector (equal norms).
+    `ep`: set by expert parallelism (`nn.expert_parallel`) when v and o hold this rank's
+    block of rows; None: all here.
     """
 
     ep = None
@@ -57,6 +76,7 @@ class SwitchHeadAttention(nn.Module):
         entropy_weight: float = 0.001,
         dispatch: str = "auto",
         n_applications: int = 1,
+        selector_init: str = "row_std",
     ) -> None:
         super().__init__()
         if experts < 1 or heads < 1 or head_dim < 1:
@@ -69,7 +89,10 @@ class SwitchHeadAttention(nn.Module):
         self.causal, self.rope = causal, rope
         self.rope_fraction, self.rope_base = rope_fraction, rope_base
         self.entropy_weight, self.dispatch = entropy_weight, dispatch
-        self.n_applications = n_applications
+        if selector_init not in SELECTOR_INITS:
+            raise ValueError(f"unknown selector_init {selector_init!r}; expected one of "
+                             f"{', '.join(SELECTOR_INITS)}")
+        self.n_applications, self.selector_init = n_applications, selector_init
         he = heads * experts
         self.qk = nn.Linear(d, 2 * heads * head_dim, bias=False)
         self.v = nn.Parameter(torch.empty(he, d, head_dim))
@@ -88,7 +111,10 @@ class SwitchHeadAttention(nn.Module):
         for sel in (self.sel_v, self.sel_o):
             if sel is not None:
                 nn.init.normal_(sel, 0.0, std_in)
-                renorm_rows_keep_std(sel)
+                if self.selector_init == "row_std":
+                    renorm_rows_own_std(sel)
+                else:
+                    renorm_rows_keep_std(sel)
 
     def _select(self, x_sel: Tensor, weight: Tensor, key: str) -> tuple[Tensor, Tensor]:
         """Per-head top-k experts of [N, d] -> (flat expert row h*E + e, gate), [N*H*k]."""

@@ -225,6 +225,9 @@ SWITCHHEAD = register(Primitive(
         "rope_fraction": ArgSpec("float", 0.5),
         "rope_base": ArgSpec("float", 10000.0),
         "entropy": ArgSpec("float", 0.001, doc="entropy regulariser weight"),
+        "selector_init": ArgSpec("enum", "row_std", ("row_std", "keep_std"),
+                                 doc="V/O selector rows: row_std keeps each row's own std "
+                                     "(MoEUT's code), keep_std makes all rows one norm"),
         "dispatch": DISPATCH_ARG,
     },
     _switchhead_check,
@@ -236,7 +239,8 @@ SWITCHHEAD = register(Primitive(
         "blockdsl.nn.switchhead:SwitchHeadAttention",
         {"heads": "heads", "head_dim": "head_dim", "experts": "experts", "k": "k",
          "causal": "causal", "rope": "rope", "rope_fraction": "rope_fraction",
-         "rope_base": "rope_base", "entropy": "entropy_weight", "dispatch": "dispatch"},
+         "rope_base": "rope_base", "entropy": "entropy_weight", "dispatch": "dispatch",
+         "selector_init": "selector_init"},
         env={"d": "d", "n_applications": "n_applications"},
     ),
     tunable=dispatch_tunable(lambda a, d: (d, a["head_dim"])),  # V experts: d -> head_dim

@@ -22,6 +22,9 @@ STEMS: dict[str, dict[str, ArgSpec]] = {
         "context": ArgSpec("int", REQUIRED, doc="training context length"),
         "pos": ArgSpec("enum", "learned", ("learned", "rope", "none")),
         "dropout": ArgSpec("float", 0.0),
+        "init": ArgSpec("enum", "gpt2", ("gpt2", "fan_in"),
+                        doc="token-embedding init: gpt2 = normal std 0.02 (GPT-2's); "
+                            "fan_in = normal std 1/sqrt(width) (MoEUT's code)"),
     },
     "patches": {
         "image": ArgSpec("int", REQUIRED),
