@@ -171,7 +171,9 @@ class TopKMoE(_StackedExperts):
         """Per-expert slots for one forward of n_tokens (GShard/WideNet form)."""
         if self.capacity_factor is None:
             return None
-        return int(n_tokens * self.capacity_factor * self.k / self.experts)
+        # math.floor (= int() for this positive value) and torch.sym_min below keep a
+        # symbolic token count symbolic under torch.export; int()/min() would pin it
+        return math.floor(n_tokens * self.capacity_factor * self.k / self.experts)
 
     def route(self, sel: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         """Router input [N, d] -> flat (token, expert, gate) in rank-major order, skipped flag.
@@ -261,7 +263,7 @@ class ExpertChoiceMoE(_StackedExperts):
         self.group = group
 
     def capacity(self, group_size: int) -> int:
-        return min(group_size, math.ceil(group_size * self.capacity_factor / self.experts))
+        return torch.sym_min(group_size, math.ceil(group_size * self.capacity_factor / self.experts))
 
     def route(self, sel: Tensor, b: int, t: int) -> tuple[Tensor, Tensor, Tensor]:
         """Router input [B*T, d] -> flat (token, expert, gate), expert-major."""
