@@ -22,6 +22,8 @@ from blockdsl.train.config import TrainError
 
 CKPT_PREFIX = "ckpt-"
 LATEST = "latest"
+RESOLVED = "resolved.block"  # the spec a checkpoint's weights fit, standalone
+SPEC_KEY = "blockdsl_resolved_block"  # ... and the same text in model.safetensors' metadata
 _CKPT_NAME = re.compile(re.escape(CKPT_PREFIX) + r"(\d+)")
 
 
@@ -61,12 +63,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def resolved_spec(model: nn.Module) -> str | None:
+    """The standalone `.block` text of the Plan `model` was built from (None: not built by
+    blockdsl's lowering, e.g. a hand-assembled module). A wrapper (DDP, torch.compile)
+    is looked through."""
+    from blockdsl.lang.render import render
+
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        plan = getattr(m, "plan", None)
+        if plan is not None:
+            return render(plan)
+    return None
+
+
+def weights_metadata(spec: str | None) -> dict[str, str]:
+    """safetensors header metadata: the format, blockdsl's version and the resolved spec.
+
+    Why in the weights file as well as in `resolved.block`: a model.safetensors copied out
+    of its folder still says what it is and which blockdsl wrote it, and `load_run` can
+    rebuild it from the file alone.
+    """
+    from blockdsl.version import __version__
+
+    meta = {"format": "pt", "blockdsl_version": __version__}
+    if spec is not None:
+        meta[SPEC_KEY] = spec
+    return meta
+
+
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep: int = 2) -> Path:
     """Write out/ckpt-<step>/ atomically, then point out/latest at it; prune old ones.
 
     Weights go through `safetensors.torch.save_model`, which stores a shared (tied)
-    parameter once; optimizer, schedule, RNG and data position go in train_state.pt;
+    parameter once, with the resolved spec and blockdsl's version in its metadata (also
+    written as resolved.block in the folder and in `out`); optimizer, schedule, RNG and data position go in train_state.pt;
     meta.json records the files' sha256 so a damaged checkpoint is named, not half-loaded.
     """
     from safetensors.torch import save_model
@@ -76,7 +107,10 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
     try:
         # mkdtemp makes it 0700; a checkpoint folder gets a plain mkdir's mode (the umask's)
         os.chmod(tmp, 0o777 & ~fileio.umask())
-        save_model(model, str(tmp / "model.safetensors"))
+        spec = resolved_spec(model)
+        save_model(model, str(tmp / "model.safetensors"), metadata=weights_metadata(spec))
+        if spec is not None:
+            (tmp / RESOLVED).write_text(spec)
         payload = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), **state}
         torch.save(payload, tmp / "train_state.pt")
         meta = {
@@ -99,6 +133,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fileio.atomic_write(out / LATEST, final.name.encode())
+    if spec is not None:  # the run folder names its model beside its checkpoints too
+        fileio.atomic_write(out / RESOLVED, spec.encode())
     ckpts = sorted(p for p in out.glob(f"{CKPT_PREFIX}*") if p.is_dir())
     for old in ckpts[: max(0, len(ckpts) - keep)]:
         if old != final:
