@@ -163,6 +163,7 @@ MHA = register(Primitive(
                     lambda a, env: attention_impl("auto", env.device, env.precision, env.seq)),
     x_norm=True,
     memory=_mha_memory,
+    codegen="blockdsl.export.codegen.attention:mha",
 ))
 
 

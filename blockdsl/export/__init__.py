@@ -1,0 +1,46 @@
+"""Models leave blockdsl: `blockdsl export SPEC_OR_RUN --format {pytorch,hf,pt2} --out DIR`.
+
+- `pytorch` (`pytorch.py`): one standalone `model.py` importing only torch, generated per
+  primitive from the registry (`codegen/`), and model.safetensors.
+- `pt2` (`program.py`): `torch.export.save` of the exported program (dynamic batch and
+  sequence length).
+
+Every format also writes model.safetensors (spec and version in its metadata) and
+resolved.block, so an export is itself a folder `blockdsl.load_run` rebuilds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("pytorch", "pt2")
+
+
+def load_source(source: str | Path, device: Any = "cpu", seed: int = 0) -> Any:
+    """A run or checkpoint folder (its trained weights), or a spec (fresh weights drawn with
+    `seed`, for trying an export before training)."""
+    import torch
+
+    from blockdsl import build, load_run
+
+    p = Path(source)
+    if p.is_dir():
+        return load_run(p, device=device)
+    torch.manual_seed(seed)
+    return build(p, device=device).eval()
+
+
+def export(model: Any, fmt: str, out: str | Path) -> list[Path]:
+    """Write `model` (a lowered BlockModel) in format `fmt` into folder `out`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "pt2":
+        from blockdsl.export import program
+
+        return program.write(model, out)
+    from blockdsl.export import pytorch
+
+    return pytorch.write(model, out)
