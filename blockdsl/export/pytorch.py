@@ -52,11 +52,16 @@ class Model(nn.Module):
         self.stem = made[config["stem"]["cls"]](**config["stem"]["kwargs"])
         layers = {k: made[v["cls"]](**v["kwargs"]) for k, v in config["layers"].items()}
         norms = {k: make_norm(**v) for k, v in config["norms"].items()}
-        self.units = nn.ModuleList(
-            nn.Sequential(*(Residual(layers[r["layer"]], r["placement"],
-                                     [norms[n] for n in r["norms"]]) for r in unit))
-            for unit in config["units"]
-        )
+        units = [nn.Sequential(*(Residual(layers[r["layer"]], r["placement"],
+                                          [norms[n] for n in r["norms"]]) for r in unit))
+                 for unit in config["units"]]
+        self.altup = config["altup"]
+        if self.altup:  # AltUp wraps the units (units[i] is layer position i)
+            self.altup = AltUp(units, self.altup["k"], self.altup["selection"])
+            self.altup_mode = config["altup"]["mode"]
+            self.units = None
+        else:
+            self.units = nn.ModuleList(units)
         fn = config["final_norm"]
         self.final_norm = make_norm(**fn) if fn else nn.Identity()
         head_kwargs = dict(config["head"]["kwargs"])
@@ -68,8 +73,11 @@ class Model(nn.Module):
 
     def forward(self, x):
         h = self.stem(x)
-        for unit in self.units:
-            h = unit(h)
+        if self.altup:
+            h = narrow(self.altup(widen(h, self.altup.K, self.altup_mode)), self.altup_mode)
+        else:
+            for unit in self.units:
+                h = unit(h)
         return self.head(self.final_norm(h))
 
 
@@ -109,19 +117,17 @@ def codegen_of(prim: str) -> Any:
 def _layer_code(model: nn.Module) -> tuple[list[Code], dict[str, Any]]:
     """(codes in order, CONFIG's layers/norms/units) from the live model and its Plan."""
     plan = model.plan
-    if model.altup is not None:
-        raise ExportError("AltUp models have no standalone PyTorch code yet: export them "
-                          "with --format pt2")
+    model_units = model.units if model.altup is None else model.altup.layers
     codes: list[Code] = []
     layers: dict[str, Any] = {}
     norms: dict[str, Any] = {}
     names: dict[int, str] = {}  # id(module) -> its CONFIG key, so shared stays shared
     units = []
-    residuals = [r for unit in model.units for r in unit]
+    residuals = [r for unit in model_units for r in unit]
     if len(residuals) != len(plan.layers):
         raise ExportError("the model does not match its plan (layers differ)")
-    flat_units: list[list[dict[str, Any]]] = [[] for _ in model.units]
-    ui = [u for u, unit in enumerate(model.units) for _ in unit]
+    flat_units: list[list[dict[str, Any]]] = [[] for _ in model_units]
+    ui = [u for u, unit in enumerate(model_units) for _ in unit]
     for u, layer, res in zip(ui, plan.layers, residuals, strict=True):
         if id(res.fn) not in names:
             code = codegen_of(layer.prim)(res.fn)
@@ -151,12 +157,14 @@ def model_source(model: nn.Module) -> str:
         "task": model.io.task, "context": model.io.seq if model.io.task == "lm" else None,
         "stem": {"cls": stem.cls, "kwargs": stem.kwargs},
         **parts, "final_norm": fn,
+        "altup": None if model.altup is None else {
+            "k": model.altup.K, "selection": model.altup.selection, "mode": model.altup_mode},
         "head": {"cls": head.cls, "kwargs": head.kwargs},
     }
     blocks: list[str] = []
     for code in [*codes, stem, head]:
         blocks += [s for s in code.sources if s not in blocks]
-    blocks += [cg.NORM, cg.RESIDUAL, cg.READER]
+    blocks += [cg.NORM, cg.RESIDUAL, *([cg.ALTUP] if model.altup is not None else []), cg.READER]
     text = HEADER.format(name=model.io.name or "model", version=__version__)
     text += "".join("\n" + b for b in blocks)
     text += "\n\nCONFIG = " + pprint.pformat(config, sort_dicts=False, width=96) + "\n\n"

@@ -243,4 +243,5 @@ SWITCHHEAD = register(Primitive(
     tunable=dispatch_tunable(lambda a, d: (d, a["head_dim"])),  # V experts: d -> head_dim
     x_norm=True,
     memory=_switchhead_memory,
+    codegen="blockdsl.export.codegen.moe:switchhead",
 ))

@@ -158,6 +158,44 @@ class Residual(nn.Module):
         return x + self.fn(x)
 '''
 
+ALTUP = '''
+class AltUp(nn.Module):
+    """AltUp over K blocks [K, B, T, d]: per layer position i, predict all blocks with
+    predict[i] (K x K), run the layer on block j = i mod K (alternating) or 0, and correct
+    every block by correct[i] times the layer's change."""
+
+    def __init__(self, layers, K, selection):
+        super().__init__()
+        self.K, self.selection = K, selection
+        self.layers = nn.ModuleList(layers)
+        self.predict = nn.Parameter(torch.eye(K).repeat(len(self.layers), 1, 1))
+        self.correct = nn.Parameter(torch.ones(len(self.layers), K))
+
+    def forward(self, xs):
+        K = self.K
+        for i, layer in enumerate(self.layers):
+            j = i % K if self.selection == "alternating" else 0
+            p, g = self.predict[i].to(xs.dtype), self.correct[i].to(xs.dtype)
+            x_hat = (p @ xs.reshape(K, -1)).reshape(xs.shape)
+            x_tilde = layer(x_hat[j])
+            delta = x_tilde - x_hat[j]
+            xs = torch.stack([x_tilde + (g[k] - 1) * delta if k == j else x_hat[k] + g[k] * delta
+                              for k in range(K)])
+        return xs
+
+
+def widen(x, K, mode):
+    """Stem output to [K, B, T, d]: replicated (recycled) or split from K*d (wide)."""
+    if mode == "recycled":
+        return x.unsqueeze(0).expand(K, *x.shape)
+    return x.unflatten(-1, (K, x.shape[-1] // K)).movedim(-2, 0)
+
+
+def narrow(xs, mode):
+    """[K, B, T, d] to the head: summed (recycled) or concatenated (wide)."""
+    return xs.sum(dim=0) if mode == "recycled" else xs.movedim(0, -2).flatten(-2)
+'''
+
 
 def stem(m: nn.Module) -> Code:
     if type(m).__name__ == "TokenEmbedding":
