@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 from blockdsl.exits import exit_status
 
 # Subcommands that live in their own module: each has register(subparsers) and run(args).
-_PLUGINS = ("blockdsl.cli.train", "blockdsl.cli.search", "blockdsl.cli.tokenize")
+_PLUGINS = ("blockdsl.cli.train", "blockdsl.cli.search", "blockdsl.cli.tokenize",
+            "blockdsl.cli.export")
 # Subcommands defined here: running one skips importing the plugin modules.
 _CORE = ("check", "compile")
 

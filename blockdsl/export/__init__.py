@@ -2,6 +2,8 @@
 
 - `pytorch` (`pytorch.py`): one standalone `model.py` importing only torch, generated per
   primitive from the registry (`codegen/`), and model.safetensors.
+- `hf` (`hf.py`): a Hugging Face folder around the same generated code, for
+  `AutoModelForCausalLM` / `AutoModelForImageClassification` with `trust_remote_code`.
 - `pt2` (`program.py`): `torch.export.save` of the exported program (dynamic batch and
   sequence length).
 
@@ -14,7 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("pytorch", "pt2")
+FORMATS = ("pytorch", "hf", "pt2")
+
+
+class ExportError(ValueError):
+    """A model a format cannot express; the message names the part and the way out."""
 
 
 def load_source(source: str | Path, device: Any = "cpu", seed: int = 0) -> Any:
@@ -41,6 +47,10 @@ def export(model: Any, fmt: str, out: str | Path) -> list[Path]:
         from blockdsl.export import program
 
         return program.write(model, out)
+    if fmt == "hf":
+        from blockdsl.export import hf
+
+        return hf.write(model, out)
     from blockdsl.export import pytorch
 
     return pytorch.write(model, out)

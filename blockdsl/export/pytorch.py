@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from blockdsl.export import ExportError
 from blockdsl.export.codegen import Code
 from blockdsl.export.codegen import stems as cg
 from blockdsl.primitives import PRIMITIVES
@@ -100,10 +101,6 @@ def generate(model, tokens, new_tokens, context=CONFIG.get("context")):
 '''
 
 
-class ExportError(ValueError):
-    """A model this format cannot express; the message names the part and the way out."""
-
-
 def codegen_of(prim: str) -> Any:
     """The registry entry's standalone-source generator, imported on first use."""
     entry = PRIMITIVES[prim]
@@ -150,6 +147,24 @@ def model_source(model: nn.Module) -> str:
     """The standalone `model.py` text for a lowered blockdsl model."""
     from blockdsl.version import __version__
 
+    codes, config = _assemble(model)
+    stem, head = cg.stem(model.stem), cg.head(model.head)
+    blocks: list[str] = []
+    for code in [*codes, stem, head]:
+        blocks += [s for s in code.sources if s not in blocks]
+    blocks += [cg.NORM, cg.RESIDUAL, *([cg.ALTUP] if model.altup is not None else []), cg.READER]
+    text = HEADER.format(name=model.io.name or "model", version=__version__)
+    text += "".join("\n" + b for b in blocks)
+    text += "\n\nCONFIG = " + pprint.pformat(config, sort_dicts=False, width=96) + "\n\n"
+    return text + MODEL
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The model as data (what the generated file's CONFIG holds)."""
+    return _assemble(model)[1]
+
+
+def _assemble(model: nn.Module) -> tuple[list[Code], dict[str, Any]]:
     codes, parts = _layer_code(model)
     stem, head = cg.stem(model.stem), cg.head(model.head)
     fn = None if isinstance(model.final_norm, nn.Identity) else cg.norm(model.final_norm)
@@ -161,14 +176,7 @@ def model_source(model: nn.Module) -> str:
             "k": model.altup.K, "selection": model.altup.selection, "mode": model.altup_mode},
         "head": {"cls": head.cls, "kwargs": head.kwargs},
     }
-    blocks: list[str] = []
-    for code in [*codes, stem, head]:
-        blocks += [s for s in code.sources if s not in blocks]
-    blocks += [cg.NORM, cg.RESIDUAL, *([cg.ALTUP] if model.altup is not None else []), cg.READER]
-    text = HEADER.format(name=model.io.name or "model", version=__version__)
-    text += "".join("\n" + b for b in blocks)
-    text += "\n\nCONFIG = " + pprint.pformat(config, sort_dicts=False, width=96) + "\n\n"
-    return text + MODEL
+    return codes, config
 
 
 def write(model: nn.Module, out: Path) -> list[Path]:

@@ -75,17 +75,17 @@ class PatchEmbedding(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(channels, d, patch, stride=patch, bias=True)
         num_tokens = (image // patch) ** 2 + (cls != "none")
-        if cls == "learned":
-            self.cls = nn.Parameter(torch.zeros(1, 1, d))
-        elif cls == "zero":
-            self.register_buffer("cls", torch.zeros(1, 1, d), persistent=False)
-        else:
-            self.cls = None
+        # a zero class token is made in forward, not held as a buffer: loaders that build
+        # on the meta device (transformers) never fill a buffer the checkpoint lacks
+        self.zero_cls = cls == "zero"
+        self.cls = nn.Parameter(torch.zeros(1, 1, d)) if cls == "learned" else None
         self.pos = nn.Parameter(torch.zeros(1, num_tokens, d)) if pos == "learned" else None
 
     def forward(self, images):
         x = self.proj(images).flatten(2).transpose(1, 2)
-        if self.cls is not None:
+        if self.zero_cls:
+            x = torch.cat((x.new_zeros(x.shape[0], 1, x.shape[2]), x), dim=1)
+        elif self.cls is not None:
             x = torch.cat((self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
         if self.pos is not None:
             x = x + self.pos.to(x.dtype)
