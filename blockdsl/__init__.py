@@ -81,7 +81,7 @@ def build(
 def load_run(path: str | Path, device: Any = "cpu", precision: str = "fp32") -> BlockModel:
     """Rebuild the model a run folder (or one of its `ckpt-<step>` folders) trained, from
     the spec its checkpoint records, with its weights; in eval mode. Errors are one-line
-    `TrainError`s naming what is missing."""
-    from blockdsl.train.runload import load_run as _load_run
+    `RunError`s naming what is missing."""
+    from blockdsl.runs import load_run as _load_run
 
     return _load_run(path, device=device, precision=precision)

@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from blockdsl.export import ExportError, export, load_source
-    from blockdsl.train.config import TrainError
+    from blockdsl.runs import RunError
 
     src = Path(args.source)
     if not src.exists():
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_source(src, seed=args.seed)
         written = export(model, args.fmt, args.out)
-    except (ExportError, TrainError) as e:
+    except (ExportError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:

@@ -7,8 +7,10 @@
 - `pt2` (`program.py`): `torch.export.save` of the exported program (dynamic batch and
   sequence length).
 
-Every format also writes model.safetensors (spec and version in its metadata) and
-resolved.block, so an export is itself a folder `blockdsl.load_run` rebuilds.
+Every format writes model.safetensors with the spec and blockdsl's version in its
+metadata, and resolved.block; a pytorch or pt2 export folder is itself one
+`blockdsl.load_run` rebuilds (an hf folder's weight names carry the wrapper's "model."
+prefix).
 """
 
 from __future__ import annotations

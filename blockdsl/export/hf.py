@@ -85,7 +85,7 @@ def write(model: nn.Module, out: Path) -> list[Path]:
     from safetensors.torch import save_file
 
     from blockdsl.export.weights import save_weights
-    from blockdsl.train.checkpoint import weights_metadata, resolved_spec
+    from blockdsl.runs import resolved_spec, weights_metadata
 
     lm = model.io.task == "lm"
     cls = "BlockdslForCausalLM" if lm else "BlockdslForImageClassification"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from blockdsl.train.checkpoint import RESOLVED, resolved_spec, weights_metadata
+from blockdsl.runs import RESOLVED, resolved_spec, weights_metadata
 
 
 def save_weights(model: nn.Module, out: Path) -> Path:

@@ -18,12 +18,11 @@ import torch
 from torch import nn
 
 from blockdsl import files as fileio
+from blockdsl.runs import RESOLVED, resolved_spec, weights_metadata
 from blockdsl.train.config import TrainError
 
 CKPT_PREFIX = "ckpt-"
 LATEST = "latest"
-RESOLVED = "resolved.block"  # the spec a checkpoint's weights fit, standalone
-SPEC_KEY = "blockdsl_resolved_block"  # ... and the same text in model.safetensors' metadata
 _CKPT_NAME = re.compile(re.escape(CKPT_PREFIX) + r"(\d+)")
 
 
@@ -61,34 +60,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resolved_spec(model: nn.Module) -> str | None:
-    """The standalone `.block` text of the Plan `model` was built from (None: not built by
-    blockdsl's lowering, e.g. a hand-assembled module). A wrapper (DDP, torch.compile)
-    is looked through."""
-    from blockdsl.lang.render import render
-
-    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        plan = getattr(m, "plan", None)
-        if plan is not None:
-            return render(plan)
-    return None
-
-
-def weights_metadata(spec: str | None) -> dict[str, str]:
-    """safetensors header metadata: the format, blockdsl's version and the resolved spec.
-
-    Why in the weights file as well as in `resolved.block`: a model.safetensors copied out
-    of its folder still says what it is and which blockdsl wrote it, and `load_run` can
-    rebuild it from the file alone.
-    """
-    from blockdsl.version import __version__
-
-    meta = {"format": "pt", "blockdsl_version": __version__}
-    if spec is not None:
-        meta[SPEC_KEY] = spec
-    return meta
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
