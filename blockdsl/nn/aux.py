@@ -58,7 +58,7 @@ class AuxLosses:
         formed, its entropy H over E computed, averaged over batch and groups, and
         `-weight * H` is added under `kind` at `finalize()`.
         """
-        slot = self._marginals.setdefault((kind, key), (weight, []))
+        slot = self._marginals.setdefault((kind, pool_key(key)), (weight, []))
         slot[1].append(log_probs)
 
     def finalize(self) -> dict[str, Tensor]:
@@ -74,6 +74,27 @@ class AuxLosses:
             term = -weight * entropy
             out[kind] = out[kind] + term if kind in out else term
         return out
+
+
+def pool_key(key: Hashable) -> Hashable:
+    """The identity under which a module's applications pool: its `aux_pool_key` if it has
+    one (a tuple's members mapped the same way), else the key itself.
+
+    Why not the module object alone: `torch.export` (non-strict, torch 2.13) hands each
+    application of a shared module to the forward as a different object, so pooling by
+    object identity counted every application apart (measured: the exported tiny MoEUT's
+    entropy terms came out doubled). `assign_pool_keys` gives every submodule of a model a
+    plain attribute, which those objects carry along.
+    """
+    if isinstance(key, tuple):
+        return tuple(pool_key(k) for k in key)
+    return getattr(key, "aux_pool_key", key)
+
+
+def assign_pool_keys(model: object) -> None:
+    """Give each submodule of `model` (an nn.Module) a key unique within this process."""
+    for i, mod in enumerate(model.modules()):  # type: ignore[attr-defined]
+        mod.aux_pool_key = (id(model), i)
 
 
 def current() -> AuxLosses | None:
