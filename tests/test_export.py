@@ -94,13 +94,13 @@ def test_fullgraph_compile_collects_aux_losses_pooled_over_a_shared_layer() -> N
     torch.manual_seed(0)
     model = blockdsl.build(SHARED_MOEUT, device="cpu")
     plan = model.plan
-    assert len({la.key for la in plan.layers}) == 2 and len(plan.layers) == 4  # shared
+    assert len({la.key for la in plan.layers}) == 1 and len(plan.layers) == 2  # shared
     make_traceable(model)
-    x = torch.randint(0, 256, (4, 16))
+    x = torch.randint(0, 64, (4, 16))
     with torch.no_grad():  # forward only: compiling the backward too took minutes here
         eager = model(x)
         comp = torch.compile(model, fullgraph=True)(x)
-    assert set(eager.aux) == {"entropy_ffn", "entropy_attn"}
+    assert set(eager.aux) == {"entropy_ffn"}
     for k in eager.aux:
         torch.testing.assert_close(comp.aux[k], eager.aux[k], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(comp.logits, eager.logits, rtol=1e-5, atol=1e-5)
@@ -189,3 +189,53 @@ def test_hf_export_loads_offline_and_matches(name: str, tmp_path: Path,
             prompt = _inputs(model)[0][:1, :5]
             got = hf.generate(prompt, max_new_tokens=NEW, do_sample=False).tolist()
             assert got == _greedy(lambda t: model(t).logits, prompt)
+
+
+# ------------------------------------------------------------------ self-describing runs
+
+def test_a_run_folder_rebuilds_from_itself_and_exports(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors import safe_open
+
+    from blockdsl.cli import main
+    from blockdsl.runs import SPEC_KEY, RunError
+    from blockdsl.train import TrainConfig, train
+    from blockdsl.train.device import seed_everything
+
+    seed_everything(0)
+    model = blockdsl.build(REPO / "specs/tiny/widenet.block", device="cpu")  # shared layers
+    run = tmp_path / "run"
+    train(model, TrainConfig(steps=2, out=run, batch_size=8, eval_every=2, eval_batches=1,
+                             quiet=True))
+    ckpt = run / "ckpt-00000002"
+    assert (run / "resolved.block").read_text() == (ckpt / "resolved.block").read_text()
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["blockdsl_version"] == blockdsl.__version__
+    assert meta[SPEC_KEY] == (run / "resolved.block").read_text()
+    blockdsl.check(meta[SPEC_KEY])  # standalone text: resolves on its own
+
+    loaded = blockdsl.load_run(run)
+    x = _inputs(loaded)[0]
+    _close(loaded(x).logits, model.eval()(x).logits, "load_run")
+
+    # the CLI exports the trained weights; the export folder is itself loadable
+    assert main(["export", str(run), "--format", "pytorch", "--out", str(tmp_path / "py")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    _close(blockdsl.load_run(tmp_path / "py")(x).logits, loaded(x).logits, "export folder")
+
+    # what a user can get wrong: one line each, exit 1
+    assert main(["export", str(tmp_path / "nope"), "--format", "pt2", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), "--format", "pt2", "--out", str(tmp_path / "o")]) == 1
+    assert "no model.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "o")])
+    assert e.value.code != 0
+    with pytest.raises(RunError, match="does not match its recorded sha256"):
+        with (ckpt / "model.safetensors").open("r+b") as f:
+            f.seek(-4, 2)
+            f.write(b"\x00\x01\x02\x03")
+        blockdsl.load_run(ckpt)
