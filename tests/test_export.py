@@ -239,3 +239,21 @@ def test_a_run_folder_rebuilds_from_itself_and_exports(tmp_path: Path,
             f.seek(-4, 2)
             f.write(b"\x00\x01\x02\x03")
         blockdsl.load_run(ckpt)
+
+
+@pytest.mark.compile
+def test_train_compile_takes_the_same_steps_as_eager() -> None:
+    """`train --compile` (TrainConfig.compile): the compiled step's losses are eager's."""
+    from blockdsl.train import TrainConfig, train
+    from blockdsl.train.device import seed_everything
+
+    losses = []
+    for compile_ in (False, True):
+        seed_everything(0)
+        model = blockdsl.build(REPO / "tests/specs/gpt_micro.block", device="cpu")
+        r = train(model, TrainConfig(steps=3, batch_size=4, seq_len=32, eval_every=3,
+                                     eval_batches=1, quiet=True, precision="fp32",
+                                     compile=compile_))
+        losses.append(r.losses)
+    assert len(losses[1]) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -109,6 +109,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files (the metrics.jsonl scalars) to "
                    "<out>/tb; needs pip install 'blockdsl[tensorboard]'")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the whole model (fullgraph) for the training step; "
+                   "default: per device, as benchmarks/compile.py measured (off on CPU)")
     p.set_defaults(func=run)
 
 
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, weight_decay=args.weight_decay, precision=args.precision,
             eval_every=args.eval_every, eval_batches=args.eval_batches or None, seed=args.seed,
             out=args.out, resume=args.resume, ckpt_every=args.ckpt_every, device=args.device,
-            quiet=args.quiet or args.json,
+            quiet=args.quiet or args.json, compile=args.compile,
         )
         done = train_spec(args.spec, args.model, cfg, default_steps=DEFAULT_STEPS,
                           data_dtype=args.data_dtype, force=args.force,

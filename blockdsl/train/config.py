@@ -64,6 +64,7 @@ class TrainConfig:
     flops_per_token: float | None = None  # forward FLOPs per token (LM) or image, for MFU
     name: str | None = None  # what the run is called in the plot (default: model class)
     tensorboard: str | Path | None = None  # folder for TensorBoard event files (rank 0); None: none
+    compile: bool | None = None  # torch.compile the step's model; None: the device's measured default
 
 
 @dataclass
