@@ -119,7 +119,6 @@ def _layer_code(model: nn.Module) -> tuple[list[Code], dict[str, Any]]:
     layers: dict[str, Any] = {}
     norms: dict[str, Any] = {}
     names: dict[int, str] = {}  # id(module) -> its CONFIG key, so shared stays shared
-    units = []
     residuals = [r for unit in model_units for r in unit]
     if len(residuals) != len(plan.layers):
         raise ExportError("the model does not match its plan (layers differ)")
@@ -139,8 +138,7 @@ def _layer_code(model: nn.Module) -> tuple[list[Code], dict[str, Any]]:
             nkeys.append(names[id(n)])
         flat_units[u].append({"layer": names[id(res.fn)], "placement": res.placement,
                               "norms": nkeys})
-    units = flat_units
-    return codes, {"layers": layers, "norms": norms, "units": units}
+    return codes, {"layers": layers, "norms": norms, "units": flat_units}
 
 
 def model_source(model: nn.Module) -> str:

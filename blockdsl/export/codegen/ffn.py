@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from blockdsl.export.codegen import Code
+from blockdsl.names import GATE_OF
 
 # Same functions as blockdsl.nn.ffn: exact GELU, GPT-2's tanh GELU; gated kinds apply the
-# gate's function to the first half of the fused projection.
+# gate's function to the first half of the fused projection. The gated table is written
+# from blockdsl.names, so a gated kind added there is exported with it.
 ACTIVATIONS = '''
 _ACT = {
     "relu": F.relu,
@@ -15,7 +17,7 @@ _ACT = {
     "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
     "silu": F.silu,
 }
-_GATE_OF = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+_GATE_OF = GATE_OF_TABLE
 
 
 def activate(h, name):
@@ -28,7 +30,7 @@ def activate(h, name):
 
 def is_gated(name):
     return name in _GATE_OF
-'''
+'''.replace("GATE_OF_TABLE", repr(dict(GATE_OF)))
 
 FEED_FORWARD = '''
 class FeedForward(nn.Module):
@@ -43,13 +45,6 @@ class FeedForward(nn.Module):
     def forward(self, x, x_norm=None):
         return self.w_out(activate(self.w_in(x), self.activation))
 '''
-
-
-def gate_names_match() -> bool:
-    """The generated activation table names the gated kinds blockdsl.names does (tested)."""
-    from blockdsl.names import GATE_OF
-
-    return dict(GATE_OF) == {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
 
 def mlp(m: Any) -> Code:
