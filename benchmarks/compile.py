@@ -35,6 +35,11 @@ SPECS = ["specs/tiny/gpt.block", "specs/tiny/vit.block", "specs/tiny/widenet.blo
 def bench(spec: str, precision: str, batch: int, seq: int | None, rounds: int,
           steps: int) -> dict[str, float]:
     dev = torch.device("cpu")
+    # each (spec, precision) compiles as in a fresh process: without the reset, Dynamo's
+    # automatic dynamic shapes treat what changed since the last model (widths, the RoPE
+    # fraction) as symbols, and the 10M bf16 model then failed to compile at RoPE's
+    # rotated width in the hand-written attention Function
+    torch._dynamo.reset()
     seed_everything(0)
     eager = blockdsl.build(spec, device=dev, precision=precision)
     seed_everything(0)
