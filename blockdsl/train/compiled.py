@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Measured on this CPU (2 cores shared, load 3-5; torch 2.13; benchmarks/compile.py,
-# medians of interleaved rounds, eager/compiled step time; table in README "Taking a
-# model elsewhere"): fp32 tiny GPT 1.63x (1.19-2.45), tiny MoEUT 1.54x (0.76-2.29), 10.7M
-# GPT 1.13x (0.48-1.70); bf16 tiny MoEUT 0.50x (0.17-1.63); compiling took 10-70 s. In
-# the default precision (bf16) it does not reliably pay, and a short run never earns the
-# compile time back: off on CPU.
+# Measured on this CPU (2 cores, quiet; torch 2.13; benchmarks/compile.py, medians of
+# interleaved rounds, eager/compiled step time; table in README "Taking a model
+# elsewhere"): dense models 1.03-1.35x (tiny GPT fp32 1.24, bf16 1.35; 10.7M GPT fp32 1.03,
+# bf16 1.29), MoE models 0.68-0.91x (the traceable "sort" dispatch replaces "bmm");
+# compiling took 3-26 s warm, 19-70 s cold, which a run of the default 300 steps does not
+# earn back (~550 steps at the tiny GPT's best case): off on CPU.
 MEASURED = {"cpu": False}
 
 
