@@ -5,6 +5,7 @@
     plan = blockdsl.resolve(spec)                      # concrete layer instances
     rep = blockdsl.report(plan)                        # params / FLOPs, no torch
     model = blockdsl.build(plan)                       # torch nn.Module
+    model = blockdsl.load_run("runs/gpt_tiny")         # a trained run, weights loaded
 
 Every function also accepts a path or .block text where it needs a spec. Importing this
 package does not import torch; only `build` does.
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
     from blockdsl.graph import Report
     from blockdsl.nn.model import BlockModel
 
-__all__ = ["BlockError", "load", "resolve", "report", "build", "check", "__version__"]
+__all__ = ["BlockError", "load", "resolve", "report", "build", "check", "load_run",
+           "__version__"]
 
 
 def load(source: str | Path) -> Module:
@@ -74,3 +76,12 @@ def build(
     from blockdsl.lower import build_from_plan
 
     return build_from_plan(resolve(spec, model), device=device, precision=precision, batch=batch)
+
+
+def load_run(path: str | Path, device: Any = "cpu", precision: str = "fp32") -> BlockModel:
+    """Rebuild the model a run folder (or one of its `ckpt-<step>` folders) trained, from
+    the spec its checkpoint records, with its weights; in eval mode. Errors are one-line
+    `RunError`s naming what is missing."""
+    from blockdsl.runs import load_run as _load_run
+
+    return _load_run(path, device=device, precision=precision)

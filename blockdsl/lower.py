@@ -94,6 +94,9 @@ def build_from_plan(plan: Plan, device: str | torch.device | None = None,
     # `io` is what the training loop and reports read off the module.
     model = BlockModel(stem, [nn.Sequential(*u) for u in units], final, head, plan.task,
                        altup=plan.altup, io=plan.io)
+    # The Plan it was built from, so a checkpoint can record the spec that rebuilds it
+    # (`resolved.block`, safetensors metadata) and an exporter can read its primitives.
+    model.plan = plan
     return model.to(dev)
 
 

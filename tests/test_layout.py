@@ -100,6 +100,7 @@ STAGES: list[tuple[str, ...]] = [
     ("blockdsl.train",),
     ("blockdsl.tune",),  # races whole models through the training step
     ("blockdsl.compile",),
+    ("blockdsl.export",),  # builds, loads runs (train's checkpoints), writes other formats
     ("blockdsl.search",),
     ("blockdsl.compare",),  # reuses the search's paired step timing
     ("blockdsl.cli",),

@@ -21,7 +21,8 @@ from blockdsl.exits import exit_status
 
 # Subcommands that live in their own module: each has register(subparsers) and run(args).
 _PLUGINS = ("blockdsl.cli.train", "blockdsl.cli.search", "blockdsl.cli.tokenize",
-            "blockdsl.cli.compare")
+            "blockdsl.cli.compare",
+            "blockdsl.cli.export")
 # Subcommands defined here: running one skips importing the plugin modules.
 _CORE = ("check", "compile")
 

@@ -123,6 +123,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--export-checkpoint", type=Path, default=None, metavar="DEST",
                    help="train nothing: convert --out's latest sharded checkpoint (from "
                    "--shard/--ep) into DEST/ckpt-<step>, the single-file format")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the whole model (fullgraph) for the training step; "
+                   "default: per device, as benchmarks/compile.py measured (off on CPU)")
     p.set_defaults(func=run)
 
 
@@ -147,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             eval_every=args.eval_every, eval_batches=args.eval_batches or None, seed=args.seed,
             out=args.out, resume=args.resume, ckpt_every=args.ckpt_every, device=args.device,
             quiet=args.quiet or args.json, shard=args.shard, ep=args.ep,
+            compile=args.compile,
         )
         done = train_spec(args.spec, args.model, cfg, default_steps=DEFAULT_STEPS,
                           data_dtype=args.data_dtype, force=args.force,

@@ -84,6 +84,8 @@ class BlockModel(nn.Module):
             self.units = nn.ModuleList(units)
         self.final_norm = final_norm if final_norm is not None else nn.Identity()
         self.head = head
+        # a shared layer's aux statistics pool under one key, traced or not (see aux.pool_key)
+        aux.assign_pool_keys(self)
 
     @property
     def task(self) -> str:

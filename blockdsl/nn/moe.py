@@ -176,7 +176,10 @@ class TopKMoE(_StackedExperts):
         """Per-expert slots for one forward of n_tokens (GShard/WideNet form)."""
         if self.capacity_factor is None:
             return None
-        return int(n_tokens * self.capacity_factor * self.k / self.experts)
+        # torch.sym_int (= int() here) and, below, sym_min and a ceil written with sym_ite
+        # keep a symbolic token count symbolic under torch.export and are ops a
+        # saved program can hold; int()/min() would pin it, math.floor/ceil do not save
+        return torch.sym_int(n_tokens * self.capacity_factor * self.k / self.experts)
 
     def route(self, sel: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         """Router input [N, d] -> flat (token, expert, gate) in rank-major order, skipped flag.
@@ -268,7 +271,9 @@ class ExpertChoiceMoE(_StackedExperts):
         self.group = group
 
     def capacity(self, group_size: int) -> int:
-        return min(group_size, math.ceil(group_size * self.capacity_factor / self.experts))
+        x = group_size * self.capacity_factor / self.experts
+        c = torch.sym_int(x)  # math.ceil(x) for x > 0, in ops a saved program can hold
+        return torch.sym_min(group_size, torch.sym_ite(x > c, c + 1, c))
 
     def route(self, sel: Tensor, b: int, t: int) -> tuple[Tensor, Tensor, Tensor]:
         """Router input [B*T, d] -> flat (token, expert, gate), expert-major."""

@@ -10,36 +10,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_CACHE: dict[tuple[int, int, float, torch.device], tuple[Tensor, Tensor]] = {}
-_CACHE_MAX = 64
-
 
 def rotary_dims(head_dim: int, fraction: float = 1.0) -> int:
     """Number of rotated dims per head: even, so every rotated dim has a partner."""
     return int(head_dim * fraction) // 2 * 2
 
 
-def _cos_sin(length: int, r: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """fp32 cos/sin tables [length, r/2]; cached because every layer asks for the same ones.
+def _cos_sin(
+    offset: int, length: int, r: int, base: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """fp32 cos/sin tables [length, r/2] for positions offset .. offset + length - 1.
 
-    Built outside inference mode so a table first made during evaluation can still be
-    saved for backward in a later training step.
+    Why computed in every forward rather than cached: a module-level cache keyed by
+    (length, device) leaked tensors between tracings (an eager forward's table became a
+    constant of a later `torch.export`, an exported fake tensor a cached one), and a
+    symbolic sequence length cannot be a dict key, so a dynamic-length export failed. The
+    tables are `length x r/2` cos and sin of one outer product (about 2 x 64K elements at
+    T = 2048, r = 64), small beside the attention they feed, and built from the input's
+    own shape, so eager, `torch.compile` and `torch.export` (dynamic T) run the same code.
+    Built in fp32 whatever the autocast or parameter dtype, as before.
     """
-    key = (length, r, float(base), device)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
-    with torch.inference_mode(False), torch.no_grad():
-        exponent = torch.arange(0, r, 2, device=device, dtype=torch.float32) / r
-        inv_freq = 1.0 / (base**exponent)
-        pos = torch.arange(length, device=device, dtype=torch.float32)
-        angles = torch.outer(pos, inv_freq)
-        out = (angles.cos(), angles.sin())
-    if device.type != "meta":
-        if len(_CACHE) >= _CACHE_MAX:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = out
-    return out
+    exponent = torch.arange(0, r, 2, device=device, dtype=torch.float32) / r
+    inv_freq = 1.0 / (base**exponent)
+    pos = torch.arange(length, device=device, dtype=torch.float32) + offset
+    angles = torch.outer(pos, inv_freq)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, base: float = 10000.0, fraction: float = 1.0, offset: int = 0) -> Tensor:
@@ -55,8 +50,7 @@ def apply_rope(x: Tensor, base: float = 10000.0, fraction: float = 1.0, offset: 
         return x
     half = r // 2
     t = x.shape[-2]
-    cos, sin = _cos_sin(offset + t, r, base, x.device)
-    cos, sin = cos[offset:], sin[offset:]
+    cos, sin = _cos_sin(offset, t, r, base, x.device)
     rot = x[..., :r].float()
     x1, x2 = rot[..., :half], rot[..., half:]
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

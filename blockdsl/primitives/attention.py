@@ -163,6 +163,7 @@ MHA = register(Primitive(
                     lambda a, env: attention_impl("auto", env.device, env.precision, env.seq)),
     x_norm=True,
     memory=_mha_memory,
+    codegen="blockdsl.export.codegen.attention:mha",
 ))
 
 
@@ -246,4 +247,5 @@ SWITCHHEAD = register(Primitive(
     tunable=dispatch_tunable(lambda a, d: (d, a["head_dim"])),  # V experts: d -> head_dim
     x_norm=True,
     memory=_switchhead_memory,
+    codegen="blockdsl.export.codegen.moe:switchhead",
 ))

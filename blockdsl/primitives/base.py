@@ -148,6 +148,10 @@ class Primitive:
     # runs): `graph.estimate_memory`'s term for this layer (see primitives/memory.py).
     # None counts the layer's input only.
     memory: Callable[[Any, dict[str, Any]], tuple[int, int]] | None = None
+    # "package.module:function" that writes the built module as standalone PyTorch source
+    # (`blockdsl export --format pytorch`; see blockdsl/export/codegen/); imported only
+    # when exporting. None: that format names the primitive and suggests pt2.
+    codegen: str | None = None
 
     def build(self, args: dict[str, Any], env: BuildEnv) -> Any:
         if self.lowering is None:

@@ -43,4 +43,5 @@ MLP = register(Primitive(
     lowering=Lowering("blockdsl.nn.ffn:FeedForward",
                       {"d_ff": "d_ff", "act": "activation", "bias": "bias", "dropout": "dropout"}),
     memory=_mlp_memory,
+    codegen="blockdsl.export.codegen.ffn:mlp",
 ))

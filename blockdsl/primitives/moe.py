@@ -144,6 +144,7 @@ TOPK = register(Primitive(
     tunable=dispatch_tunable(_ffn_dims),
     x_norm=True,
     memory=_routed_memory(_ffn_dims, lambda a: a["k"], _ffn_hidden),
+    codegen="blockdsl.export.codegen.moe:topk",
 ))
 
 
@@ -208,6 +209,7 @@ EXPERT_CHOICE = register(Primitive(
     x_norm=True,
     memory=_routed_memory(_ffn_dims, lambda a: min(a["capacity_factor"], a["experts"]),
                           _ffn_hidden),
+    codegen="blockdsl.export.codegen.moe:expert_choice",
 ))
 
 
@@ -258,4 +260,5 @@ SIGMA_MOE = register(Primitive(
     tunable=dispatch_tunable(_sigma_dims),
     x_norm=True,
     memory=_routed_memory(_sigma_dims, lambda a: a["k"], lambda a: 2 * a["expert_size"]),
+    codegen="blockdsl.export.codegen.moe:sigma_moe",
 ))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from blockdsl import files as fileio
+from blockdsl.runs import RESOLVED, resolved_spec, weights_metadata
 from blockdsl.train.config import TrainError
 
 CKPT_PREFIX = "ckpt-"
@@ -66,7 +67,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
     """Write out/ckpt-<step>/ atomically, then point out/latest at it; prune old ones.
 
     Weights go through `safetensors.torch.save_model`, which stores a shared (tied)
-    parameter once; optimizer, schedule, RNG and data position go in train_state.pt;
+    parameter once, with the resolved spec and blockdsl's version in its metadata (also
+    written as resolved.block in the folder and in `out`); optimizer, schedule, RNG and data position go in train_state.pt;
     meta.json records the files' sha256 so a damaged checkpoint is named, not half-loaded.
     """
     from safetensors.torch import save_model
@@ -76,7 +78,10 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
     try:
         # mkdtemp makes it 0700; a checkpoint folder gets a plain mkdir's mode (the umask's)
         os.chmod(tmp, 0o777 & ~fileio.umask())
-        save_model(model, str(tmp / "model.safetensors"))
+        spec = resolved_spec(model)
+        save_model(model, str(tmp / "model.safetensors"), metadata=weights_metadata(spec))
+        if spec is not None:
+            (tmp / RESOLVED).write_text(spec)
         payload = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), **state}
         torch.save(payload, tmp / "train_state.pt")
         meta = {
@@ -110,6 +115,8 @@ def _publish(out: Path, tmp: Path, final: Path, keep: int) -> None:
     else:
         os.replace(tmp, final)
     fileio.atomic_write(out / LATEST, final.name.encode())
+    if spec is not None:  # the run folder names its model beside its checkpoints too
+        fileio.atomic_write(out / RESOLVED, spec.encode())
     ckpts = sorted(p for p in out.glob(f"{CKPT_PREFIX}*") if p.is_dir())
     for old in ckpts[: max(0, len(ckpts) - keep)]:
         if old != final:

@@ -66,6 +66,7 @@ class TrainConfig:
     tensorboard: str | Path | None = None  # folder for TensorBoard event files (rank 0); None: none
     shard: str = "none"  # "fsdp": FSDP2 over all ranks (train/parallel.py)
     ep: int = 1  # expert parallelism: ranks each routed layer's experts are split over
+    compile: bool | None = None  # torch.compile the step's model; None: the device's measured default
 
 
 @dataclass

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from blockdsl.taskio import io_of
 from blockdsl.train import checkpoint as checkpoints
+from blockdsl.train.compiled import compile_default, compile_for_training
 from blockdsl.train.config import EvalCallback, TrainConfig, TrainError, TrainResult, validate
 from blockdsl.train.data import BYTE_VOCAB, DataError, TaskData, load_for_model
 from blockdsl.train.device import matmul_rate, precision_context, seed_everything
@@ -92,6 +93,10 @@ class _Run:
         self._agree(self._setup, dataset)
         dist.broadcast_module(model)  # before sharding: every rank cuts the same weights
         self._agree(self._setup_state)
+        # the step may run a compiled view (same parameters, after any sharding); evaluation
+        # and checkpoints use the model itself
+        use = cfg.compile if cfg.compile is not None else compile_default(self.device)
+        self.step_model = compile_for_training(model) if use else model
         self.start_time = self.train_time
         # Resuming a run whose checkpoint already spent the budget: nothing to train, and
         # nothing to write (a second final evaluation would duplicate the last eval row).
@@ -269,7 +274,7 @@ class _Run:
         per_rank = cfg.batch_size // dist.world
         lo = dist.rank * per_rank
         # check_finite runs before the update: a NaN step leaves the weights as they are
-        out = step(self.model, x[lo: lo + per_rank], y[lo: lo + per_rank],
+        out = step(self.step_model, x[lo: lo + per_rank], y[lo: lo + per_rank],
                    precision=cfg.precision, device=self.device, accum=cfg.accum,
                    optimizer=self.opt, params=self.params,
                    reduce_grads=self.par.reduce_grads if self.par else dist.average_grads,
