@@ -178,3 +178,24 @@ def test_bad_input_is_a_one_line_error(done: tuple[Path, str], tmp_path: Path,
         main(["compare", PAIR, "--seeds", "0"])
     assert exc.value.code == 1 and "--seeds: expected an integer > 0" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_compile_choice_reaches_every_run_and_pins_the_comparison(tmp_path: Path) -> None:
+    """`--no-compile` is what each run's TrainConfig gets and what compare.json pins (a
+    resume with another choice would mix numbers); left unset, comparisons written before
+    the flag existed still resume (their identity has no such key)."""
+    from blockdsl.compare.setup import CompareConfig
+
+    assert "compile" not in CompareConfig(steps=2).identity()
+    assert CompareConfig(steps=2, compile=True).identity()["compile"] is True
+    out = tmp_path / "c"
+    assert main(["compare", PAIR, "--steps", "2", "--seeds", "1",
+                 "--eval-every", "2", "--eval-batches", "1", "--timing-steps", "1",
+                 "--no-compile", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "compare.json").read_text())["identity"]["compile"] is False
+    import torch
+
+    for label in ("narrow", "wide"):  # the config each run trained with, in its checkpoint
+        (ckpt,) = (out / "runs" / label / "seed-0").glob("ckpt-*")
+        state = torch.load(ckpt / "train_state.pt", weights_only=False)
+        assert state["config"]["compile"] is False

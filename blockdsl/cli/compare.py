@@ -65,6 +65,9 @@ def register(subparsers: Any) -> None:
                    help="percent by which sizes/compute may differ before a warning (default 5)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default runs/compare/<model>-vs-<model>...)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="train every run with a compiled step, as `train --compile` "
+                   "(default: per device, off on CPU); step times are timed eagerly")
     C.add_torch(p, device_default="cpu", device_help="cpu (default) or cuda, cuda:1, ...")
     C.add_output(p, quiet_help="no progress lines or table (the files are still written)",
                  json_help="print results.json on stdout")
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, eval_every=args.eval_every,
         eval_batches=args.eval_batches or None, device=args.device,
         timing_steps=args.timing_steps, tolerance=args.tolerance / 100, out=out,
+        compile=args.compile,
     )
     quiet = args.quiet or args.json
 

@@ -74,7 +74,7 @@ def train_one(cfg: CompareConfig, label: str, seed: int) -> dict[str, Any] | Non
         weight_decay=cfg.weight_decay, precision=cfg.precision, eval_every=cfg.eval_every,
         eval_batches=cfg.eval_batches, seed=seed, out=folder, resume=has_ckpt,
         ckpt_every=cfg.eval_every, keep_checkpoints=1, device=cfg.device, quiet=True,
-        progress=False, name=label,
+        progress=False, name=label, compile=cfg.compile,
     )
     spec = Path(cfg.out) / "specs" / f"{label}.block"
     r = train_spec(spec, None, tc, default_steps=cfg.steps or 1).result

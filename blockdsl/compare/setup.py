@@ -69,6 +69,7 @@ class CompareConfig:
     device: str = "cpu"
     timing_steps: int = 6
     tolerance: float = 0.05
+    compile: bool | None = None  # train with a compiled step (train --compile); None: device default
     out: Path = field(default_factory=lambda: Path("runs/compare"))
 
     def budget(self) -> tuple[str, float]:
@@ -85,6 +86,8 @@ class CompareConfig:
         d = asdict(self)
         for k in ("seeds", "workers", "threads", "out", "timing_steps", "tolerance"):
             d.pop(k)
+        if d["compile"] is None:  # the default: comparisons written before the flag resume
+            d.pop("compile")
         return d
 
 

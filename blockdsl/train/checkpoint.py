@@ -91,7 +91,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.opt
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():  # safetensors writes its file 0600 whatever the umask
             os.chmod(f, 0o666 & ~fileio.umask())
-        _publish(out, tmp, final, keep)
+        _publish(out, tmp, final, keep, spec)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -103,8 +103,9 @@ def _sha_files(folder: Path) -> dict[str, str]:
     return {str(f.relative_to(folder)): _sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
-def _publish(out: Path, tmp: Path, final: Path, keep: int) -> None:
-    """Move a written checkpoint folder into place, point `latest` at it, prune old ones."""
+def _publish(out: Path, tmp: Path, final: Path, keep: int, spec: str | None) -> None:
+    """Move a written checkpoint folder into place, point `latest` at it, write the run
+    folder's resolved.block (`spec`, when the model has one), prune old ones."""
     if final.exists():
         # a folder of this step from a lost tail (e.g. a damaged checkpoint newer than
         # the one a run resumed from): this run's state replaces it, never the reverse
@@ -151,9 +152,12 @@ def save_sharded_checkpoint(out: Path, step: int, model: nn.Module,
     if main:
         try:
             torch.save({"rng": _rng_state(), **state}, tmp / "train_state.pt")
+            spec = resolved_spec(model)
+            if spec is not None:
+                (tmp / RESOLVED).write_text(spec)
             meta = {"step": step, "format": "dcp", "files": _sha_files(tmp)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            _publish(out, tmp, final, keep)
+            _publish(out, tmp, final, keep, spec)
         except OSError as e:
             error = e
         except BaseException:
