@@ -124,12 +124,16 @@ def load_run(path: str | Path, device: Any = "cpu", precision: str = "fp32") -> 
     import torch
     from safetensors.torch import load_model
 
-    from blockdsl import build
+    from blockdsl.lang.parse import load_module
+    from blockdsl.lang.resolve import resolve
+    from blockdsl.lower import build_from_plan
 
     folder = find_weights(path)
     spec, _ = read_spec(folder)
     _check_digest(folder)
-    model = build(spec, device=device, precision=precision)
+    # what blockdsl.build does, from the stages below (this module sits under the package face)
+    plan = resolve(load_module(spec), None, None)
+    model = build_from_plan(plan, device=device, precision=precision)
     try:
         load_model(model, str(folder / WEIGHTS), strict=True, device=str(torch.device(device)))
     except RuntimeError as e:
