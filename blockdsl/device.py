@@ -70,9 +70,9 @@ def keep_host_memory() -> bool:
     fresh zeroed pages. A training step allocates and frees the same few hundred KiB
     activations every step, so it pays that again and again, most where shapes vary from
     step to step (MoE dispatch: per-expert loads change every step). Measured (search-scale
-    top-2 MoE layer, d 48, 1024 tokens, forward + backward, 1 thread): 218 minor page faults
-    and 0.52 ms of system time per call before, 2 and 0.04 ms after; the dense FFN had none
-    either way. Fixed thresholds of MMAP_THRESHOLD and TRIM_THRESHOLD keep blocks below
+    top-2 MoE layer, d 48, 1024 tokens, forward + backward, 1 thread, two runs): 218-269
+    minor page faults and 0.5 ms of system time per call before, 2-4 and 0.04 ms after;
+    the dense FFN had none either way. Fixed thresholds of MMAP_THRESHOLD and TRIM_THRESHOLD keep blocks below
     64 MiB in the heap and keep up to 256 MiB of freed heap for reuse: the cost is that a
     process's resident memory stays near its peak, which a training process reaches every
     step anyway. The same reason is why PyTorch's CPU tuning guides suggest jemalloc or
