@@ -320,8 +320,10 @@ def test_an_inline_choice_computed_from_another_choice_is_searched(tmp_path: Pat
 
 
 def test_a_study_refuses_trials_of_another_space(tmp_path: Path) -> None:
-    """Naming an existing study with another space file would mix two spaces' trials in one
-    sampler history and one 'best block'; the same space (edited or not) resumes it."""
+    """Naming an existing study with another space would mix two spaces' trials in one
+    sampler history and one 'best block'. The same space file resumes it, edited or not,
+    and so does a copy of it in another folder (each machine sharing a PostgreSQL study
+    runs its own checkout)."""
     a, b = tmp_path / "a.block", tmp_path / "b.block"
     a.write_text(TINY)
     b.write_text(TINY)
@@ -331,5 +333,9 @@ def test_a_study_refuses_trials_of_another_space(tmp_path: Path) -> None:
                                            ".*b.block: name a new study"):
         S.prepare(b, study="s", storage=str(journal), root=tmp_path)
     a.write_text(TINY + "\n# edited\n")
-    again = S.prepare(a, study="s", storage=str(journal), root=tmp_path)
+    S.prepare(a, study="s", storage=str(journal), root=tmp_path)
+    elsewhere = tmp_path / "other-machine" / "a.block"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(TINY)
+    again = S.prepare(elsewhere, study="s", storage=str(journal), root=tmp_path)
     assert len(again.study.get_trials(deepcopy=False)) >= 1  # the baseline, enqueued once

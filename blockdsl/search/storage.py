@@ -194,15 +194,18 @@ def create_study(space: Space, cfg: SearchConfig, storage: BaseStorage, name: st
 
 def _check_same_space(study: optuna.Study, space: Space, name: str) -> None:
     """A study holds one space's trials: another space's would share its sampler history
-    and its best block with them. (The file may have been edited since; its path and the
-    space's name are what identify it.)"""
+    and its best block with them. A space is known by its name and its file's name, not
+    the file's folder or content: machines sharing one study (PostgreSQL) each run their
+    own copy of the file, and a file may be edited between runs."""
     attrs = study.user_attrs
     file, sp = attrs.get("space_file"), attrs.get("space")
-    here = (str(Path(space.file).resolve()), space.name)
-    if file is not None and sp is not None and (file, sp) != here:
+    if file is None or sp is None:
+        return
+    if (Path(file).name, sp) != (Path(space.file).name, space.name):
         raise SearchError(
             f"study '{name}' searches space '{sp}' of {file}, not '{space.name}' of "
-            f"{here[0]}: name a new study (--study), or resume this one without a space")
+            f"{Path(space.file).resolve()}: name a new study (--study), or resume this one "
+            "without a space")
 
 
 def load_study_info(name: str, storage_url: str | None = None,
