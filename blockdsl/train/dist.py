@@ -9,12 +9,27 @@ graph walk every step, and `ModelOutput` needs no special handling.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from blockdsl.train.device import resolve_device
+
+
+def on_flat_grads(params: list[nn.Parameter], fn: Callable[[Tensor], object]) -> None:
+    """Run `fn` in place on all of `params`' gradients as one flat tensor (one collective
+    instead of one per parameter), then copy the result back; a missing gradient counts
+    as zero."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    fn(flat)
+    for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(new)
 
 
 @dataclass
@@ -72,14 +87,7 @@ class Dist:
         """One flat all-reduce of all gradients (a missing gradient counts as zero)."""
         if self.world == 1 or not params:
             return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        self.all_reduce_sum(flat).div_(self.world)
-        for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-            g.copy_(new)
+        on_flat_grads(params, lambda flat: self.all_reduce_sum(flat).div_(self.world))
 
     def close(self) -> None:
         if self.owns_group:

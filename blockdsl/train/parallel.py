@@ -42,7 +42,7 @@ from blockdsl.nn.moe import ExpertChoiceMoE, SigmaMoE, TopKMoE
 from blockdsl.nn.switchhead import SwitchHeadAttention
 from blockdsl.names import SHARDING
 from blockdsl.train.config import TrainError
-from blockdsl.train.dist import Dist
+from blockdsl.train.dist import Dist, on_flat_grads
 
 # the stacked [E, ...] expert weights of each routed module type (the rest stays whole)
 EXPERT_WEIGHTS: dict[type, tuple[str, ...]] = {
@@ -168,16 +168,13 @@ class Parallel:
         exp = [p for p in params if id(p) in self.experts]
         if not exp:
             return
-        for p in exp:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in exp]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        if self.mesh.size(0) > 1:
-            tdist.all_reduce(flat, group=self.mesh.get_group("dp"))
-        flat.div_(self.dist.world)
-        for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-            g.copy_(new)
+
+        def over_dp(flat: Tensor) -> None:
+            if self.mesh.size(0) > 1:
+                tdist.all_reduce(flat, group=self.mesh.get_group("dp"))
+            flat.div_(self.dist.world)
+
+        on_flat_grads(exp, over_dp)
 
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> Tensor:
         """torch's clip rule (coef = max_norm / (norm + 1e-6), at most 1) on the global norm."""
