@@ -59,7 +59,7 @@ def main() -> None:
             p.write_text(SPEC.format(ffn=ffn), encoding="utf-8")
             seed_everything(0)
             models[name] = blockdsl.build(str(p), device=dev, precision=args.precision, batch=BATCH)
-            opts[name] = make_adamw(param_groups(models[name], 0.1), 1e-4, (0.9, 0.95), device)
+            opts[name] = make_adamw(param_groups(models[name], 0.1), 1e-4, (0.9, 0.95), dev)
     data = load_for_model(models["moe"])
     batches = [data.train_batch(i, BATCH, seed=0) for i in range(8)]
     stats: dict[str, dict[str, list[float]]] = {}
