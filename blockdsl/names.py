@@ -19,7 +19,7 @@ GATED: tuple[str, ...] = tuple(GATE_OF)
 ACTIVATIONS: tuple[str, ...] = (*ELEMENTWISE, *GATED)
 
 # Expert dispatch backends (see nn/dispatch/); "auto" picks one per shape and device.
-DISPATCH_BACKENDS: tuple[str, ...] = ("bmm", "grouped_mm", "sort", "loop")
+DISPATCH_BACKENDS: tuple[str, ...] = ("fused", "bmm", "grouped_mm", "sort", "loop")
 DISPATCH: tuple[str, ...] = ("auto", *DISPATCH_BACKENDS)
 
 # Attention kernels (see nn/attention.py); "auto" is resolved by lowering.

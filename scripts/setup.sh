@@ -26,3 +26,7 @@ fi
 # PYTHONDONTWRITEBYTECODE is set, Python would otherwise recompile blockdsl's source on
 # every start: about 15% of a cold `blockdsl check`.
 .venv/bin/python -m compileall -q --invalidation-mode checked-hash blockdsl > /dev/null
+# The fused CPU MoE kernel, compiled once here (~30 s, cached by torch per machine) rather
+# than inside the first training step or test; where it cannot build, blockdsl warns and
+# uses its "bmm" dispatch instead.
+.venv/bin/python -c "from blockdsl.nn.dispatch import fused; fused.extension()"

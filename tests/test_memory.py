@@ -146,12 +146,21 @@ def test_train_refuses_without_allocating(huge: Path, tmp_path: Path) -> None:
 
 
 def test_memory_estimate_uses_the_dispatch_rule_of_resolve_impl() -> None:
-    """The torch-free estimate mirrors the CPU threshold at which "auto" dispatch is "bmm"."""
+    """The torch-free estimate counts "auto" as the backend `resolve_impl` picks on each side
+    of the CPU threshold, in fp32 and in bf16 (where the fused kernel builds, as it does here:
+    "fused" below it in fp32, "bmm" in bf16, "grouped_mm"/"sort" above)."""
     from blockdsl.nn import dispatch
     from blockdsl.primitives import memory
 
     assert memory.SMALL_EXPERT_WEIGHT == dispatch.SMALL_EXPERT_WEIGHT
     cpu = torch.device("cpu")
-    for w in (dispatch.SMALL_EXPERT_WEIGHT, dispatch.SMALL_EXPERT_WEIGHT + 1):
-        picked = dispatch.resolve_impl("auto", cpu, torch.float32, 1, w)
-        assert memory.dispatch_saves_rows("auto", w, "cpu") == (picked == "bmm")
+    picks = {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for w in (dispatch.SMALL_EXPERT_WEIGHT, dispatch.SMALL_EXPERT_WEIGHT + 1):
+            picked = dispatch.resolve_impl("auto", cpu, dtype, 1, w)
+            picks[precision, w] = picked
+            assert memory.dispatch_saves_rows("auto", w, "cpu", precision) == \
+                memory.dispatch_saves_rows(picked, w, "cpu", precision), (precision, w, picked)
+    small = dispatch.SMALL_EXPERT_WEIGHT
+    assert picks["fp32", small] == "fused" and picks["bf16", small] == "bmm"
+    assert picks["fp32", small + 1] in ("grouped_mm", "sort")

@@ -2,7 +2,8 @@
 
 Everything in a `BlockModel` traces as it is (the aux-loss collector is a plain stack,
 RoPE tables are built from the input's shape, `ModelOutput` is a pytree node) except two
-MoE dispatch backends, which size their work on the host: "bmm" reads the per-expert
+MoE dispatch backends, which size their work on the host: "fused" is a C++ extension
+function (no fake implementation; its layout is computed from the data), "bmm" reads the per-expert
 loads (`.tolist()`) to lay out its slot grid unless the routing bounds them, and "loop"
 skips empty experts with a Python `if`. Both are data-dependent control flow a tracer
 cannot follow. "sort" runs inside the custom op `blockdsl::expert_ffn` (its fake
@@ -29,7 +30,7 @@ from torch import nn
 
 TRACEABLE_DISPATCH = "sort"
 # Backends that leave the device for their layout or branch on data (see above).
-_UNTRACEABLE = ("auto", "bmm", "loop")
+_UNTRACEABLE = ("auto", "fused", "bmm", "loop")
 
 
 def make_traceable(model: nn.Module) -> dict[nn.Module, str]:

@@ -207,7 +207,7 @@ def _switchhead_memory(m: MemCtx, a: dict[str, Any]) -> tuple[int, int]:
     acts = n * d * e + n * h * dh * (5 + 2 * k) * e + n * h * 4
     acts += n * 2 * h * a["experts"] * 8
     if a["experts"] > 1 and dispatch_saves_rows(a.get("dispatch", "auto"), d * dh,
-                                                m.device_type):
+                                                m.device_type, m.precision):
         acts += 2 * grid_slots(n * h * k, h * a["experts"], a) * (d + dh) * e
         acts += 2 * grid_tiles(n * h * k, h * a["experts"], a, e) * d * dh * e
     return acts, 0

@@ -36,12 +36,16 @@ def ffn_hidden(act: str, f: int) -> int:
     return (4 if is_gated(act) else 2) * f
 
 
-def dispatch_saves_rows(dispatch: str, expert_weight: int, device_type: str) -> bool:
-    """Whether the expert dispatch keeps per-slot tensors for backward ("bmm", "loop", and
-    "auto" where `resolve_impl` picks "bmm": CPU with an expert weight of d x first-layer
-    width <= SMALL_EXPERT_WEIGHT) rather than only the hidden ("sort", "grouped_mm")."""
+def dispatch_saves_rows(dispatch: str, expert_weight: int, device_type: str,
+                        precision: str = "fp32") -> bool:
+    """Whether the expert dispatch keeps per-slot tensors for backward ("bmm", "loop")
+    rather than only the hidden ("fused", "sort", "grouped_mm"). "auto" is counted as what
+    `resolve_impl` picks where the fused kernel builds: on CPU below SMALL_EXPERT_WEIGHT
+    "fused" in plain fp32 and "bmm" otherwise (bf16, fp32-medium), above it and on GPUs
+    "grouped_mm"/"sort"."""
     if dispatch == "auto":
-        return device_type == "cpu" and expert_weight <= SMALL_EXPERT_WEIGHT
+        return (device_type == "cpu" and expert_weight <= SMALL_EXPERT_WEIGHT
+                and precision != "fp32")
     return dispatch in ("bmm", "loop")
 
 

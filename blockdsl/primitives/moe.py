@@ -55,7 +55,8 @@ def _routed_memory(dims: Callable[[dict[str, Any], int], tuple[int, int]],
         assignments = int(math.ceil(n * copies(a)))
         acts = n * d * e + n * a["experts"] * 8
         gate_width = dims(a, d)[1]
-        if dispatch_saves_rows(a.get("dispatch", "auto"), d * gate_width, m.device_type):
+        if dispatch_saves_rows(a.get("dispatch", "auto"), d * gate_width, m.device_type,
+                               m.precision):
             acts += grid_slots(assignments, a["experts"], a) * (2 * d + hidden(a)) * e
             acts += grid_tiles(assignments, a["experts"], a, e) * d * gate_width * 2 * e
         else:

@@ -12,7 +12,7 @@ import torch
 from blockdsl.nn import dispatch
 from blockdsl.nn.dispatch import expert_mixture, padded, resolve_impl
 
-FAST = ("bmm", "sort", "grouped_mm")
+FAST = ("fused", "bmm", "sort", "grouped_mm")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
@@ -97,7 +97,7 @@ def test_skipped_assignments_contribute_nothing():
     w1 = torch.randn(2, 8, 8)
     src = torch.tensor([0, 1, 2])
     expert = torch.tensor([2, 2, 2])  # all skipped (id == E)
-    for impl in ("loop", "bmm", "sort", "grouped_mm"):
+    for impl in ("loop", "fused", "bmm", "sort", "grouped_mm"):
         out = expert_mixture(x, src, expert, torch.ones(3), w1, torch.ones(2, 8), impl=impl, skipped=True)
         assert torch.equal(out, torch.zeros(4, 8)), impl
 
@@ -105,8 +105,9 @@ def test_skipped_assignments_contribute_nothing():
 def test_resolve_impl(monkeypatch):
     cpu = torch.device("cpu")
     grouped = "grouped_mm" if dispatch.grouped_mm_available("cpu", torch.float32) else "sort"
-    # the search's MoE slots (d <= 64, d_moe <= 4d, gated) -> bmm; MoEUT-44M, coarse -> grouped
-    assert resolve_impl("auto", cpu, torch.float32, 48, 48) == "bmm"
+    # the search's MoE slots (d <= 64, d_moe <= 4d, gated) -> fused in fp32 (bmm in bf16);
+    # MoEUT-44M, coarse -> grouped
+    assert resolve_impl("auto", cpu, torch.float32, 48, 48) == "fused"
     assert resolve_impl("auto", cpu, torch.bfloat16, 64, 2 * 256) == "bmm"
     assert resolve_impl("auto", cpu, torch.float32, 412, 128) == grouped
     assert resolve_impl("auto", cpu, torch.bfloat16, 256, 2 * 512) == grouped
@@ -301,3 +302,61 @@ def test_bmm_passes_gradcheck(act, skew):
                               dst=dst, n_out=5, skipped=True)
 
     assert torch.autograd.gradcheck(f, (x, gate, w1, b1, *([w2, b2] if two_layer else [])))
+
+
+def test_fused_kernel_builds_and_takes_its_fast_path_here():
+    """The CPU kernel compiles on this machine and fp32 runs its raw-pointer BLAS path (the
+    one "auto" picks); a failed build would silently fall back to "bmm" everywhere else."""
+    from blockdsl.nn.dispatch import fused
+
+    assert fused.available(), fused._failed
+    assert fused.fast_for(torch.float32)
+    assert not fused.fast_for(torch.bfloat16)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu", "swiglu"])
+def test_fused_fp32_activations_match_aten_at_scale(act):
+    """The fast path's own exp/erf/tanh against ATen's kernels, over a wide range of
+    pre-activations (|h| up to ~30, where exp underflows), through both tiles and biases."""
+    g = torch.Generator().manual_seed(1)
+    n, d, f, e, k = 700, 24, 40, 3, 2
+    width = 2 * f if act == "swiglu" else f
+    x = (torch.randn(n, d, generator=g) * 6).requires_grad_()
+    w1 = (torch.randn(e, d, width, generator=g)).requires_grad_()
+    b1 = torch.randn(e, width, generator=g).requires_grad_()
+    w2 = (torch.randn(e, f, d, generator=g) / f**0.5).requires_grad_()
+    src = torch.arange(n).repeat(k)
+    expert = torch.randint(0, e, (n * k,), generator=g)
+    gate = torch.rand(n * k, generator=g).requires_grad_()
+    grad = torch.randn(n, d, generator=g)
+    res = {}
+    for impl in ("loop", "fused"):
+        for t in (x, w1, b1, w2, gate):
+            t.grad = None
+        out = expert_mixture(x, src, expert, gate, w1, b1, w2, activation=act, impl=impl)
+        (out * grad).sum().backward()
+        res[impl] = [out.detach()] + [t.grad.clone() for t in (x, w1, b1, w2, gate)]
+    for name, a, b in zip(("out", "x", "w1", "b1", "w2", "gate"), res["loop"], res["fused"]):
+        assert_rel_close(b, a, 2e-5, f"{act} {name}")
+
+
+def test_fused_tiles_split_heavy_experts():
+    """An expert with more rows than a tile holds runs as several tiles (weight gradients
+    summed over them) and still matches the loop."""
+    from blockdsl.nn.dispatch import fused
+
+    d = f = 8
+    rows = fused.tile_rows(d, f, d, 1)
+    n = 2 * rows + 37
+    g = torch.Generator().manual_seed(2)
+    t = {"x": torch.randn(n, d, generator=g), "gate": torch.rand(n, generator=g),
+         "w1": torch.randn(2, d, f, generator=g), "w2": torch.randn(2, f, d, generator=g)}
+    src = torch.arange(n)
+    expert = torch.zeros(n, dtype=torch.long)
+    expert[-5:] = 1
+    case = (t, src, expert, src, n, torch.randn(n, d, generator=g))
+    ref_out, ref_grads = _run("loop", case, "gelu", torch.float32, False)
+    out, grads = _run("fused", case, "gelu", torch.float32, False)
+    assert_rel_close(out, ref_out, 1e-5, "forward")
+    for k in ref_grads:
+        assert_rel_close(grads[k], ref_grads[k], 1e-5, f"grad {k}")

@@ -16,7 +16,7 @@ from blockdsl.nn.moe import ExpertChoiceMoE, SigmaMoE, TopKMoE
 
 from .test_dispatch import TOL, assert_rel_close
 
-FAST = ("bmm", "sort", "grouped_mm")
+FAST = ("fused", "bmm", "sort", "grouped_mm")
 
 
 def _grads_vs_loop(make, impl: str, dtype: torch.dtype, shape=(3, 8, 16)) -> None:

@@ -48,6 +48,8 @@ from torch import Tensor
 from blockdsl.names import DISPATCH as IMPLS
 from blockdsl.names import SMALL_EXPERT_WEIGHT
 from blockdsl.nn.dispatch.grouped import _align_for_grouped_mm
+from blockdsl.nn.dispatch import fused
+from blockdsl.nn.dispatch.fused import fused_mixture
 from blockdsl.nn.dispatch.loop import _loop
 from blockdsl.nn.dispatch.op import _expert_ffn
 from blockdsl.nn.dispatch.padded import _PaddedFFN, _slots
@@ -120,8 +122,13 @@ def resolve_impl(
         if device.type == "cuda":
             return "grouped_mm" if grouped else "bmm"
         if d_in is not None and d_hidden is not None and d_in * d_hidden <= SMALL_EXPERT_WEIGHT:
-            return "bmm"
+            return "fused" if fused.fast_for(dtype) else "bmm"
         return "grouped_mm" if grouped else "sort"
+    if impl == "fused" and (device.type != "cpu" or not fused.available()):
+        if device.type != "cpu":
+            warnings.warn(f"the fused MoE kernel runs on CPU only; using 'bmm' on {device.type}",
+                          stacklevel=3)
+        return "bmm"
     if impl == "grouped_mm" and not grouped_mm_available(device.type, dtype):
         warnings.warn(
             f"torch._grouped_mm is unavailable for {dtype} on {device.type}; using 'sort'",
@@ -182,6 +189,9 @@ def expert_mixture(
     gdt = torch.promote_types(gate.dtype, torch.float32)  # gates stay >= fp32
     if backend == "loop":
         return _loop(x, src, dst, expert, gate.to(gdt), w1, b1, w2, b2, activation, n_out)
+    if backend == "fused":
+        return fused_mixture(x, src, dst, expert, gate.to(gdt), w1, b1, w2, b2, activation,
+                             n_out)
     if backend == "bmm":
         inv, tile_expert = _slots(expert, n_exp, x, max_load)
         pad = lambda t: F.pad(t, (0, 1)).index_select(0, inv)  # noqa: E731  slot M: row 0, gate 0
