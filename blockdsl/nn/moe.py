@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from blockdsl.nn import aux
 from blockdsl.nn.dispatch import IMPLS, expert_mixture
+from blockdsl.nn.dispatch import fused as fused_router
 from blockdsl.nn.ffn import FeedForward, is_gated
 
 GROUPS = ("batch", "position")
@@ -38,6 +39,8 @@ def _check_dispatch(dispatch: str) -> None:
 
 def _router_logits(x: Tensor, weight: Tensor) -> Tensor:
     """fp32 router logits, outside autocast: top-k choices must not flip with precision."""
+    if not torch.is_autocast_enabled(x.device.type):  # the context itself costs ~7 us
+        return F.linear(x.float(), weight.float())
     with torch.autocast(x.device.type, enabled=False):
         return F.linear(x.float(), weight.float())
 
@@ -197,18 +200,26 @@ class TopKMoE(_StackedExperts):
             r = torch.rand(e, device=logits.device)
             dropped_expert = (r < self.expert_dropout) & (r != r.max())  # the max r survives
             logits = logits.masked_fill(dropped_expert, float("-inf"))
-        probs = _softmax_experts(logits)
-        top_p, top_i = probs.topk(self.k, dim=-1)  # [N, k]
-        gate = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p
+        if self.dispatch in ("auto", "fused") and fused_router.routes_here(logits):
+            # one C++ pass, the same function (nn/dispatch/fused.py); not once a traced
+            # model's dispatch is swapped for "sort" (nn/traceable)
+            gate, expert, token, counts, mean_p = fused_router.topk_route(
+                logits, self.k, self.renormalize)
+        else:
+            probs = _softmax_experts(logits)
+            top_p, top_i = probs.topk(self.k, dim=-1)  # [N, k]
+            gate = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p
+            counts = mean_p = None
+            if self.balance_weight:
+                counts = torch.bincount(top_i.reshape(-1), minlength=e).to(probs.dtype)
+                mean_p = probs.mean(0)
+            expert = top_i.t().reshape(-1)
+            token = torch.arange(n, device=sel.device).repeat(self.k)
+            gate = gate.t().reshape(-1)
         if self.balance_weight:
-            # w E sum_e f_e P_e with f_e = count_e / (N k): one bincount and one dot product
-            counts = torch.bincount(top_i.reshape(-1), minlength=e).to(probs.dtype)
+            # w E sum_e f_e P_e with f_e = count_e / (N k): one dot product
             scale = self.balance_weight * e / (n * self.k)
-            aux.record("balance", torch.dot(counts, probs.mean(0)) * scale)
-
-        expert = top_i.t().reshape(-1)
-        token = torch.arange(n, device=sel.device).repeat(self.k)
-        gate = gate.t().reshape(-1)
+            aux.record("balance", torch.dot(counts, mean_p) * scale)
         skipped = False
         if dropped_expert is not None:  # fewer than k experts left: skip the masked picks
             expert = torch.where(dropped_expert[expert], e, expert)

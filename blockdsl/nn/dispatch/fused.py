@@ -21,6 +21,7 @@ A plain torch.autograd.Function (not a custom op): nothing here is traced by
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -103,34 +104,48 @@ class _FusedFFN(torch.autograd.Function):
         bucket = _row_bucket(x)
         d_out = (w1 if w2 is None else w2).shape[-1]
         tile = tile_rows(x.shape[1], w1.shape[-1], d_out, bucket)
-        args = [t if t is None else t.contiguous() for t in (b1, w2, b2)]
-        with torch.autocast(x.device.type, enabled=False):
-            out, h, a = extension().forward(
-                x.contiguous(), src, dst, expert, gate, w1.contiguous(), *args, act, gated,
-                n_out, tile, bucket,
-            )
-        ctx.save_for_backward(x, src, dst, expert, gate, w1, *[
-            t if t is not None else torch.empty(0) for t in args], h,
-            a if a is not None else torch.empty(0))
-        ctx.static = (act, gated, tile, bucket, tuple(t is not None for t in args))
-        return out.to(x.dtype)
+        x, w1 = x.contiguous(), w1.contiguous()
+        opt = [t if t is None else t.contiguous() for t in (b1, w2, b2)]
+        with _no_autocast(x):
+            out, h, a = extension().forward(x, src, dst, expert, gate, w1, *opt, act, gated,
+                                            n_out, tile, bucket)
+        # None stays out of save_for_backward: the flags say which of b1, w2, b2, a exist
+        present = tuple(t is not None for t in (*opt, a))
+        ctx.save_for_backward(x, src, dst, expert, gate, w1, h,
+                              *[t for t in (*opt, a) if t is not None])
+        ctx.static = (act, gated, tile, bucket, present)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, go):
-        x, src, dst, expert, gate, w1, b1, w2, b2, h, a = ctx.saved_tensors
+        x, src, dst, expert, gate, w1, h, *rest = ctx.saved_tensors
         act, gated, tile, bucket, present = ctx.static
-        b1, w2, b2 = (t if p else None for t, p in zip((b1, w2, b2), present))
+        it = iter(rest)
+        b1, w2, b2, a = (next(it) if p else None for p in present)
         need = ctx.needs_input_grad
-        with torch.autocast(go.device.type, enabled=False):
+        with _no_autocast(go):
             gx, ggate, gw1, gb1, gw2, gb2 = extension().backward(
-                go, x, src, dst, expert, gate, w1.contiguous(), b1, w2, b2, h, a, act, gated,
+                go, x, src, dst, expert, gate, w1, b1, w2, b2, h, h if a is None else a, act, gated,
                 tile, bucket, bool(need[0]), bool(need[5] or need[6] or need[7] or need[8]),
             )
-        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
-        return (cast(gx, x), None, None, None, ggate.to(gate.dtype), cast(gw1, w1),
-                cast(gb1, b1) if b1 is not None else None,
-                cast(gw2, w2) if w2 is not None else None,
-                cast(gb2, b2) if b2 is not None else None, None, None)
+
+        def cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+            return None if t is None or like is None else (
+                t if t.dtype == like.dtype else t.to(like.dtype))
+
+        return (cast(gx, x), None, None, None, cast(ggate, gate), cast(gw1, w1), cast(gb1, b1),
+                cast(gw2, w2), cast(gb2, b2), None, None)
+
+
+@contextlib.contextmanager
+def _no_autocast(t: Tensor):
+    """Autocast off around the kernel (its out= ATen calls take no casts), entered only when
+    it is on: the context manager alone costs ~7 us, a few times per layer."""
+    if not torch.is_autocast_enabled(t.device.type):
+        yield
+        return
+    with torch.autocast(t.device.type, enabled=False):
+        yield
 
 
 def fused_mixture(x: Tensor, src: Tensor, dst: Tensor, expert: Tensor, gate: Tensor,
@@ -140,3 +155,37 @@ def fused_mixture(x: Tensor, src: Tensor, dst: Tensor, expert: Tensor, gate: Ten
     return _FusedFFN.apply(x, src.long().contiguous(), dst.long().contiguous(),
                            expert.long().contiguous(), gate.float().contiguous(), w1, b1, w2,
                            b2, activation, n_out)
+
+
+class _TopKRoute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, k, renormalize):
+        probs, gate, expert, token, counts, mean = extension().topk_route_forward(
+            logits, k, renormalize)
+        ctx.save_for_backward(probs, expert, gate)
+        ctx.static = (k, renormalize)
+        ctx.mark_non_differentiable(expert, token, counts)
+        return gate, expert, token, counts, mean
+
+    @staticmethod
+    def backward(ctx, dgate, _dexpert, _dtoken, _dcounts, dmean):
+        probs, expert, gate = ctx.saved_tensors
+        k, renormalize = ctx.static
+        return extension().topk_route_backward(probs, expert, gate, dgate, dmean, k,
+                                               renormalize), None, None
+
+
+def topk_route(logits: Tensor, k: int, renormalize: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Softmax over the experts of fp32 [N, E] logits and each token's top k, in one pass:
+    (gate, expert, token) rank-major [k N] (assignment r N + n is token n's r-th choice,
+    gate = its probability, renormalised over the k when asked), the per-expert choice
+    counts [E] and the mean probabilities [E] (the Switch balance loss's f and P).
+    Differentiable in gate and mean; ties go to the lower expert id."""
+    return _TopKRoute.apply(logits, k, renormalize)
+
+
+def routes_here(logits: Tensor) -> bool:
+    """Whether `topk_route` can run: CPU fp32 logits, the kernel built, not being traced."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32
+            and not torch.compiler.is_compiling() and available())
