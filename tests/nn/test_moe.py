@@ -303,3 +303,49 @@ def test_router_softmax_matches_aten_values_and_grads(experts, log):
     assert ya.shape == yb.shape
     torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("experts,k,renormalize", [(8, 2, False), (8, 2, True), (5, 1, False),
+                                                   (16, 4, True), (12, 12, False)])
+def test_fused_router_matches_the_tensor_router(experts, k, renormalize):
+    """TopKMoE.route's one-pass C++ router (CPU fp32, dispatch auto/fused) against the tensor
+    path it replaces (any other dispatch): the same choices in the same rank-major order,
+    the same gates, balance loss and gradients into the router input and weight."""
+    from blockdsl.nn import aux
+
+    torch.manual_seed(experts + k)
+    results = []
+    for dispatch in ("auto", "sort"):
+        torch.manual_seed(0)
+        m = TopKMoE(12, 8, experts, k, renormalize=renormalize, balance_weight=0.1,
+                    dispatch=dispatch)
+        sel = (torch.randn(50, 12) * 2).requires_grad_()
+        with aux.collect() as col:
+            token, expert, gate, skipped = m.route(sel)
+        loss = (gate * torch.linspace(-1, 1, gate.numel())).sum() + col.finalize()["balance"]
+        loss.backward()
+        results.append((token, expert, gate.detach(), col.finalize()["balance"].detach(),
+                        sel.grad, m.router.weight.grad))
+    (t0, e0, g0, b0, s0, w0), (t1, e1, g1, b1, s1, w1) = results
+    assert torch.equal(t0, t1) and torch.equal(e0, e1)
+    torch.testing.assert_close(g0, g1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b0, b1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s0, s1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w0, w1, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_router_keeps_expert_dropout_and_capacity_semantics():
+    """Expert dropout masks logits before the fused router and capacity drops after it: the
+    kept assignments and dropped ones equal the tensor path's (same seeds)."""
+    out = []
+    for dispatch in ("auto", "loop"):
+        torch.manual_seed(3)
+        m = TopKMoE(8, 8, 6, 2, capacity_factor=0.8, expert_dropout=0.5, dispatch=dispatch)
+        m.train()
+        x = torch.randn(2, 20, 8)
+        torch.manual_seed(4)
+        out.append(m.route(x.reshape(40, 8)))
+    (t0, e0, g0, s0), (t1, e1, g1, s1) = out
+    assert s0 and s1
+    assert torch.equal(e0, e1) and torch.equal(t0, t1)
+    torch.testing.assert_close(g0, g1, rtol=1e-6, atol=1e-7)
