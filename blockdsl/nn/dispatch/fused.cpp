@@ -16,6 +16,7 @@
 // multiple of `bucket` (oneDNN compiles a kernel per matmul shape in bf16: few shapes) in
 // the saved h. The backward recomputes the same layout from the same counts.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -453,6 +454,28 @@ CLONES float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// first[e] = index of expert e's first tile (tiles are in expert order); first[E] = #tiles
+std::vector<int64_t> expert_tiles(const std::vector<Tile>& tiles, int64_t n_exp) {
+  std::vector<int64_t> first(n_exp + 1, static_cast<int64_t>(tiles.size()));
+  for (int64_t i = static_cast<int64_t>(tiles.size()) - 1; i >= 0; --i) first[tiles[i].expert] = i;
+  for (int64_t e = n_exp - 1; e >= 0; --e) first[e] = std::min(first[e], first[e + 1]);
+  return first;
+}
+
+// Experts run in parallel over ATen's intra-op threads (each expert's tiles on one thread,
+// so its weight gradients need no lock); with one thread, or one tile, everything scatters
+// straight into one accumulator. Inside the parallel region the BLAS runs single-threaded.
+int64_t lanes_for(int64_t n_exp, size_t n_tiles) {
+  const int64_t threads = at::get_num_threads();
+  return (threads > 1 && n_exp > 1 && n_tiles > 1 && !at::in_parallel_region()) ? threads : 1;
+}
+
+template <typename Fn>
+void run_experts(int64_t n_exp, int64_t lanes, const Fn& fn) {
+  if (lanes == 1) fn(0, n_exp);
+  else at::parallel_for(0, n_exp, 1, fn);
+}
+
 const float* opt_ptr(const c10::optional<Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
@@ -473,13 +496,13 @@ std::vector<Tensor> forward_f32(const Tensor& x, const Tensor& src, const Tensor
   auto opt = x.options();
   Tensor h = at::empty({std::max<int64_t>(h_rows, 1), F}, opt);
   Tensor a_saved = (two && !gated) ? at::empty({std::max<int64_t>(h_rows, 1), f}, opt) : Tensor();
-  Tensor out = at::zeros({n_out, d_out}, opt);
   int64_t cap = 1;
   for (const Tile& t : tiles) cap = std::max(cap, t.rows);
-  Tensor buf = at::empty({cap * (d + (gated ? f : 0) + d_out)}, opt);
-  float* xb = buf.data_ptr<float>();
-  float* ab = xb + cap * d;  // gated only
-  float* yb = ab + (gated ? cap * f : 0);
+  const std::vector<int64_t> first = expert_tiles(tiles, n_exp);
+  const int64_t lanes = lanes_for(n_exp, tiles.size());
+  // one accumulator per thread when experts run in parallel (rows of different experts
+  // scatter into the same output rows), summed at the end
+  Tensor acc = at::zeros({lanes, n_out, d_out}, opt);
   const float* xp = x.data_ptr<float>();
   const float* w1p = w1.data_ptr<float>();
   const float* w2p = two ? w2->data_ptr<float>() : nullptr;
@@ -489,8 +512,15 @@ std::vector<Tensor> forward_f32(const Tensor& x, const Tensor& src, const Tensor
   const float* gp = gate.data_ptr<float>();
   float* hp0 = h.data_ptr<float>();
   float* ap0 = (two && !gated) ? a_saved.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  for (const Tile& t : tiles) {
+  float* acc0 = acc.data_ptr<float>();
+  run_experts(n_exp, lanes, [&](int64_t e0, int64_t e1) {
+  float* op = acc0 + (lanes > 1 ? at::get_thread_num() : 0) * n_out * d_out;
+  Tensor buf = at::empty({cap * (d + (gated ? f : 0) + d_out)}, opt);
+  float* xb = buf.data_ptr<float>();
+  float* ab = xb + cap * d;  // gated only
+  float* yb = ab + (gated ? cap * f : 0);
+  for (int64_t ti = first[e0]; ti < first[e1]; ++ti) {
+    const Tile& t = tiles[ti];
     const int64_t e = t.expert, rows = t.rows;
     gather_rows<float>(xp, d, srcp, order.data(), t.start, rows, rows, xb);
     float* hp = hp0 + t.base * F;
@@ -518,7 +548,8 @@ std::vector<Tensor> forward_f32(const Tensor& x, const Tensor& src, const Tensor
       axpy_f32(gp[m], yp + r * d_out, op + dstp[m] * d_out, d_out);
     }
   }
-  return {out, h, a_saved};
+  });
+  return {lanes > 1 ? acc.sum(0) : acc.squeeze(0), h, a_saved};
 }
 
 std::vector<Tensor> backward_f32(const Tensor& go, const Tensor& x, const Tensor& src,
@@ -536,23 +567,17 @@ std::vector<Tensor> backward_f32(const Tensor& go, const Tensor& x, const Tensor
   int64_t h_rows = 0;
   layout(expert, n_exp, tile, 1, order, tiles, h_rows);
   auto opt = x.options();
-  Tensor gx = need_x ? at::zeros({x.size(0), d}, opt) : Tensor();
+  int64_t cap = 1;
+  for (const Tile& t : tiles) cap = std::max(cap, t.rows);
+  const std::vector<int64_t> first = expert_tiles(tiles, n_exp);
+  const int64_t lanes = lanes_for(n_exp, tiles.size());
+  Tensor gxacc = need_x ? at::zeros({lanes, x.size(0), d}, opt) : Tensor();
   Tensor ggate = at::zeros({gate.size(0)}, opt);
   Tensor gw1 = at::zeros({n_exp, d, F}, opt);
   Tensor gw2 = two ? at::zeros({n_exp, f, d_out}, opt) : Tensor();
   Tensor gb1 = b1.has_value() ? at::zeros({n_exp, F}, opt) : Tensor();
   Tensor gb2 = b2.has_value() ? at::zeros({n_exp, d_out}, opt) : Tensor();
-  int64_t cap = 1;
-  for (const Tile& t : tiles) cap = std::max(cap, t.rows);
   const int64_t g2 = gated ? 2 * f : 0;
-  Tensor buf = at::empty({cap * (d_out + F + 2 * d + (two ? f : 0) + g2)}, opt);
-  float* gyb = buf.data_ptr<float>();
-  float* ghb = gyb + cap * d_out;
-  float* xb = ghb + cap * F;
-  float* gxb = xb + cap * d;
-  float* gab = gxb + cap * d;            // two
-  float* actb = gab + (two ? cap * f : 0);  // gated: act(gate half), then a
-  float* ab = actb + (gated ? cap * f : 0);
   const float* xp = x.data_ptr<float>();
   const float* gop = go.data_ptr<float>();
   const float* w1p = w1.data_ptr<float>();
@@ -568,8 +593,19 @@ std::vector<Tensor> backward_f32(const Tensor& go, const Tensor& x, const Tensor
   float* gw2p = two ? gw2.data_ptr<float>() : nullptr;
   float* gb1p = b1.has_value() ? gb1.data_ptr<float>() : nullptr;
   float* gb2p = b2.has_value() ? gb2.data_ptr<float>() : nullptr;
-  float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
-  for (const Tile& t : tiles) {
+  float* gx0 = need_x ? gxacc.data_ptr<float>() : nullptr;
+  run_experts(n_exp, lanes, [&](int64_t e0, int64_t e1) {
+  float* gxp = need_x ? gx0 + (lanes > 1 ? at::get_thread_num() : 0) * x.size(0) * d : nullptr;
+  Tensor buf = at::empty({cap * (d_out + F + 2 * d + (two ? f : 0) + g2)}, opt);
+  float* gyb = buf.data_ptr<float>();
+  float* ghb = gyb + cap * d_out;
+  float* xb = ghb + cap * F;
+  float* gxb = xb + cap * d;
+  float* gab = gxb + cap * d;            // two
+  float* actb = gab + (two ? cap * f : 0);  // gated: act(gate half), then a
+  float* ab = actb + (gated ? cap * f : 0);
+  for (int64_t ti = first[e0]; ti < first[e1]; ++ti) {
+    const Tile& t = tiles[ti];
     const int64_t e = t.expert, rows = t.rows;
     gather_rows<float>(gop, d_out, dstp, order.data(), t.start, rows, rows, gyb);
     const float* hp = hp0 + t.base * F;
@@ -626,6 +662,8 @@ std::vector<Tensor> backward_f32(const Tensor& go, const Tensor& x, const Tensor
         add_f32(gxb + r * d, gxp + srcp[order[t.start + r]] * d, d);
     }
   }
+  });
+  Tensor gx = need_x ? (lanes > 1 ? gxacc.sum(0) : gxacc.squeeze(0)) : Tensor();
   return {gx, ggate, gw1, b1.has_value() ? gb1 : Tensor(), two ? gw2 : Tensor(),
           b2.has_value() ? gb2 : Tensor()};
 }
