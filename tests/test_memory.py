@@ -148,7 +148,7 @@ def test_train_refuses_without_allocating(huge: Path, tmp_path: Path) -> None:
 def test_memory_estimate_uses_the_dispatch_rule_of_resolve_impl() -> None:
     """The torch-free estimate counts "auto" as the backend `resolve_impl` picks on each side
     of the CPU threshold, in fp32 and in bf16 (where the fused kernel builds, as it does here:
-    "fused" below it in fp32, "bmm" in bf16, "grouped_mm"/"sort" above)."""
+    "fused" below it, "grouped_mm"/"sort" above)."""
     from blockdsl.nn import dispatch
     from blockdsl.primitives import memory
 
@@ -162,5 +162,5 @@ def test_memory_estimate_uses_the_dispatch_rule_of_resolve_impl() -> None:
             assert memory.dispatch_saves_rows("auto", w, "cpu", precision) == \
                 memory.dispatch_saves_rows(picked, w, "cpu", precision), (precision, w, picked)
     small = dispatch.SMALL_EXPERT_WEIGHT
-    assert picks["fp32", small] == "fused" and picks["bf16", small] == "bmm"
+    assert picks["fp32", small] == "fused" and picks["bf16", small] == "fused"
     assert picks["fp32", small + 1] in ("grouped_mm", "sort")

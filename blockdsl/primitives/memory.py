@@ -40,12 +40,12 @@ def dispatch_saves_rows(dispatch: str, expert_weight: int, device_type: str,
                         precision: str = "fp32") -> bool:
     """Whether the expert dispatch keeps per-slot tensors for backward ("bmm", "loop")
     rather than only the hidden ("fused", "sort", "grouped_mm"). "auto" is counted as what
-    `resolve_impl` picks where the fused kernel builds: on CPU below SMALL_EXPERT_WEIGHT
-    "fused" in plain fp32 and "bmm" otherwise (bf16, fp32-medium), above it and on GPUs
-    "grouped_mm"/"sort"."""
+    `resolve_impl` picks where the fused kernel builds with its BLAS (x86 torch builds): on
+    CPU below SMALL_EXPERT_WEIGHT "fused" in fp32 and bf16, "bmm" under fp32-medium (bf16
+    matmuls on fp32 tensors); above it and on GPUs "grouped_mm"/"sort"."""
     if dispatch == "auto":
         return (device_type == "cpu" and expert_weight <= SMALL_EXPERT_WEIGHT
-                and precision != "fp32")
+                and precision == "fp32-medium")
     return dispatch in ("bmm", "loop")
 
 

@@ -73,8 +73,20 @@ def _run(impl, case, act, dtype, skipped):
     ],
 )
 def test_fast_backends_match_loop(impl, dtype, two_layer, act, bias, skipped):
+    """bf16 references: the loop under autocast for the backends that, like autocast, round
+    every matmul output to bf16; for "fused", which keeps MKL's fp32 matmul outputs between
+    its bf16 matmuls, the loop in fp32 on inputs rounded to bf16. (ReLU's kink makes the
+    gradients depend on where h is rounded: near h = 0 a rounding flips whole gradient rows,
+    and the two conventions end 5% apart in grad x on the relu case, while each backend is
+    within 0.3-0.7% of its own reference on a 300-token case.)"""
     case = _case(two_layer, act, bias, skipped)
-    ref_out, ref_grads = _run("loop", case, act, dtype, skipped)
+    if dtype == torch.bfloat16 and impl == "fused":
+        t, *rest = case
+        rounded = ({k: v.bfloat16().float() for k, v in t.items()}, *rest)
+        ref_out, ref_grads = _run("loop", rounded, act, torch.float32, skipped)
+        ref_out = ref_out.to(dtype)
+    else:
+        ref_out, ref_grads = _run("loop", case, act, dtype, skipped)
     out, grads = _run(impl, case, act, dtype, skipped)
     assert out.dtype == ref_out.dtype
     assert_rel_close(out, ref_out, TOL[dtype], "forward")
@@ -105,10 +117,10 @@ def test_skipped_assignments_contribute_nothing():
 def test_resolve_impl(monkeypatch):
     cpu = torch.device("cpu")
     grouped = "grouped_mm" if dispatch.grouped_mm_available("cpu", torch.float32) else "sort"
-    # the search's MoE slots (d <= 64, d_moe <= 4d, gated) -> fused in fp32 (bmm in bf16);
+    # the search's MoE slots (d <= 64, d_moe <= 4d, gated) -> fused;
     # MoEUT-44M, coarse -> grouped
     assert resolve_impl("auto", cpu, torch.float32, 48, 48) == "fused"
-    assert resolve_impl("auto", cpu, torch.bfloat16, 64, 2 * 256) == "bmm"
+    assert resolve_impl("auto", cpu, torch.bfloat16, 64, 2 * 256) == "fused"
     assert resolve_impl("auto", cpu, torch.float32, 412, 128) == grouped
     assert resolve_impl("auto", cpu, torch.bfloat16, 256, 2 * 512) == grouped
     assert resolve_impl("auto", cpu, torch.float32) == grouped  # no shape: large rule
@@ -310,8 +322,8 @@ def test_fused_kernel_builds_and_takes_its_fast_path_here():
     from blockdsl.nn.dispatch import fused
 
     assert fused.available(), fused._failed
-    assert fused.fast_for(torch.float32)
-    assert not fused.fast_for(torch.bfloat16)
+    assert fused.fast_for(torch.float32) and fused.fast_for(torch.bfloat16)
+    assert not fused.fast_for(torch.float16)
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu", "swiglu"])
@@ -360,3 +372,34 @@ def test_fused_tiles_split_heavy_experts():
     assert_rel_close(out, ref_out, 1e-5, "forward")
     for k in ref_grads:
         assert_rel_close(grads[k], ref_grads[k], 1e-5, f"grad {k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_runs_experts_in_parallel_and_still_matches(dtype):
+    """With 2 threads the kernel spreads experts over threads, each scattering into its own
+    accumulator: outputs and every gradient equal the 1-thread run's up to summation order."""
+    g = torch.Generator().manual_seed(5)
+    n, d, f, e, k = 300, 16, 24, 6, 2
+    leaves = [torch.randn(n, d, generator=g), torch.randn(e, d, f, generator=g) / 4,
+              torch.randn(e, f, generator=g), torch.randn(e, f, d, generator=g) / 5,
+              torch.randn(e, d, generator=g)]
+    src = torch.arange(n).repeat(k)
+    expert = torch.randint(0, e, (n * k,), generator=g)
+    gate = torch.rand(n * k, generator=g)
+    grad = torch.randn(n, d, generator=g)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            ts = [v.clone().to(dtype).requires_grad_() for v in leaves]
+            gt = gate.clone().requires_grad_()
+            out = expert_mixture(ts[0], src, expert, gt, ts[1], ts[2], ts[3], ts[4],
+                                 activation="gelu", impl="fused")
+            (out.float() * grad).sum().backward()
+            runs.append([out.detach()] + [v.grad for v in ts] + [gt.grad])
+    finally:
+        torch.set_num_threads(threads)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(*runs):
+        assert_rel_close(b, a, tol)

@@ -82,12 +82,16 @@ def available() -> bool:
 
 
 def fast_for(dtype: torch.dtype) -> bool:
-    """Whether the kernel's fast path runs for `dtype` here: fp32 at "highest" matmul
-    precision with the torch build's BLAS sgemm (raw pointers, hand-vectorised loops).
-    Other dtypes run a generic path through ATen's ops on tile views: correct, but measured
-    slower than "bmm" in bf16 (oneDNN's per-call cost on small tiles), so "auto" skips it."""
-    return (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-            and available() and bool(extension().has_blas()))
+    """Whether the kernel's raw-pointer path runs for `dtype` here: fp32 at "highest"
+    matmul precision with the torch build's BLAS sgemm, bf16 with MKL's bf16 GEMM (both
+    exported by x86 torch builds). Elsewhere a generic path through ATen's ops on tile views
+    runs: correct, but measured slower than "bmm" (oneDNN's per-call cost on small tiles),
+    so "auto" does not pick it."""
+    if not available():
+        return False
+    if dtype == torch.float32:
+        return torch.get_float32_matmul_precision() == "highest" and extension().has_blas(False)
+    return dtype == torch.bfloat16 and bool(extension().has_blas(True))
 
 
 def tile_rows(d_in: int, width: int, d_out: int, bucket: int) -> int:
