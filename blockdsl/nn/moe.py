@@ -289,11 +289,12 @@ class ExpertChoiceMoE(_StackedExperts):
     def route(self, sel: Tensor, b: int, t: int) -> tuple[Tensor, Tensor, Tensor]:
         """Router input [B*T, d] -> flat (token, expert, gate), expert-major."""
         e = self.experts
-        probs = _router_logits(sel, self.router.weight).softmax(-1)  # [N, E]
+        # the CPU-vectorised softmax of few experts (a transposed view; see _softmax_experts)
+        probs = _softmax_experts(_router_logits(sel, self.router.weight))  # [N, E]
         if self.group == "batch":
             scores = probs.unsqueeze(0)  # [1, N, E]: one group
         else:
-            scores = probs.view(b, t, e).transpose(0, 1)  # [T, B, E]: group = position
+            scores = probs.reshape(b, t, e).transpose(0, 1)  # [T, B, E]: group = position
         c = self.capacity(scores.shape[1])
         gate, member = scores.topk(c, dim=1)  # [G, C, E]
         if self.group == "batch":

@@ -16,6 +16,10 @@ Backends (`impl`):
 - "bmm": assignments laid out in an [E, C] (or tiled) grid of slots by a counting sort,
   each matmul one `bmm` for all experts: op count independent of E, for many small
   experts and few tokens (the search's scale), at the price of padded rows.
+- "fused" (CPU): a C++ kernel (`fused.py`, `fused.cpp`) that takes each expert's rows
+  through gather, both matmuls, activation, gate and scatter one L2-sized tile at a time,
+  with the build's BLAS on raw pointers in fp32 and bf16: no [M, d] temporaries streamed
+  through memory, no per-op overhead; the default for small experts on CPU.
 - "auto": see `resolve_impl` (chosen per shape, device and precision).
 
 "bmm" is plain autograd (no data-dependent loop once the grid is sized; see its notes).
@@ -31,8 +35,9 @@ by capacity): it sorts to the tail, outside every segment, and contributes nothi
 
 One module per backend, so a new one is one file and one branch in `expert_mixture`:
 `loop.py` (the reference), `sort.py` and `grouped.py` (bodies run inside the custom op of
-`op.py`), `padded.py` ("bmm"); `common.py` holds what they share. This file keeps the
-entry point and the choice between them (`resolve_impl`).
+`op.py`), `padded.py` ("bmm"), `fused.py` (with its `fused.cpp`); `common.py` holds
+what they share. This file keeps the entry point and the choice between them
+(`resolve_impl`).
 """
 
 from __future__ import annotations

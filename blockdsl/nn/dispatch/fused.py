@@ -1,22 +1,34 @@
 """The "fused" backend: a C++ kernel (fused.cpp) that runs each expert's rows through gather,
-both matmuls, the activation, the gate and the scatter one L2-sized tile at a time (CPU).
+both matmuls, the activation, the gate and the scatter one L2-sized tile at a time (CPU),
+and the token-choice router's softmax and top-k in one pass.
 
 Why C++ and not more tensor ops: at the search's scale the routed slot's extra time is
-memory traffic, not arithmetic or op count. Every whole-array pass of the "bmm" backend
-([M, d] gathers, gate products, scatters, the activation and its backward) streams a
-fresh buffer through memory, and on this shared VM an op on cold memory runs 1.5-3x slower
-than on warm (measured at the search shape, 1 thread: gelu_backward 94 vs 174 us, a
+memory traffic and per-call costs, not arithmetic. Every whole-array pass of the "bmm"
+backend ([M, d] gathers, gate products, scatters, the activation and its backward) streams
+a fresh buffer through memory, and on this shared VM an op on cold memory runs 1.5-3x
+slower than on warm (measured at the search shape, 1 thread: gelu_backward 94 vs 174 us, a
 row-gated mul 15 vs 48 us, bmm 66 vs 105 us). A tile's gathered rows, hidden activations
-and outputs stay in L2 here; only x, the saved pre-activation h and the results cross
-memory. Matmuls and activations stay ATen's kernels (`at::mm_out`, `at::gelu_out`, ...) on
-tile views, so the numbers are the other backends' up to summation order.
+and outputs stay in L2 here; only x, the saved h and act(h), and the results cross memory.
+
+Two paths inside:
+- raw pointers where the torch build exports its BLAS (x86 builds link MKL): fp32 on
+  `sgemm`, bf16 on MKL's bf16 x bf16 -> fp32 GEMM, every other loop hand-written and
+  compiled for AVX-512/AVX2/x86-64 (picked at load). Activations use their own exp/erf
+  (error <= 1.5e-7 absolute in erf), gradients and accumulators are fp32, and in bf16 the
+  matmul outputs stay fp32 between the two matmuls (autocast would round them to bf16):
+  within fp32 rounding of the other backends in fp32, closer to an fp32 reference than
+  they are in bf16 (tests/nn/test_dispatch.py).
+- elsewhere ATen's ops on tile views (`at::mm_out`, `at::gelu_out`, ...): the same function,
+  but measured slower than "bmm", so "auto" only picks "fused" where the raw path runs.
 
 The extension is compiled on first use with torch's own `cpp_extension.load` (about 30 s,
-once per machine and torch version, cached in torch's extensions folder) and needs a C++
-compiler and ninja. Where it cannot be built, `available()` is False, one warning says why,
-and "auto" keeps "bmm"; asking for "fused" explicitly then runs "bmm" with that warning.
-A plain torch.autograd.Function (not a custom op): nothing here is traced by
-`torch.compile`, and under tracing `nn.traceable` forces the traceable "sort" dispatch.
+once per machine, torch version and kernel source, cached in torch's extensions folder;
+`scripts/setup.sh` does it at install) and needs a C++ compiler and ninja (a dependency).
+Where it cannot be built, `available()` is False, one warning says why, and "auto" keeps
+"bmm"; asking for "fused" explicitly then runs "bmm". `BLOCKDSL_FUSED=off` turns it off.
+Plain torch.autograd.Functions (not custom ops): nothing here is traced by `torch.compile`;
+under tracing `nn.traceable` swaps in the traceable "sort" dispatch, which also turns the
+fused router off.
 """
 
 from __future__ import annotations
