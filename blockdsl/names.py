@@ -48,9 +48,9 @@ SHARDING: tuple[str, ...] = ("none", "fsdp")
 SAMPLERS: tuple[str, ...] = ("auto", "tpe", "nsga2", "random")
 STARTS: tuple[str, ...] = ("neighbourhood", "random")
 
-# Expert weight size (d_in x first-layer width) up to which dispatch "auto" takes "bmm" on
-# CPU: the kernel rule (nn/dispatch.resolve_impl, where its evidence is) and the torch-free
-# memory estimate must agree on it, so it is written here once.
+# Expert weight size (d_in x first-layer width) up to which dispatch "auto" takes "fused"
+# (or "bmm") on CPU: the kernel rule (nn/dispatch.resolve_impl, where its evidence is) and
+# the torch-free memory estimate must agree on it, so it is written here once.
 SMALL_EXPERT_WEIGHT = 32768
 
 

@@ -403,3 +403,16 @@ def test_fused_runs_experts_in_parallel_and_still_matches(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for a, b in zip(*runs):
         assert_rel_close(b, a, tol)
+
+
+def test_fused_refuses_rows_out_of_range():
+    """The kernel reads x[src] and writes out[dst] through raw pointers: indices outside
+    them are a clear error, never a read or write past a buffer."""
+    x, w1 = torch.randn(4, 8), torch.randn(2, 8, 8)
+    ok = torch.tensor([0, 1, 3])
+    with pytest.raises(RuntimeError, match="src row 4 out of range"):
+        expert_mixture(x, torch.tensor([0, 4, 1]), torch.tensor([0, 1, 1]), torch.ones(3), w1,
+                       impl="fused")
+    with pytest.raises(RuntimeError, match="dst row 5 out of range"):
+        expert_mixture(x, ok, torch.tensor([0, 1, 1]), torch.ones(3), w1, impl="fused",
+                       dst=torch.tensor([0, 5, 1]), n_out=5)

@@ -41,6 +41,15 @@ def expert_mixture(x, src, expert, gate, w1, b1=None, w2=None, b2=None, activati
 def router_logits(x, weight):
     """Router logits in fp32, whatever the input dtype."""
     return F.linear(x.float(), weight.float())
+
+
+def softmax_experts(logits):
+    """Softmax over the experts of [N, E] logits, the op sequence of the original model:
+    below 16 experts on CPU over dim 0 of a transposed copy (ATen vectorises that along
+    the tokens), so the probabilities round as they did there."""
+    if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[-1] < 16:
+        return logits.t().contiguous().softmax(0).t()
+    return logits.softmax(-1)
 '''
 
 EXPERTS = '''
@@ -79,7 +88,7 @@ class TopKMoE(StackedExperts):
         b, t, d = x.shape
         n, e = b * t, self.experts
         sel = (x if x_norm is None else x_norm).reshape(n, d)
-        probs = router_logits(sel, self.router.weight).softmax(-1)
+        probs = softmax_experts(router_logits(sel, self.router.weight))
         top_p, top_i = probs.topk(self.k, dim=-1)
         gate = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p
         expert = top_i.t().reshape(-1)  # rank-major: all first choices, then second, ...
@@ -108,8 +117,8 @@ class ExpertChoiceMoE(StackedExperts):
         b, t, d = x.shape
         e = self.experts
         sel = (x if x_norm is None else x_norm).reshape(b * t, d)
-        probs = router_logits(sel, self.router.weight).softmax(-1)
-        scores = probs.unsqueeze(0) if self.group == "batch" else probs.view(b, t, e).transpose(0, 1)
+        probs = softmax_experts(router_logits(sel, self.router.weight))
+        scores = probs.unsqueeze(0) if self.group == "batch" else probs.reshape(b, t, e).transpose(0, 1)
         s = scores.shape[1]
         gate, member = scores.topk(min(s, math.ceil(s * self.capacity_factor / e)), dim=1)
         token = member if self.group == "batch" else (

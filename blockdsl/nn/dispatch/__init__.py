@@ -81,7 +81,8 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-# Expert weight size (d_in x first-layer width) up to which "auto" takes "bmm" on CPU.
+# Expert weight size (d_in x first-layer width) up to which "auto" takes "fused" (or "bmm")
+# on CPU.
 # Evidence (CPU, torch 2.13; see resolve_impl): every MoE slot of the default search space
 # is within it (d <= 64, d_moe <= 4d, gated: 64 x 512 = 32768), MoEUT-44M's experts
 # (412 x 128 = 52736, 412 x 256 gated) and the coarse 8x512 shape's (256 x 1024) are not.
@@ -96,29 +97,29 @@ def resolve_impl(
     d_in: int | None = None,
     d_hidden: int | None = None,
 ) -> str:
-    """Map "auto" (and an unavailable "grouped_mm") to a concrete backend for this shape.
+    """Map "auto" (and an unavailable "grouped_mm" or "fused") to a concrete backend.
 
-    Rule. CPU: "bmm" when an expert's weights are small (d_in * d_hidden <=
-    SMALL_EXPERT_WEIGHT), else "grouped_mm" (if `_grouped_mm` runs, else "sort"). CUDA:
-    "grouped_mm" when it runs for the dtype (one kernel per matmul, no host sync; chosen,
-    not measured here: no GPU), else "bmm" (few large kernels; one host sync for the grid
-    unless the routing bounds the load). Without a shape the large-matmul rule applies.
+    Rule. CPU: "fused" when an expert's weights are small (d_in * d_hidden <=
+    SMALL_EXPERT_WEIGHT) and the kernel's raw BLAS path runs for the dtype (fp32 at
+    "highest" matmul precision, bf16; `fused.fast_for`), else "bmm" for small experts;
+    "grouped_mm" (if `_grouped_mm` runs, else "sort") for larger ones. CUDA: "grouped_mm"
+    when it runs for the dtype (one kernel per matmul, no host sync; chosen, not measured
+    here: no GPU), else "bmm". Without a shape the large-expert rule applies.
 
-    Evidence, CPU, one quiet run each (load 0.3-1.6; medians of interleaved rounds, the
-    min-max spread in the files named):
-    - search scale (benchmarks/moe_search_scale.py, docs/bench/moe_search_scale.txt;
-      d = 48, 8 experts, top-2, 1024 tokens, 1 thread; whole-model train step against the
-      dense model of equal FLOPs): "bmm" 1.45x (1.37-1.55) in fp32 and 1.48x (1.25-1.59)
-      in bf16, "sort" 2.07x and 3.02x. Here per-op overhead rules (ops per step: dense
-      1610, "bmm" 2477, "sort" 5258), and "bmm" runs one op per matmul for all experts.
+    Evidence, CPU, medians of interleaved rounds with their min-max (docs/bench/):
+    - search scale (benchmarks/moe_search_scale.py; d = 48, 8 experts, top-2, 1024 tokens,
+      1 thread; whole-model train step against the dense model of equal FLOPs): "fused"
+      1.15-1.17x in fp32 and 1.21-1.30x in bf16, "bmm" 1.55-1.62x and 1.50-1.53x in the
+      same runs ("sort" 2.07x and 3.02x in an earlier one). Per-op overhead and memory
+      traffic rule here; "fused" keeps each expert's rows in L2 and has no per-op cost.
     - coarse 8x512 d256 and MoEUT-44M 155x128 d412, 4096 tokens, 2 threads
-      (benchmarks/moe_layer.py, docs/bench/moe_layer.txt), ms per fwd+bwd:
-      fp32 coarse: grouped_mm 171, sort 173, bmm 180; MoEUT: bmm 784, grouped_mm 808,
-      sort 981. bf16 coarse: grouped_mm 96, bmm 102, sort 123; MoEUT: grouped_mm 473,
-      bmm 501, sort 971. Where matmuls dominate, "bmm"'s padding and per-tile weight
-      copies cost a few percent and "grouped_mm" is exact; "sort" loses in bf16. The
-      spreads are 10-25% wide, so ties within them are ties.
-    `blockdsl compile --tune` races all backends at the real shape and overrides this.
+      (benchmarks/moe_layer.py), ms per fwd+bwd: fp32 coarse: bmm 122, grouped_mm 123,
+      fused 146; MoEUT: grouped_mm 524, fused 560, bmm 1303. bf16 coarse: bmm 62,
+      grouped_mm 68, fused 99; MoEUT: fused 477, grouped_mm 554, bmm 827. Where matmuls
+      dominate, "grouped_mm" runs big multi-threaded matmuls and is exact; "fused" only
+      wins MoEUT in bf16 there (and ties are within the 10-25% spreads), so large experts
+      keep "grouped_mm".
+    `blockdsl compile --tune` races every backend at the real shape and overrides this.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown dispatch {impl!r}; expected one of {', '.join(IMPLS)}")
@@ -130,7 +131,7 @@ def resolve_impl(
             return "fused" if fused.fast_for(dtype) else "bmm"
         return "grouped_mm" if grouped else "sort"
     if impl == "fused" and (device.type != "cpu" or not fused.available()):
-        if device.type != "cpu":
+        if device.type != "cpu":  # (a failed build has already warned once)
             warnings.warn(f"the fused MoE kernel runs on CPU only; using 'bmm' on {device.type}",
                           stacklevel=3)
         return "bmm"

@@ -36,9 +36,10 @@ extern "C" void sgemm_(const char*, const char*, const int*, const int*, const i
 // MKL's bf16 x bf16 -> fp32 GEMM (CBLAS; also exported by x86 torch builds): bf16 inputs,
 // fp32 accumulation and output, ~4x faster than oneDNN's bf16 matmul at a tile's size
 // (measured 6 vs 22 us at 256 x 48 x 48, the call's overhead included)
-extern "C" void cblas_gemm_bf16bf16f32(int, int, int, int64_t, int64_t, int64_t, float,
-                                       const uint16_t*, int64_t, const uint16_t*, int64_t, float,
-                                       float*, int64_t) __attribute__((weak));
+// (MKL_INT is 32-bit in the LP64 interface these unsuffixed names belong to)
+extern "C" void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const uint16_t*, int,
+                                       const uint16_t*, int, float, float*, int)
+    __attribute__((weak));
 
 namespace {
 
@@ -510,9 +511,10 @@ struct Raw<at::BFloat16> {
                    int64_t ldc) {
     if (m == 0 || n == 0) return;
     constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-    cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k,
-                           1.f, reinterpret_cast<const uint16_t*>(A), lda,
-                           reinterpret_cast<const uint16_t*>(B), ldb, beta, C, ldc);
+    auto i = [](int64_t v) { return static_cast<int>(v); };
+    cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, i(m), i(n),
+                           i(k), 1.f, reinterpret_cast<const uint16_t*>(A), i(lda),
+                           reinterpret_cast<const uint16_t*>(B), i(ldb), beta, C, i(ldc));
   }
 };
 
@@ -797,6 +799,16 @@ void check(const Tensor& x, const Tensor& src, const Tensor& dst, const Tensor& 
   TORCH_CHECK(gate.scalar_type() == at::kFloat, "gates must be float32");
   TORCH_CHECK(w1.dim() == 3 && w1.size(1) == x.size(1) && w1.scalar_type() == x.scalar_type(),
               "w1 must be [E, d, F] in x's dtype");
+  TORCH_CHECK(src.numel() == expert.numel() && dst.numel() == expert.numel() &&
+              gate.numel() == expert.numel(), "src, dst, expert and gate must have one entry per assignment");
+}
+
+// Raw pointers index x by src and the output by dst: out-of-range rows are refused here
+// rather than read or written (one pass over the assignments)
+void check_rows(const Tensor& idx, int64_t rows, const char* what) {
+  const int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t i = 0, n = idx.numel(); i < n; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < rows, what, " row ", p[i], " out of range [0, ", rows, ")");
 }
 
 // The raw-pointer path runs where the build has the BLAS for x's dtype: fp32 with sgemm at
@@ -815,6 +827,8 @@ std::vector<Tensor> fused_forward(Tensor x, Tensor src, Tensor dst, Tensor exper
                                   c10::optional<Tensor> b2, int64_t act, bool gated,
                                   int64_t n_out, int64_t tile, int64_t bucket) {
   check(x, src, dst, expert, gate, w1);
+  check_rows(src, x.size(0), "src");
+  check_rows(dst, n_out, "dst");
   at::NoGradGuard no_grad;
   auto c = [](const c10::optional<Tensor>& t) -> c10::optional<Tensor> {
     return t.has_value() ? c10::optional<Tensor>(t->contiguous()) : t;
