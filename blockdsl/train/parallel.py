@@ -5,23 +5,28 @@
   this rank's E/N block and the module gets an `nn.expert_parallel.ExpertParallel`, which
   routes over the global batch and sends rows to their experts' ranks. The ranks form a
   (dp, ep) mesh, ep the inner dim: ranks r and r+1 share an EP group, so an EP group's
-  batch slices are adjacent. Expert weights are replicated over dp and their gradients
-  summed over it.
+  batch slices are adjacent. Without FSDP, expert blocks are replicated over dp and their
+  gradients summed over it.
 - `--shard fsdp`: FSDP2 `fully_shard` (torch's own, as torchtitan uses it) over all ranks,
   with fp32 weights and gradient reduction under the run's autocast (see `_fully_shard`):
   first every layer shared by several applications (one FSDP unit, sharded once), then each
-  block application unit, then the root. Expert weights under EP are left out
-  (`ignored_params`): they are already split E-wise, and sharding them again over dp is not
-  done here (see the README's note).
-- Gradients: FSDP's reduce-scatter averages its parameters over all ranks; `reduce_grads`
-  does the rest (replicated parameters: one flat all-reduce; experts: a sum over dp), so a
-  step equals one process's step on the global batch. `clip_grad_norm` forms the global
-  norm from sharded, expert and replicated gradients (torch's own cannot mix DTensor and
-  plain gradients).
+  block application unit, then the root. With EP on more ranks than N, each routed
+  module's expert weights are first made an FSDP unit of their own over the dp sub-mesh
+  (`_shard_experts`, as torchtitan's dp-shard-mod-ep mesh): a rank holds 1/dp of its EP
+  block, so 1/world of every routed layer's experts, with their gradients and AdamW state.
+  With EP over all ranks (dp 1) the blocks are left out of FSDP (`ignored_params`): there
+  is no dp dim to shard them over.
+- Gradients: FSDP's reduce-scatter averages its parameters over all ranks, the experts'
+  units sum over dp and divide by the world; `reduce_grads` does the rest (replicated
+  parameters: one flat all-reduce; experts outside FSDP: a sum over dp), so a step equals
+  one process's step on the global batch. `clip_grad_norm` forms the global norm from
+  sharded, expert and replicated gradients (torch's own cannot mix DTensor and plain
+  gradients).
 - Checkpoints: `torch.distributed.checkpoint` (DCP) of the model and optimizer state dicts,
-  expert blocks presented as DTensors sharded along dim 0 so DCP records global shapes and
-  offsets; so a checkpoint saved at one world size (or layout) loads at another, or in one
-  process, and `checkpoint.to_single_file` converts it to the folder format the rest of blockdsl reads.
+  expert rows presented as DTensors of the whole [E, ...] tensor sharded along dim 0 (by EP
+  block, then over dp when FSDP shards them) so DCP records global shapes and offsets; so a
+  checkpoint saved at one world size (or layout) loads at another, or in one process, and
+  `checkpoint.to_single_file` converts it to the folder format the rest of blockdsl reads.
 
 Device-agnostic: the mesh takes the device type of the run (NCCL on CUDA, gloo on CPU).
 """
