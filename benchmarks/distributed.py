@@ -8,7 +8,8 @@ inside a launch every case trains the same steps through `blockdsl train`'s own 
 all-reduce, evaluation excluded). Reported per case: the median tokens/s over rounds with
 its min-max spread, the ratio to the same model in one process (same run), and this
 rank's parameter and AdamW-state bytes (a DTensor shard counts its local part), and the
-expert parameters each rank holds. The all-to-all overhead is the EP run's step time over
+expert parameters each rank holds (with FSDP + EP 2 x DP 2: a quarter, its EP block's rows
+sharded over dp). The all-to-all overhead is the EP run's step time over
 the same model's plain data-parallel run at the same process count.
 
 The machine's core count bounds what more processes can give: with 2 cores, 4 processes
@@ -34,7 +35,8 @@ CASES = {  # process count -> (label, spec, shard, ep)
     2: [("gpt", GPT, "none", 1), ("gpt", GPT, "fsdp", 1),
         ("routed", ROUTED, "none", 1), ("routed", ROUTED, "none", 2)],
     4: [("gpt", GPT, "none", 1), ("gpt", GPT, "fsdp", 1),
-        ("routed", ROUTED, "none", 1), ("routed", ROUTED, "none", 2)],
+        ("routed", ROUTED, "none", 1), ("routed", ROUTED, "none", 2),
+        ("routed", ROUTED, "fsdp", 2)],
 }
 
 
@@ -76,7 +78,7 @@ def worker(cases_file: str, out_file: str, steps: int, batch: int, seq: int) -> 
         pbytes = sum(local(p).numel() * p.element_size() for p in model.parameters())
         obytes = sum(local(v).numel() * v.element_size() for st in opt.state.values()
                      for v in st.values() if torch.is_tensor(v))
-        experts = sum(p.numel() for m in model.modules() if getattr(m, "ep", None) is not None
+        experts = sum(local(p).numel() for m in model.modules() if getattr(m, "ep", None) is not None
                       for n, p in m.named_parameters(recurse=False)
                       if n in {"w1", "b1", "w2", "b2", "keys", "values", "v", "o"})
         results.append({"label": label, "shard": shard, "ep": ep,
@@ -118,17 +120,18 @@ def main() -> None:
     print(f"distributed training, gloo on CPU, {os.cpu_count()} cores, 1 thread per process; "
           f"batch {args.batch} x seq {args.seq}, {args.steps} steps, {args.rounds} rounds; "
           f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
-    print(f"{'procs':>5} {'model':<7} {'layout':<12} {'tok/s (median, min-max)':<28} "
+    print(f"{'procs':>5} {'model':<7} {'layout':<15} {'tok/s (median, min-max)':<28} "
           f"{'vs 1 proc':>9} {'param+optim bytes/rank':>23} {'expert params/rank':>19}")
     for key, vals in tok.items():
         n, label, shard, ep = key
         med = statistics.median(vals)
         base = statistics.median(tok[(1, label, "none", 1)])
         r = last[key]
-        layout = "fsdp" if shard == "fsdp" else (f"ep{ep}" if ep > 1 else "replicated")
+        parts = (["fsdp"] if shard == "fsdp" else []) + ([f"ep{ep}"] if ep > 1 else [])
+        layout = "+".join(parts) or "replicated"
         if n > ep and ep > 1:
             layout += f" x dp{n // ep}"
-        print(f"{n:>5} {label:<7} {layout:<12} {med:>9,.0f} ({min(vals):,.0f}-{max(vals):,.0f})"
+        print(f"{n:>5} {label:<7} {layout:<15} {med:>9,.0f} ({min(vals):,.0f}-{max(vals):,.0f})"
               f"{'':<6} {med / base:>9.2f} {r['param_bytes'] + r['optim_bytes']:>23,} "
               f"{r['expert_elems']:>19,}")
     for n in (2, 4):

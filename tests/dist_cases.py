@@ -2,10 +2,12 @@
 
 Usage (under torchrun): python tests/dist_cases.py CASES.json RESULT.json
 CASES.json is a list of {"spec", "steps", "out", and optionally "shard", "ep", "resume",
-"batch", "data", "precision", "accum"}; every rank trains each case in turn through
-`blockdsl.train.spec.train_spec` (the path `blockdsl train` runs), and rank 0 writes one
-result per case: the per-step losses, the final val loss, and the parameter elements this
-rank holds (all, and of experts).
+"batch", "data", "precision", "accum", "copy"}; "copy": a run folder rank 0 copies to
+"out" first (to resume a checkpoint an earlier case of the same launch wrote); every rank
+trains each case in turn through `blockdsl.train.spec.train_spec` (the path `blockdsl train`
+runs), and rank 0 writes one result per case: the per-step losses, the final val loss, the
+parameter elements this rank holds (all, and of experts) and its experts' AdamW moments,
+and under "ranks" the same counts of every rank.
 One launch runs many cases because starting processes and importing torch costs more
 than the tiny runs themselves.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,19 +24,23 @@ import torch
 import torch.distributed as dist
 
 
-def _bytes_per_rank(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter elements this rank stores (a DTensor counts its local shard), experts apart."""
+def _bytes_per_rank(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Parameter elements this rank stores (a DTensor counts its local shard), experts apart,
+    and the elements of the experts' AdamW moments (exp_avg, exp_avg_sq) it stores."""
     from torch.distributed.tensor import DTensor
 
-    total = expert = 0
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    total = expert = state = 0
     for m in model.modules():
         names = {"w1", "b1", "w2", "b2", "keys", "values", "v", "o"} if getattr(m, "ep", None) else set()
         for n, p in m.named_parameters(recurse=False):
-            k = (p.to_local() if isinstance(p, DTensor) else p).numel()
+            k = local(p).numel()
             total += k
             if n in names:
                 expert += k
-    return {"param_elems": total, "expert_elems": expert}
+                state += sum(local(v).numel() for v in opt.state.get(p, {}).values()
+                             if torch.is_tensor(v) and v.ndim > 0)
+    return {"param_elems": total, "expert_elems": expert, "expert_state_elems": state}
 
 
 def make_config(c: dict) -> object:
@@ -98,32 +105,43 @@ def check_mixture(impl: str, lopsided: bool) -> float:
 def main() -> None:
     cases = json.loads(Path(sys.argv[1]).read_text())
     dist.init_process_group("gloo")  # Dist.setup then joins it and leaves it open
+    from blockdsl.train import loop as loop_mod
     from blockdsl.train import spec as spec_mod
     results = []
     for c in cases:
         if "mixture" in c:
             results.append({"err": check_mixture(c["mixture"], c.get("lopsided", False))})
             continue
+        if "copy" in c:
+            if dist.get_rank() == 0:
+                shutil.copytree(c["copy"], c["out"])
+            dist.barrier()
         seen: dict[str, object] = {}
-        orig = spec_mod.train
+        orig, make = spec_mod.train, loop_mod.make_adamw
+
+        def spy_opt(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            seen["opt"] = make(*a, **k)
+            return seen["opt"]
 
         def spy(model, cfg, **kw):  # noqa: ANN001, ANN202 - records what this rank holds
             r = orig(model, cfg, **kw)
-            seen.update(_bytes_per_rank(model))
+            seen.update(_bytes_per_rank(model, seen.pop("opt")))
             return r
 
-        spec_mod.train = spy
+        spec_mod.train, loop_mod.make_adamw = spy, spy_opt
         cfg = make_config(c)
         try:
             run = spec_mod.train_spec(c["spec"], None, cfg, default_steps=c["steps"])
+            ranks: list = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, seen)  # what every rank holds
             res = {"losses": run.result.losses, "val": run.result.val.get("val_loss"),
-                   "steps": run.result.steps, **seen}
+                   "steps": run.result.steps, **seen, "ranks": ranks}
         except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
             import traceback
 
             res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
         finally:
-            spec_mod.train = orig
+            spec_mod.train, loop_mod.make_adamw = orig, make
         results.append(res)
     if dist.get_rank() == 0:
         Path(sys.argv[2]).write_text(json.dumps(results))

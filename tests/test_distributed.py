@@ -24,6 +24,7 @@ from tests.dist_cases import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTED = str(ROOT / "tests/specs/dist_routed.block")
+UNEVEN = str(ROOT / "tests/specs/dist_routed_uneven.block")
 GPT = str(ROOT / "specs/tiny/gpt.block")
 WIDENET = str(ROOT / "specs/tiny/widenet.block")
 IMPLS = DISPATCH_BACKENDS  # every backend `expert_mixture` has
@@ -57,16 +58,28 @@ def _single(case: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every distributed launch of this module, once: two at 2 processes, one at 4."""
+    """Every distributed launch of this module, once: one at 4 processes, one at 2.
+
+    At 4 (EP 2 x DP 2): FSDP + EP 20 steps; FSDP + EP 10 steps saved, then resumed from
+    copies with FSDP + EP and with plain EP x DP; a single-file checkpoint resumed with
+    FSDP + EP; FSDP + EP with EP blocks that split unevenly over dp."""
     tmp = tmp_path_factory.mktemp("dist")
     saved = tmp / "saved"
+    _single({"spec": ROUTED, "steps": 10, "out": str(tmp / "from-single")})  # single-file
+    fsdp_ep = {"spec": ROUTED, "ep": 2, "shard": "fsdp"}
     four = _torchrun(4, [
-        {"spec": ROUTED, "ep": 2, "steps": 20, "out": str(tmp / "ep2dp2")},
-        {"spec": ROUTED, "ep": 2, "shard": "fsdp", "steps": 10, "out": str(saved)},
+        {**fsdp_ep, "steps": 20, "out": str(tmp / "ep2dp2")},
+        {**fsdp_ep, "steps": 10, "out": str(saved)},
+        {**fsdp_ep, "steps": 20, "out": str(tmp / "resume4"), "copy": str(saved),
+         "resume": True},
+        {"spec": ROUTED, "ep": 2, "steps": 20, "out": str(tmp / "resume4-ep"),
+         "copy": str(saved), "resume": True},
+        {**fsdp_ep, "steps": 20, "out": str(tmp / "from-single4"),
+         "copy": str(tmp / "from-single"), "resume": True},
+        {"spec": UNEVEN, "ep": 2, "shard": "fsdp", "steps": 12, "out": str(tmp / "uneven")},
     ], tmp, "four")
     for name in ("resume2", "resume1", "convert"):
         shutil.copytree(saved, tmp / name)
-    _single({"spec": ROUTED, "steps": 10, "out": str(tmp / "from-single")})  # single-file
     two = _torchrun(2, [
         {"spec": GPT, "shard": "fsdp", "steps": 20, "accum": 2, "out": str(tmp / "gpt-fsdp")},
         {"spec": ROUTED, "ep": 2, "steps": 20, "out": str(tmp / "ep2")},
@@ -87,7 +100,8 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {name: _single({"spec": spec, "steps": steps, "out": str(tmp / name)})
             for name, spec, steps in (("gpt", GPT, 20), ("routed", ROUTED, 20),
                                       ("widenet", WIDENET, 6))} | {
-        "bf16": _single({"spec": ROUTED, "steps": 5, "precision": "bf16", "out": str(tmp / "b")})}
+        "bf16": _single({"spec": ROUTED, "steps": 5, "precision": "bf16", "out": str(tmp / "b")}),
+        "uneven": _single({"spec": UNEVEN, "steps": 12, "out": str(tmp / "u")})}
 
 
 def test_fsdp_dense_equals_one_process(runs: dict, single: dict) -> None:
@@ -104,15 +118,44 @@ def test_fsdp_dense_equals_one_process(runs: dict, single: dict) -> None:
 
 def test_ep2_every_routed_primitive_equals_one_process(runs: dict, single: dict) -> None:
     """SwitchHead V/O, sigma-MoE, top-k dropless (balance + z), top-k with capacity, expert
-    choice: one model, so each layer's routing and aux losses are checked in one run."""
+    choice: one model, so each layer's routing and aux losses are checked in one run. At 4
+    processes with FSDP, each rank holds a quarter of the experts: its EP block's rows,
+    sharded again over dp (every rank's count is the same here, so rank 0's stands for all;
+    the per-rank check is `test_fsdp_ep_shards_experts_on_every_rank`)."""
     ref = single["routed"]
     two, four = runs["two"][1], runs["four"][0]
     assert two["losses"] == pytest.approx(ref["losses"], **TOL)
     assert two["val"] == pytest.approx(ref["val"], **TOL)
-    assert four["losses"] == pytest.approx(ref["losses"], **TOL)  # EP 2 x DP 2
+    assert four["losses"] == pytest.approx(ref["losses"], **TOL)  # FSDP + EP 2 x DP 2
     assert four["val"] == pytest.approx(ref["val"], **TOL)
+    # plain EP 2 x DP 2 (experts replicated over dp), resumed from the FSDP run's step 10
+    assert runs["four"][3]["losses"] == pytest.approx(ref["losses"][10:], **TOL)
     experts = _expert_elems(_built(ROUTED))
     assert two["expert_elems"] * 2 == experts  # each EP rank holds half of every layer's experts
+
+
+def test_fsdp_ep_shards_experts_on_every_rank(runs: dict) -> None:
+    """FSDP + EP 2 x DP 2: every rank holds 1/4 of every routed layer's expert weights and
+    of their AdamW state (exp_avg, exp_avg_sq), not its whole EP block."""
+    four = runs["four"][0]
+    experts = _expert_elems(_built(ROUTED))
+    assert len(four["ranks"]) == 4
+    for r in four["ranks"]:
+        assert r["expert_elems"] * 4 == experts, r
+        assert r["expert_state_elems"] == 2 * r["expert_elems"], r
+
+
+def test_fsdp_ep_uneven_blocks_and_idle_ranks_equal_one_process(runs: dict, single: dict) -> None:
+    """6 experts, EP 2 x DP 2: a block of 3 rows is split 2 + 1 over dp (ranks 0, 1 hold
+    the first rows of their blocks, ranks 2, 3 the last). At step 11 no token reaches rank
+    3's block of the capacity layer: without zeros reduce-scattered for it, rank 1 waited
+    forever in that reduce-scatter (`Parallel._shard_experts`)."""
+    got = runs["four"][5]
+    assert got["losses"] == pytest.approx(single["uneven"]["losses"], **TOL)
+    assert got["val"] == pytest.approx(single["uneven"]["val"], **TOL)
+    experts = _expert_elems(_built(UNEVEN))
+    held = [r["expert_elems"] for r in got["ranks"]]
+    assert held == [experts // 3, experts // 3, experts // 6, experts // 6]
 
 
 def test_fsdp_with_ep_and_shared_layers_equals_one_process(runs: dict, single: dict) -> None:
@@ -143,6 +186,7 @@ def test_save_at_4_resume_at_2_and_at_1_equals_uninterrupted(runs: dict, single:
     ref = single["routed"]["losses"]
     saved = runs["four"][1]
     assert saved["losses"] == pytest.approx(ref[:10], **TOL)  # FSDP + EP2 x DP2 at 4
+    assert runs["four"][2]["losses"] == pytest.approx(ref[10:], **TOL)  # resumed so at 4
     assert runs["two"][3]["losses"] == pytest.approx(ref[10:], **TOL)  # resumed at 2, EP 2
     tmp = runs["tmp"]
     one = _single({"spec": ROUTED, "steps": 20, "out": str(tmp / "resume1"), "resume": True})
@@ -151,8 +195,11 @@ def test_save_at_4_resume_at_2_and_at_1_equals_uninterrupted(runs: dict, single:
 
 
 def test_a_single_file_checkpoint_resumes_sharded(runs: dict, single: dict) -> None:
-    """Saved by one process, resumed with FSDP + EP 2: each rank cuts out its part."""
+    """Saved by one process, resumed with FSDP + EP 2 at 2 processes and at 4 (EP 2 x DP 2,
+    experts sharded over dp): each rank cuts out its part."""
     got = runs["two"][5 + 2 * len(IMPLS)]
+    assert got["losses"] == pytest.approx(single["routed"]["losses"][10:], **TOL)
+    got = runs["four"][4]
     assert got["losses"] == pytest.approx(single["routed"]["losses"][10:], **TOL)
 
 
