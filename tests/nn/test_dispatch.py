@@ -316,14 +316,21 @@ def test_bmm_passes_gradcheck(act, skew):
     assert torch.autograd.gradcheck(f, (x, gate, w1, b1, *([w2, b2] if two_layer else [])))
 
 
-def test_fused_kernel_builds_and_takes_its_fast_path_here():
-    """The CPU kernel compiles on this machine and fp32 runs its raw-pointer BLAS path (the
-    one "auto" picks); a failed build would silently fall back to "bmm" everywhere else."""
+def test_fused_kernel_builds_and_has_its_blas_here(monkeypatch):
+    """The CPU kernel compiles on this machine and finds its BLAS for fp32 and bf16 (a failed
+    build would silently fall back to "bmm" everywhere); fp16 has none: "bmm", with a warning
+    when asked for by name. Under fp32-medium "auto" keeps "bmm" (bf16 matmuls asked for)."""
     from blockdsl.nn.dispatch import fused
 
     assert fused.available(), fused._failed
-    assert fused.fast_for(torch.float32) and fused.fast_for(torch.bfloat16)
-    assert not fused.fast_for(torch.float16)
+    assert fused.supports(torch.float32) and fused.supports(torch.bfloat16)
+    assert not fused.supports(torch.float16)
+    cpu = torch.device("cpu")
+    with pytest.warns(UserWarning, match="no BLAS the fused MoE kernel can call"):
+        assert resolve_impl("fused", cpu, torch.float16) == "bmm"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    assert resolve_impl("auto", cpu, torch.float32, 48, 48) == "bmm"
+    assert resolve_impl("fused", cpu, torch.float32, 48, 48) == "fused"
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu", "swiglu"])
@@ -358,7 +365,7 @@ def test_fused_tiles_split_heavy_experts():
     from blockdsl.nn.dispatch import fused
 
     d = f = 8
-    rows = fused.tile_rows(d, f, d, 1)
+    rows = fused.tile_rows(d, f, d)
     n = 2 * rows + 37
     g = torch.Generator().manual_seed(2)
     t = {"x": torch.randn(n, d, generator=g), "gate": torch.rand(n, generator=g),

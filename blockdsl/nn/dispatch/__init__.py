@@ -100,7 +100,7 @@ def resolve_impl(
     """Map "auto" (and an unavailable "grouped_mm" or "fused") to a concrete backend.
 
     Rule. CPU: "fused" when an expert's weights are small (d_in * d_hidden <=
-    SMALL_EXPERT_WEIGHT) and the kernel's raw BLAS path runs for the dtype (fp32 at
+    SMALL_EXPERT_WEIGHT) and the kernel runs for the dtype with its BLAS (fp32 at
     "highest" matmul precision, bf16; `fused.fast_for`), else "bmm" for small experts;
     "grouped_mm" (if `_grouped_mm` runs, else "sort") for larger ones. CUDA: "grouped_mm"
     when it runs for the dtype (one kernel per matmul, no host sync; chosen, not measured
@@ -130,10 +130,13 @@ def resolve_impl(
         if d_in is not None and d_hidden is not None and d_in * d_hidden <= SMALL_EXPERT_WEIGHT:
             return "fused" if fused.fast_for(dtype) else "bmm"
         return "grouped_mm" if grouped else "sort"
-    if impl == "fused" and (device.type != "cpu" or not fused.available()):
-        if device.type != "cpu":  # (a failed build has already warned once)
+    if impl == "fused" and (device.type != "cpu" or not fused.supports(dtype)):
+        if device.type != "cpu":
             warnings.warn(f"the fused MoE kernel runs on CPU only; using 'bmm' on {device.type}",
                           stacklevel=3)
+        elif fused.available():  # (a failed build has already warned once)
+            warnings.warn(f"this torch build has no BLAS the fused MoE kernel can call for "
+                          f"{dtype}; using 'bmm'", stacklevel=3)
         return "bmm"
     if impl == "grouped_mm" and not grouped_mm_available(device.type, dtype):
         warnings.warn(

@@ -1,20 +1,25 @@
 // The "fused" expert dispatch for CPUs: every expert's rows are gathered, pushed through both
-// matmuls and the activation, gated and scattered back one L2-sized tile at a time, in C++.
+// matmuls and the activation, gated and scattered back one L2-sized tile at a time; and the
+// token-choice router's softmax and top-k in one pass.
 //
 // Why: at the search's scale (1024 tokens, 8 experts of d = d_ff = 48) a routed FFN slot
-// costs ~2.8x the dense FFN of equal FLOPs when written as whole-array tensor ops ("bmm"),
-// and the time is not the matmuls: each whole-array pass ([M, d] gathers, products, gate
+// cost ~2.8x the dense FFN of equal FLOPs when written as whole-array tensor ops ("bmm"),
+// and the time was not the matmuls: each whole-array pass ([M, d] gathers, products, gate
 // scalings, scatters) streams a fresh buffer through memory, and on a shared VM an op on
 // cold memory runs 1.5-3x slower than on warm (measured: gelu_backward 94 vs 174 us, a
-// row-gated mul 15 vs 48 us). Here the gathered rows, the hidden activations and the
-// outputs of one tile never leave L2: only x, the saved pre-activation h, and the result
-// cross memory. The matmuls themselves stay ATen's (`at::mm_out`: MKL/oneDNN), the
-// activations ATen's vectorised kernels on the tile (same numerics as the other backends).
+// row-gated mul 15 vs 48 us), and each ATen call costs microseconds of its own. Here the
+// gathered rows, the hidden activations and the outputs of one tile never leave L2 (only
+// x, the saved h and act(h), and the results cross memory), and nothing between two
+// matmuls is an ATen call: the matmuls are the torch build's BLAS on raw pointers (MKL's
+// sgemm in fp32, its bf16 x bf16 -> fp32 GEMM in bf16), the loops are hand-written.
 //
 // Layout: a counting sort of the assignments by expert (skipped ones, id == E, get no row),
-// each expert's rows cut into tiles of at most `tile` rows, each tile's rows padded up to a
-// multiple of `bucket` (oneDNN compiles a kernel per matmul shape in bf16: few shapes) in
-// the saved h. The backward recomputes the same layout from the same counts.
+// each expert's rows cut into tiles of at most `tile` rows, stored in that order in the
+// saved h; the backward recomputes the same layout from the same ids. Experts run in
+// parallel over ATen's threads (each expert's tiles on one thread).
+//
+// The Python side (fused.py) only calls in where the BLAS for the dtype is exported
+// (`has_blas`); elsewhere blockdsl uses its "bmm" dispatch.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -26,10 +31,10 @@
 
 using at::Tensor;
 
-// MKL's (or any BLAS's) Fortran sgemm, when the torch build exports one (x86 wheels link MKL
-// into libtorch_cpu): a direct call skips at::mm_out's checks and dispatch, a few us per
-// call, which at 8 experts x 6 matmuls per step is a tenth of the layer. Weak: where it is
-// absent the pointer is null and at::mm_out runs instead.
+// MKL's Fortran sgemm, when the torch build exports it (x86 wheels link MKL into
+// libtorch_cpu): a direct call skips at::mm_out's checks and dispatch, a few us per call,
+// which at 8 experts x 6 matmuls per step was a tenth of the layer. Weak: where it is
+// absent the pointer is null (`has_blas` says so, and Python does not call in).
 extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
                        const float*, const int*, const float*, const int*, const float*, float*,
                        const int*) __attribute__((weak));
@@ -43,62 +48,15 @@ extern "C" void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, cons
 
 namespace {
 
-// C[m, n] = beta C + op(A) op(B), row-major 2-D tensor views (unit stride in the last dim).
-// op(A) is A or A^T as `ta` says; A^T given as a transposed view works too.
-void gemm(const Tensor& a, const Tensor& b, const Tensor& c, float beta) {
-  if (sgemm_ != nullptr && c.scalar_type() == at::kFloat && c.stride(1) == 1) {
-    auto lead = [](const Tensor& t, char& tr) -> int {
-      if (t.stride(1) == 1) { tr = 'N'; return static_cast<int>(std::max<int64_t>(t.stride(0), t.size(1))); }
-      tr = 'T'; return static_cast<int>(std::max<int64_t>(t.stride(1), t.size(0)));  // a transposed view
-    };
-    char ta, tb;
-    const int lda = lead(a, ta), ldb = lead(b, tb);
-    const int m = a.size(0), n = b.size(1), k = a.size(1);
-    const int ldc = static_cast<int>(std::max<int64_t>(c.stride(0), c.size(1)));
-    const float one = 1.f;
-    if (m == 0 || n == 0) return;
-    // row-major C = A B is column-major C^T = B^T A^T
-    sgemm_(&tb, &ta, &n, &m, &k, &one, b.data_ptr<float>(), &ldb, a.data_ptr<float>(), &lda,
-           &beta, c.data_ptr<float>(), &ldc);
-    return;
-  }
-  Tensor& out = const_cast<Tensor&>(c);
-  if (beta == 0.f) at::mm_out(out, a, b);
-  else at::addmm_out(out, c, a, b, beta, 1);
-}
-
 enum Act { NONE = 0, RELU = 1, GELU = 2, GELU_TANH = 3, SILU = 4 };
-
-// a = act(h) on a tile view (ATen's vectorised kernels)
-void act_forward(const Tensor& h, const Tensor& a, int64_t act) {
-  switch (act) {
-    case RELU: at::clamp_min_out(const_cast<Tensor&>(a), h, 0); break;
-    case GELU: at::gelu_out(const_cast<Tensor&>(a), h, "none"); break;
-    case GELU_TANH: at::gelu_out(const_cast<Tensor&>(a), h, "tanh"); break;
-    case SILU: at::silu_out(const_cast<Tensor&>(a), h); break;
-    default: a.copy_(h);
-  }
-}
-
-// gh = dL/da * act'(h), written into gh
-void act_backward(const Tensor& ga, const Tensor& h, const Tensor& gh, int64_t act) {
-  Tensor& out = const_cast<Tensor&>(gh);
-  switch (act) {
-    case RELU: at::threshold_backward_out(out, ga, h, 0); break;
-    case GELU: at::gelu_backward_out(out, ga, h, "none"); break;
-    case GELU_TANH: at::gelu_backward_out(out, ga, h, "tanh"); break;
-    case SILU: at::silu_backward_out(out, ga, h); break;
-    default: out.copy_(ga);
-  }
-}
 
 struct Tile {
   int64_t expert, start, rows, base;  // start: position in sorted order; base: row in saved h
 };
 
 // Counting sort by expert and the tile layout. order[p] = assignment at sorted position p.
-void layout(const Tensor& expert, int64_t n_exp, int64_t tile, int64_t bucket,
-            std::vector<int64_t>& order, std::vector<Tile>& tiles, int64_t& h_rows) {
+void layout(const Tensor& expert, int64_t n_exp, int64_t tile, std::vector<int64_t>& order,
+            std::vector<Tile>& tiles, int64_t& h_rows) {
   const int64_t m = expert.size(0);
   const int64_t* e = expert.data_ptr<int64_t>();
   std::vector<int64_t> counts(n_exp + 1, 0);
@@ -120,229 +78,19 @@ void layout(const Tensor& expert, int64_t n_exp, int64_t tile, int64_t bucket,
     for (int64_t s = pos[k]; s < pos[k] + counts[k]; s += tile) {
       int64_t rows = std::min(tile, pos[k] + counts[k] - s);
       tiles.push_back({k, s, rows, h_rows});
-      h_rows += (rows + bucket - 1) / bucket * bucket;
+      h_rows += rows;
     }
   }
 }
 
 template <typename T>
 void gather_rows(const T* src, int64_t width, const int64_t* idx, const int64_t* order,
-                 int64_t start, int64_t rows, int64_t padded, T* dst) {
+                 int64_t start, int64_t rows, T* dst) {
   for (int64_t r = 0; r < rows; ++r)
     std::memcpy(dst + r * width, src + idx[order[start + r]] * width, width * sizeof(T));
-  if (padded > rows) std::memset(dst + rows * width, 0, (padded - rows) * width * sizeof(T));
 }
 
-template <typename T>
-std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& src, const Tensor& dst,
-                                 const Tensor& expert, const Tensor& gate, const Tensor& w1,
-                                 const c10::optional<Tensor>& b1, const c10::optional<Tensor>& w2,
-                                 const c10::optional<Tensor>& b2, int64_t act, bool gated,
-                                 int64_t n_out, int64_t tile, int64_t bucket) {
-  const int64_t n_exp = w1.size(0), d = x.size(1), F = w1.size(2);
-  const int64_t f = gated ? F / 2 : F;
-  const int64_t d_out = w2.has_value() ? w2->size(2) : F;
-  std::vector<int64_t> order;
-  std::vector<Tile> tiles;
-  int64_t h_rows = 0;
-  layout(expert, n_exp, tile, bucket, order, tiles, h_rows);
-  auto opt = x.options();
-  Tensor h = at::empty({std::max<int64_t>(h_rows, 1), F}, opt);
-  Tensor a_saved = (w2.has_value() && !gated) ? at::empty({std::max<int64_t>(h_rows, 1), f}, opt)
-                                              : Tensor();
-  Tensor out = at::zeros({n_out, d_out}, opt.dtype(at::kFloat));
-  const int64_t cap = tiles.empty() ? 0 : (std::max_element(tiles.begin(), tiles.end(),
-      [](const Tile& a, const Tile& b) { return a.rows < b.rows; })->rows + bucket - 1) / bucket * bucket;
-  Tensor xb = at::empty({std::max<int64_t>(cap, 1), d}, opt);
-  Tensor ab = w2.has_value() ? at::empty({std::max<int64_t>(cap, 1), f}, opt) : Tensor();
-  Tensor actb = (w2.has_value() && gated) ? at::empty({std::max<int64_t>(cap, 1), f}, opt) : Tensor();
-  Tensor yb = w2.has_value() ? at::empty({std::max<int64_t>(cap, 1), d_out}, opt) : Tensor();
-  const T* xp = x.data_ptr<T>();
-  const int64_t* srcp = src.data_ptr<int64_t>();
-  const int64_t* dstp = dst.data_ptr<int64_t>();
-  const float* gp = gate.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (const Tile& t : tiles) {
-    const int64_t R = (t.rows + bucket - 1) / bucket * bucket;
-    gather_rows<T>(xp, d, srcp, order.data(), t.start, t.rows, R, xb.data_ptr<T>());
-    Tensor xt = xb.narrow(0, 0, R);
-    Tensor ht = h.narrow(0, t.base, R);
-    gemm(xt, w1.select(0, t.expert), ht, 0.f);
-    if (b1.has_value()) ht.add_(b1->select(0, t.expert));
-    Tensor yt;
-    if (w2.has_value()) {
-      // ungated: act(h) goes straight into the saved a (the backward reads it, no recompute)
-      Tensor at_ = gated ? ab.narrow(0, 0, R) : a_saved.narrow(0, t.base, R);
-      if (gated) {
-        Tensor g = actb.narrow(0, 0, R);
-        act_forward(ht.narrow(1, 0, f), g, act);
-        at::mul_out(at_, g, ht.narrow(1, f, f));
-      } else {
-        act_forward(ht, at_, act);
-      }
-      yt = yb.narrow(0, 0, R);
-      gemm(at_, w2->select(0, t.expert), yt, 0.f);
-      if (b2.has_value()) yt.add_(b2->select(0, t.expert));
-    } else {
-      yt = ht;
-    }
-    const T* yp = yt.data_ptr<T>();
-    for (int64_t r = 0; r < t.rows; ++r) {
-      const int64_t m = order[t.start + r];
-      const float g = gp[m];
-      float* o = op + dstp[m] * d_out;
-      const T* y = yp + r * d_out;
-      for (int64_t j = 0; j < d_out; ++j) o[j] += g * static_cast<float>(y[j]);
-    }
-  }
-  return {out, h, a_saved};
-}
-
-template <typename T>
-std::vector<Tensor> backward_impl(const Tensor& go, const Tensor& x, const Tensor& src,
-                                  const Tensor& dst, const Tensor& expert, const Tensor& gate,
-                                  const Tensor& w1, const c10::optional<Tensor>& b1,
-                                  const c10::optional<Tensor>& w2, const c10::optional<Tensor>& b2,
-                                  const Tensor& h, const Tensor& a_saved, int64_t act,
-                                  bool gated, int64_t tile,
-                                  int64_t bucket, bool need_x, bool need_w) {
-  const int64_t n_exp = w1.size(0), d = x.size(1), F = w1.size(2);
-  const int64_t f = gated ? F / 2 : F;
-  const bool two = w2.has_value();
-  const int64_t d_out = two ? w2->size(2) : F;
-  std::vector<int64_t> order;
-  std::vector<Tile> tiles;
-  int64_t h_rows = 0;
-  layout(expert, n_exp, tile, bucket, order, tiles, h_rows);
-  auto opt = x.options();
-  auto fopt = opt.dtype(at::kFloat);
-  Tensor gx = need_x ? at::zeros({x.size(0), d}, fopt) : Tensor();
-  Tensor ggate = at::zeros({gate.size(0)}, fopt);
-  Tensor gw1 = at::zeros({n_exp, d, F}, fopt);
-  Tensor gw2 = two ? at::zeros({n_exp, f, d_out}, fopt) : Tensor();
-  Tensor gb1 = b1.has_value() ? at::zeros({n_exp, F}, fopt) : Tensor();
-  Tensor gb2 = b2.has_value() ? at::zeros({n_exp, d_out}, fopt) : Tensor();
-  int64_t cap = 1;
-  for (const Tile& t : tiles) cap = std::max(cap, (t.rows + bucket - 1) / bucket * bucket);
-  Tensor xb = at::empty({cap, d}, opt), gyb = at::empty({cap, d_out}, opt);
-  Tensor ghb = at::empty({cap, F}, opt);
-  Tensor ab, gab, actb, gactb;
-  if (two) {
-    if (gated) ab = at::empty({cap, f}, opt);
-    gab = at::empty({cap, f}, opt);
-    if (gated) actb = at::empty({cap, f}, opt), gactb = at::empty({cap, f}, opt);
-  }
-  const bool wide = !std::is_same<T, float>::value;  // weight grads summed in fp32 buffers
-  Tensor tmp1 = wide ? at::empty({d, F}, opt) : Tensor();
-  Tensor tmp2 = (wide && two) ? at::empty({f, d_out}, opt) : Tensor();
-  Tensor gxb = need_x ? at::empty({cap, d}, opt) : Tensor();
-  const T* xp = x.data_ptr<T>();
-  const T* gop = go.data_ptr<T>();
-  const int64_t* srcp = src.data_ptr<int64_t>();
-  const int64_t* dstp = dst.data_ptr<int64_t>();
-  const float* gp = gate.data_ptr<float>();
-  float* ggp = ggate.data_ptr<float>();
-  std::vector<bool> first(n_exp, true);
-  auto accumulate = [&](const Tensor& acc, const Tensor& tmp, const Tensor& a, const Tensor& b,
-                        bool init) {
-    if (!wide) {
-      gemm(a, b, acc, init ? 0.f : 1.f);
-    } else {
-      gemm(a, b, tmp, 0.f);
-      acc.add_(tmp);
-    }
-  };
-  for (const Tile& t : tiles) {
-    const int64_t R = (t.rows + bucket - 1) / bucket * bucket;
-    const int64_t e = t.expert;
-    gather_rows<T>(gop, d_out, dstp, order.data(), t.start, t.rows, R, gyb.data_ptr<T>());
-    Tensor gyt = gyb.narrow(0, 0, R);
-    Tensor ht = h.narrow(0, t.base, R);
-    Tensor ght = ghb.narrow(0, 0, R);
-    T* gyp = gyt.data_ptr<T>();
-    if (two) {
-      Tensor at_ = gated ? ab.narrow(0, 0, R) : a_saved.narrow(0, t.base, R);
-      Tensor gat = gab.narrow(0, 0, R);
-      if (gated) {  // act(gate) is needed for d/d up: recomputed, a is not saved
-        act_forward(ht.narrow(1, 0, f), actb.narrow(0, 0, R), act);
-        at::mul_out(at_, actb.narrow(0, 0, R), ht.narrow(1, f, f));
-      }
-      gemm(gyt, w2->select(0, e).t(), gat, 0.f);  // dL/da before the gate
-      // gate gradient <dL/dy, a W2 + b2> = <dL/dy W2^T, a> + <dL/dy, b2>; then scale by gate
-      const T* ap = at_.data_ptr<T>();
-      T* gap = gat.data_ptr<T>();
-      const T* b2p = b2.has_value() ? b2->select(0, e).data_ptr<T>() : nullptr;
-      for (int64_t r = 0; r < t.rows; ++r) {
-        const int64_t m = order[t.start + r];
-        float s = 0.f;
-        for (int64_t j = 0; j < f; ++j)
-          s += static_cast<float>(gap[r * f + j]) * static_cast<float>(ap[r * f + j]);
-        if (b2p)
-          for (int64_t j = 0; j < d_out; ++j)
-            s += static_cast<float>(gyp[r * d_out + j]) * static_cast<float>(b2p[j]);
-        ggp[m] = s;
-        const float g = gp[m];
-        for (int64_t j = 0; j < f; ++j) gap[r * f + j] = static_cast<T>(g * static_cast<float>(gap[r * f + j]));
-        for (int64_t j = 0; j < d_out; ++j)
-          gyp[r * d_out + j] = static_cast<T>(g * static_cast<float>(gyp[r * d_out + j]));
-      }
-      if (need_w) {
-        Tensor acc = gw2.select(0, e);
-        accumulate(acc, tmp2, at_.t(), gyt, first[e]);
-        if (b2.has_value()) gb2.select(0, e).add_(gyt.sum(0, false, at::kFloat));
-      }
-      if (gated) {
-        Tensor gact = gactb.narrow(0, 0, R);
-        at::mul_out(gact, gat, ht.narrow(1, f, f));  // d/d act(g)
-        act_backward(gact, ht.narrow(1, 0, f), ght.narrow(1, 0, f), act);
-        Tensor gup = ght.narrow(1, f, f);
-        at::mul_out(gup, gat, actb.narrow(0, 0, R));  // d/d up
-      } else {
-        act_backward(gat, ht, ght, act);
-      }
-    } else {  // y = h: the gate gradient is <dL/dy, h>, dL/dh = gate dL/dy
-      const T* hp = ht.data_ptr<T>();
-      T* ghp = ght.data_ptr<T>();
-      for (int64_t r = 0; r < t.rows; ++r) {
-        const int64_t m = order[t.start + r];
-        float s = 0.f;
-        for (int64_t j = 0; j < F; ++j)
-          s += static_cast<float>(gyp[r * F + j]) * static_cast<float>(hp[r * F + j]);
-        ggp[m] = s;
-        const float g = gp[m];
-        for (int64_t j = 0; j < F; ++j) ghp[r * F + j] = static_cast<T>(g * static_cast<float>(gyp[r * F + j]));
-      }
-      if (R > t.rows) ght.narrow(0, t.rows, R - t.rows).zero_();
-    }
-    if (two && R > t.rows) ght.narrow(0, t.rows, R - t.rows).zero_();  // padded rows: no gradient
-    if (need_w || need_x)
-      gather_rows<T>(xp, d, srcp, order.data(), t.start, t.rows, R, xb.data_ptr<T>());
-    Tensor xt = xb.narrow(0, 0, R);
-    if (need_w) {
-      accumulate(gw1.select(0, e), tmp1, xt.t(), ght, first[e]);
-      if (b1.has_value()) gb1.select(0, e).add_(ght.sum(0, false, at::kFloat));
-    }
-    first[e] = false;
-    if (need_x) {
-      Tensor gxt = gxb.narrow(0, 0, R);
-      gemm(ght, w1.select(0, e).t(), gxt, 0.f);
-      const T* gxp = gxt.data_ptr<T>();
-      float* out = gx.data_ptr<float>();
-      for (int64_t r = 0; r < t.rows; ++r) {
-        float* o = out + srcp[order[t.start + r]] * d;
-        const T* v = gxp + r * d;
-        for (int64_t j = 0; j < d; ++j) o[j] += static_cast<float>(v[j]);
-      }
-    }
-  }
-  // an expert with no rows keeps the zeros it was given; a fp32 expert whose first tile
-  // wrote with beta = 0 needs nothing more
-  return {gx, ggate, gw1, b1.has_value() ? gb1 : Tensor(), two ? gw2 : Tensor(),
-          b2.has_value() ? gb2 : Tensor()};
-}
-
-
-// ---- fp32 with a BLAS sgemm: raw pointers, no tensor views, hand-vectorised loops --------
+// ---- raw pointers, no tensor views, hand-vectorised loops -------------------------------
 // At 8 experts of d = 48 a tile's matmul takes ~10 us, and ATen's per-call costs (a
 // TensorIterator for each activation, views for each operand) came to as much again
 // (measured under the profiler: per-tile gelu 38 us, gelu_backward 56 us, for ~10k values).
@@ -571,7 +319,7 @@ std::vector<Tensor> forward_raw(const Tensor& x, const Tensor& src, const Tensor
   std::vector<int64_t> order;
   std::vector<Tile> tiles;
   int64_t h_rows = 0;
-  layout(expert, n_exp, tile, 1, order, tiles, h_rows);
+  layout(expert, n_exp, tile, order, tiles, h_rows);
   auto opt = x.options();
   auto fopt = opt.dtype(at::kFloat);
   Tensor h = at::empty({std::max<int64_t>(h_rows, 1), F}, opt);
@@ -612,7 +360,7 @@ std::vector<Tensor> forward_raw(const Tensor& x, const Tensor& src, const Tensor
     for (int64_t ti = first[e0]; ti < first[e1]; ++ti) {
       const Tile& t = tiles[ti];
       const int64_t e = t.expert, rows = t.rows;
-      gather_rows<In>(xp, d, srcp, order.data(), t.start, rows, rows, xb);
+      gather_rows<In>(xp, d, srcp, order.data(), t.start, rows, xb);
       In* hs = hp0 + t.base * F;
       float* hf = same ? reinterpret_cast<float*>(hs) : hf_buf;
       Raw<In>::gemm(false, false, rows, F, d, xb, d, w1p + e * d * F, F, 0.f, hf, F);
@@ -663,7 +411,7 @@ std::vector<Tensor> backward_raw(const Tensor& go, const Tensor& x, const Tensor
   std::vector<int64_t> order;
   std::vector<Tile> tiles;
   int64_t h_rows = 0;
-  layout(expert, n_exp, tile, 1, order, tiles, h_rows);
+  layout(expert, n_exp, tile, order, tiles, h_rows);
   auto opt = x.options();
   auto fopt = opt.dtype(at::kFloat);
   int64_t cap = 1;
@@ -714,7 +462,7 @@ std::vector<Tensor> backward_raw(const Tensor& go, const Tensor& x, const Tensor
     for (int64_t ti = first[e0]; ti < first[e1]; ++ti) {
       const Tile& t = tiles[ti];
       const int64_t e = t.expert, rows = t.rows;
-      gather_rows<In>(gop, d_out, dstp, order.data(), t.start, rows, rows, gyi);
+      gather_rows<In>(gop, d_out, dstp, order.data(), t.start, rows, gyi);
       if (!same) to_f32(gyi, gyf, rows * d_out);
       const In* hs = hp0 + t.base * F;
       const float* hf = same ? reinterpret_cast<const float*>(hs) : hf_buf;
@@ -770,7 +518,7 @@ std::vector<Tensor> backward_raw(const Tensor& go, const Tensor& x, const Tensor
         }
       }
       if (!same) to_in(ghf, ghi, rows * F);
-      if (need_w || need_x) gather_rows<In>(xp, d, srcp, order.data(), t.start, rows, rows, xb);
+      if (need_w || need_x) gather_rows<In>(xp, d, srcp, order.data(), t.start, rows, xb);
       if (need_w) {
         Raw<In>::gemm(true, false, d, F, rows, xb, d, ghi, F, 1.f, gw1p + e * d * F, F);
         if (gb1p)
@@ -811,12 +559,9 @@ void check_rows(const Tensor& idx, int64_t rows, const char* what) {
     TORCH_CHECK(p[i] >= 0 && p[i] < rows, what, " row ", p[i], " out of range [0, ", rows, ")");
 }
 
-// The raw-pointer path runs where the build has the BLAS for x's dtype: fp32 with sgemm at
-// full precision (bucket 1: "highest" matmul precision), bf16 with MKL's bf16 GEMM (any
-// bucket: MKL compiles nothing per shape). Elsewhere, ATen ops on tile views.
-bool raw_path(const Tensor& x, int64_t bucket) {
-  if (x.scalar_type() == at::kFloat) return Raw<float>::available() && bucket == 1;
-  if (x.scalar_type() == at::kBFloat16) return Raw<at::BFloat16>::available();
+bool has_blas_for(at::ScalarType t) {
+  if (t == at::kFloat) return Raw<float>::available();
+  if (t == at::kBFloat16) return Raw<at::BFloat16>::available();
   return false;
 }
 
@@ -825,52 +570,40 @@ bool raw_path(const Tensor& x, int64_t bucket) {
 std::vector<Tensor> fused_forward(Tensor x, Tensor src, Tensor dst, Tensor expert, Tensor gate,
                                   Tensor w1, c10::optional<Tensor> b1, c10::optional<Tensor> w2,
                                   c10::optional<Tensor> b2, int64_t act, bool gated,
-                                  int64_t n_out, int64_t tile, int64_t bucket) {
+                                  int64_t n_out, int64_t tile) {
   check(x, src, dst, expert, gate, w1);
   check_rows(src, x.size(0), "src");
   check_rows(dst, n_out, "dst");
+  TORCH_CHECK(has_blas_for(x.scalar_type()), "fused dispatch: no BLAS for ", x.scalar_type());
   at::NoGradGuard no_grad;
   auto c = [](const c10::optional<Tensor>& t) -> c10::optional<Tensor> {
     return t.has_value() ? c10::optional<Tensor>(t->contiguous()) : t;
   };
-  if (raw_path(x, bucket) && x.scalar_type() == at::kFloat)
+  if (x.scalar_type() == at::kFloat)
     return forward_raw<float>(x, src, dst, expert, gate, w1.contiguous(), c(b1), c(w2), c(b2),
                               act, gated, n_out, tile);
-  if (raw_path(x, bucket))
-    return forward_raw<at::BFloat16>(x, src, dst, expert, gate, w1.contiguous(), c(b1), c(w2),
-                                     c(b2), act, gated, n_out, tile);
-  if (x.scalar_type() == at::kFloat)
-    return forward_impl<float>(x, src, dst, expert, gate, w1.contiguous(), b1, w2, b2, act, gated,
-                               n_out, tile, bucket);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "fused dispatch takes float32 or bfloat16");
-  return forward_impl<at::BFloat16>(x, src, dst, expert, gate, w1.contiguous(), b1, w2, b2, act,
-                                    gated, n_out, tile, bucket);
+  return forward_raw<at::BFloat16>(x, src, dst, expert, gate, w1.contiguous(), c(b1), c(w2),
+                                   c(b2), act, gated, n_out, tile);
 }
 
 std::vector<Tensor> fused_backward(Tensor go, Tensor x, Tensor src, Tensor dst, Tensor expert,
                                    Tensor gate, Tensor w1, c10::optional<Tensor> b1,
                                    c10::optional<Tensor> w2, c10::optional<Tensor> b2, Tensor h,
-                                   Tensor a_saved, int64_t act, bool gated, int64_t tile, int64_t bucket,
+                                   Tensor a_saved, int64_t act, bool gated, int64_t tile,
                                    bool need_x, bool need_w) {
   check(x, src, dst, expert, gate, w1);
+  TORCH_CHECK(has_blas_for(x.scalar_type()), "fused dispatch: no BLAS for ", x.scalar_type());
   at::NoGradGuard no_grad;
   go = go.contiguous().to(x.scalar_type());
   auto c = [](const c10::optional<Tensor>& t) -> c10::optional<Tensor> {
     return t.has_value() ? c10::optional<Tensor>(t->contiguous()) : t;
   };
-  if (raw_path(x, bucket) && x.scalar_type() == at::kFloat)
+  if (x.scalar_type() == at::kFloat)
     return backward_raw<float>(go, x, src, dst, expert, gate, w1.contiguous(), c(b1), c(w2),
                                c(b2), h, a_saved, act, gated, tile, need_x, need_w);
-  if (raw_path(x, bucket))
-    return backward_raw<at::BFloat16>(go, x, src, dst, expert, gate, w1.contiguous(), c(b1),
-                                      c(w2), c(b2), h, a_saved, act, gated, tile, need_x, need_w);
-  if (x.scalar_type() == at::kFloat)
-    return backward_impl<float>(go, x, src, dst, expert, gate, w1, b1, w2, b2, h, a_saved, act, gated,
-                                tile, bucket, need_x, need_w);
-  return backward_impl<at::BFloat16>(go, x, src, dst, expert, gate, w1, b1, w2, b2, h, a_saved, act, gated,
-                                     tile, bucket, need_x, need_w);
+  return backward_raw<at::BFloat16>(go, x, src, dst, expert, gate, w1.contiguous(), c(b1), c(w2),
+                                    c(b2), h, a_saved, act, gated, tile, need_x, need_w);
 }
-
 
 // ---- the token-choice router: softmax over experts, top-k, balance-loss terms ----------
 // Same reason as the experts: at 1024 tokens x 8 experts the router's dozen tensor ops
@@ -984,7 +717,7 @@ Tensor topk_route_backward(Tensor probs, Tensor expert, Tensor gate, c10::option
   return dl;
 }
 
-bool has_blas(bool bf16) { return bf16 ? cblas_gemm_bf16bf16f32 != nullptr : sgemm_ != nullptr; }
+bool has_blas(bool bf16) { return has_blas_for(bf16 ? at::kBFloat16 : at::kFloat); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_route_forward", &topk_route_forward, "softmax top-k router forward (CPU fp32)");

@@ -10,16 +10,15 @@ slower than on warm (measured at the search shape, 1 thread: gelu_backward 94 vs
 row-gated mul 15 vs 48 us, bmm 66 vs 105 us). A tile's gathered rows, hidden activations
 and outputs stay in L2 here; only x, the saved h and act(h), and the results cross memory.
 
-Two paths inside:
-- raw pointers where the torch build exports its BLAS (x86 builds link MKL): fp32 on
-  `sgemm`, bf16 on MKL's bf16 x bf16 -> fp32 GEMM, every other loop hand-written and
-  compiled for AVX-512/AVX2/x86-64 (picked at load). Activations use their own exp/erf
-  (error <= 1.5e-7 absolute in erf), gradients and accumulators are fp32, and in bf16 the
-  matmul outputs stay fp32 between the two matmuls (autocast would round them to bf16):
-  within fp32 rounding of the other backends in fp32, closer to an fp32 reference than
-  they are in bf16 (tests/nn/test_dispatch.py).
-- elsewhere ATen's ops on tile views (`at::mm_out`, `at::gelu_out`, ...): the same function,
-  but measured slower than "bmm", so "auto" only picks "fused" where the raw path runs.
+The matmuls are the torch build's BLAS on raw pointers (x86 builds link MKL and export
+it): `sgemm` in fp32, MKL's bf16 x bf16 -> fp32 GEMM in bf16; every other loop is
+hand-written and compiled for AVX-512/AVX2/x86-64 (picked at load). Activations use their
+own exp and erf (erf as ATen's vectorised one, Abramowitz-Stegun 7.1.26), gradients and
+accumulators are fp32, and in bf16 the matmul outputs stay fp32 between the two matmuls
+(autocast would round them to bf16): within fp32 rounding of the other backends in fp32,
+and at least as close to an fp32 reference in bf16 (tests/nn/test_dispatch.py). Where the
+build exports no BLAS for the dtype (other CPUs' builds, fp16), `supports` is False and
+blockdsl runs "bmm" instead.
 
 The extension is compiled on first use with torch's own `cpp_extension.load` (about 30 s,
 once per machine, torch version and kernel source, cached in torch's extensions folder;
@@ -46,7 +45,6 @@ import torch
 from torch import Tensor
 
 from blockdsl.names import GATE_OF
-from blockdsl.nn.dispatch.common import _row_bucket
 
 _SOURCE = Path(__file__).with_name("fused.cpp")
 _ACT = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -54,9 +52,9 @@ _lock = threading.Lock()
 _ext: Any = None
 _failed: str | None = None
 
-# Rows per tile: as many as keep a tile's gathered input, hidden activations and output
-# (d + 2F + d_out values per row) within ~256 KiB, so one tile stays in a core's L2 next to
-# its expert's weights; at least one row bucket, at most 512 rows.
+# Tile size: a tile's gathered input, hidden activations and output (d + 2F + d_out values
+# per row) within ~256 KiB, so one tile stays in a core's L2 next to its expert's weights;
+# at least 128 rows (smaller matmuls lose BLAS efficiency), at most 512.
 TILE_BYTES = 256 * 1024
 
 
@@ -93,23 +91,27 @@ def available() -> bool:
     return extension() is not None
 
 
-def fast_for(dtype: torch.dtype) -> bool:
-    """Whether the kernel's raw-pointer path runs for `dtype` here: fp32 at "highest"
-    matmul precision with the torch build's BLAS sgemm, bf16 with MKL's bf16 GEMM (both
-    exported by x86 torch builds). Elsewhere a generic path through ATen's ops on tile views
-    runs: correct, but measured slower than "bmm" (oneDNN's per-call cost on small tiles),
-    so "auto" does not pick it."""
-    if not available():
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the kernel runs for `dtype` here: built, with the BLAS it calls (fp32: sgemm,
+    bf16: MKL's bf16 GEMM; both exported by x86 torch builds)."""
+    if not available() or dtype not in (torch.float32, torch.bfloat16):
         return False
-    if dtype == torch.float32:
-        return torch.get_float32_matmul_precision() == "highest" and extension().has_blas(False)
-    return dtype == torch.bfloat16 and bool(extension().has_blas(True))
+    return bool(extension().has_blas(dtype == torch.bfloat16))
 
 
-def tile_rows(d_in: int, width: int, d_out: int, bucket: int) -> int:
+def fast_for(dtype: torch.dtype) -> bool:
+    """Whether "auto" takes the kernel for `dtype`: `supports`, and for fp32 at "highest"
+    matmul precision (under "medium", fp32-medium's bf16 matmuls, the kernel would compute
+    in full fp32: exact, but not the speed that setting asks for)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return False
+    return supports(dtype)
+
+
+def tile_rows(d_in: int, width: int, d_out: int) -> int:
+    """Rows per tile: as many as keep a tile's buffers within TILE_BYTES, 128 to 512."""
     per_row = (d_in + 2 * width + d_out) * 4
-    rows = max(bucket, 128, min(512, TILE_BYTES // max(per_row, 1)))
-    return rows // bucket * bucket
+    return max(128, min(512, TILE_BYTES // max(per_row, 1)))
 
 
 class _FusedFFN(torch.autograd.Function):
@@ -117,32 +119,31 @@ class _FusedFFN(torch.autograd.Function):
     def forward(ctx, x, src, dst, expert, gate, w1, b1, w2, b2, activation, n_out):
         gated = activation in GATE_OF
         act = _ACT[GATE_OF.get(activation, activation)]
-        bucket = _row_bucket(x)
         d_out = (w1 if w2 is None else w2).shape[-1]
-        tile = tile_rows(x.shape[1], w1.shape[-1], d_out, bucket)
+        tile = tile_rows(x.shape[1], w1.shape[-1], d_out)
         x, w1 = x.contiguous(), w1.contiguous()
         opt = [t if t is None else t.contiguous() for t in (b1, w2, b2)]
         with _no_autocast(x):
             out, h, a = extension().forward(x, src, dst, expert, gate, w1, *opt, act, gated,
-                                            n_out, tile, bucket)
+                                            n_out, tile)
         # None stays out of save_for_backward: the flags say which of b1, w2, b2, a exist
         present = tuple(t is not None for t in (*opt, a))
         ctx.save_for_backward(x, src, dst, expert, gate, w1, h,
                               *[t for t in (*opt, a) if t is not None])
-        ctx.static = (act, gated, tile, bucket, present)
+        ctx.static = (act, gated, tile, present)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, go):
         x, src, dst, expert, gate, w1, h, *rest = ctx.saved_tensors
-        act, gated, tile, bucket, present = ctx.static
+        act, gated, tile, present = ctx.static
         it = iter(rest)
         b1, w2, b2, a = (next(it) if p else None for p in present)
         need = ctx.needs_input_grad
         with _no_autocast(go):
             gx, ggate, gw1, gb1, gw2, gb2 = extension().backward(
                 go, x, src, dst, expert, gate, w1, b1, w2, b2, h, h if a is None else a, act, gated,
-                tile, bucket, bool(need[0]), bool(need[5] or need[6] or need[7] or need[8]),
+                tile, bool(need[0]), bool(need[5] or need[6] or need[7] or need[8]),
             )
 
         def cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:
