@@ -32,7 +32,6 @@ fused router off.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import sys
@@ -81,7 +80,8 @@ def extension() -> Any:
             _ext = load(name=f"blockdsl_fused_{digest}", sources=[str(_SOURCE)],
                         extra_cflags=["-O3"], verbose=False)
         except Exception as e:  # compiler, ninja or headers missing: fall back, say so once
-            _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            _failed = f"{type(e).__name__}: {last}"
             warnings.warn(f"blockdsl: the fused CPU MoE kernel could not be built ({_failed}); "
                           "using the 'bmm' dispatch", RuntimeWarning, stacklevel=2)
     return _ext
@@ -123,9 +123,8 @@ class _FusedFFN(torch.autograd.Function):
         tile = tile_rows(x.shape[1], w1.shape[-1], d_out)
         x, w1 = x.contiguous(), w1.contiguous()
         opt = [t if t is None else t.contiguous() for t in (b1, w2, b2)]
-        with _no_autocast(x):
-            out, h, a = extension().forward(x, src, dst, expert, gate, w1, *opt, act, gated,
-                                            n_out, tile)
+        out, h, a = extension().forward(x, src, dst, expert, gate, w1, *opt, act, gated, n_out,
+                                        tile)
         # None stays out of save_for_backward: the flags say which of b1, w2, b2, a exist
         present = tuple(t is not None for t in (*opt, a))
         ctx.save_for_backward(x, src, dst, expert, gate, w1, h,
@@ -140,11 +139,10 @@ class _FusedFFN(torch.autograd.Function):
         it = iter(rest)
         b1, w2, b2, a = (next(it) if p else None for p in present)
         need = ctx.needs_input_grad
-        with _no_autocast(go):
-            gx, ggate, gw1, gb1, gw2, gb2 = extension().backward(
-                go, x, src, dst, expert, gate, w1, b1, w2, b2, h, h if a is None else a, act, gated,
-                tile, bool(need[0]), bool(need[5] or need[6] or need[7] or need[8]),
-            )
+        gx, ggate, gw1, gb1, gw2, gb2 = extension().backward(
+            go, x, src, dst, expert, gate, w1, b1, w2, b2, h, h if a is None else a, act,
+            gated, tile, bool(need[0]), bool(need[5] or need[6] or need[7] or need[8]),
+        )  # (a is only read for an ungated two-layer expert, which always saves it)
 
         def cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:
             return None if t is None or like is None else (
@@ -152,17 +150,6 @@ class _FusedFFN(torch.autograd.Function):
 
         return (cast(gx, x), None, None, None, cast(ggate, gate), cast(gw1, w1), cast(gb1, b1),
                 cast(gw2, w2), cast(gb2, b2), None, None)
-
-
-@contextlib.contextmanager
-def _no_autocast(t: Tensor):
-    """Autocast off around the kernel (its out= ATen calls take no casts), entered only when
-    it is on: the context manager alone costs ~7 us, a few times per layer."""
-    if not torch.is_autocast_enabled(t.device.type):
-        yield
-        return
-    with torch.autocast(t.device.type, enabled=False):
-        yield
 
 
 def fused_mixture(x: Tensor, src: Tensor, dst: Tensor, expert: Tensor, gate: Tensor,
