@@ -77,6 +77,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {**fsdp_ep, "steps": 20, "out": str(tmp / "from-single4"),
          "copy": str(tmp / "from-single"), "resume": True},
         {"spec": UNEVEN, "ep": 2, "shard": "fsdp", "steps": 12, "out": str(tmp / "uneven")},
+        {"spec": WIDENET, "ep": 2, "steps": 6, "out": str(tmp / "widenet4")},
     ], tmp, "four")
     for name in ("resume2", "resume1", "convert"):
         shutil.copytree(saved, tmp / name)
@@ -156,6 +157,16 @@ def test_fsdp_ep_uneven_blocks_and_idle_ranks_equal_one_process(runs: dict, sing
     experts = _expert_elems(_built(UNEVEN))
     held = [r["expert_elems"] for r in got["ranks"]]
     assert held == [experts // 3, experts // 3, experts // 6, experts // 6]
+
+
+def test_router_noise_under_ep_x_dp_equals_one_process(runs: dict, single: dict) -> None:
+    """WideNet's router draws Gaussian noise for the whole global batch on every rank: the
+    ranks' RNG streams must stay identical to one process's. (They did not: rank 0 alone
+    measured its matmul rate with the global RNG before training, and EP 2 x DP 2 ended
+    0.0145 away from one process; without the noise it matched exactly.)"""
+    got = runs["four"][-1]
+    assert got["losses"] == pytest.approx(single["widenet"]["losses"], **TOL)
+    assert got["val"] == pytest.approx(single["widenet"]["val"], **TOL)
 
 
 def test_fsdp_with_ep_and_shared_layers_equals_one_process(runs: dict, single: dict) -> None:

@@ -133,3 +133,15 @@ def test_keeping_host_memory_respects_the_users_own_malloc_settings() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_matmul_rate_measurement_leaves_the_global_rng_alone():
+    """Rank 0 alone measures the matmul rate (for MFU) before training: drawing its random
+    matrices from the global RNG put rank 0's stream ahead of the others' (router noise then
+    differed between ranks under expert parallelism)."""
+    from blockdsl.train.device import _measure_matmul
+
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    _measure_matmul(torch.device("cpu"), "fp32")
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -76,8 +76,13 @@ def matmul_rate(device: torch.device, precision: str, cache: Path | None = None)
 
 def _measure_matmul(device: torch.device, precision: str) -> float:
     n = 2048 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    # its own generator: the measurement runs on rank 0 only (for the MFU figure), and a
+    # draw from the global RNG there would leave rank 0's stream ahead of the other ranks'
+    # (seen: router noise under expert parallelism differed between ranks and from one
+    # process, since every rank draws the noise of the whole global batch)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen)
+    b = torch.randn(n, n, device=device, generator=gen)
     with precision_context(precision, device), autocast(precision, device):
         for _ in range(2):
             a @ b
