@@ -305,6 +305,28 @@ struct Scratch {
         in(kSame ? Tensor() : at::empty({std::max<int64_t>(n_in, 1)}, opt)) {}
 };
 
+// Shapes and layout shared by the forward and the backward of one call.
+struct Plan {
+  int64_t n_exp, d, F, f, d_out, h_rows = 0, cap = 1, lanes = 1;
+  bool two;
+  std::vector<int64_t> order, first;
+  std::vector<Tile> tiles;
+};
+
+Plan plan(const Tensor& x, const Tensor& expert, const Tensor& w1,
+          const c10::optional<Tensor>& w2, bool gated, int64_t tile) {
+  Plan p;
+  p.n_exp = w1.size(0), p.d = x.size(1), p.F = w1.size(2);
+  p.f = gated ? p.F / 2 : p.F;
+  p.two = w2.has_value();
+  p.d_out = p.two ? w2->size(2) : p.F;
+  layout(expert, p.n_exp, tile, p.order, p.tiles, p.h_rows);
+  for (const Tile& t : p.tiles) p.cap = std::max(p.cap, t.rows);
+  p.first = expert_tiles(p.tiles, p.n_exp);
+  p.lanes = lanes_for(p.n_exp, p.tiles.size());
+  return p;
+}
+
 template <typename In>
 std::vector<Tensor> forward_raw(const Tensor& x, const Tensor& src, const Tensor& dst,
                                 const Tensor& expert, const Tensor& gate, const Tensor& w1,
@@ -312,22 +334,13 @@ std::vector<Tensor> forward_raw(const Tensor& x, const Tensor& src, const Tensor
                                 const c10::optional<Tensor>& b2, int64_t act, bool gated,
                                 int64_t n_out, int64_t tile) {
   constexpr bool same = std::is_same<In, float>::value;
-  const int64_t n_exp = w1.size(0), d = x.size(1), F = w1.size(2);
-  const int64_t f = gated ? F / 2 : F;
-  const bool two = w2.has_value();
-  const int64_t d_out = two ? w2->size(2) : F;
-  std::vector<int64_t> order;
-  std::vector<Tile> tiles;
-  int64_t h_rows = 0;
-  layout(expert, n_exp, tile, order, tiles, h_rows);
+  const Plan p = plan(x, expert, w1, w2, gated, tile);
+  const auto& [n_exp, d, F, f, d_out, h_rows, cap, lanes, two, order, first, tiles] = p;
   auto opt = x.options();
   auto fopt = opt.dtype(at::kFloat);
   Tensor h = at::empty({std::max<int64_t>(h_rows, 1), F}, opt);
-  Tensor a_saved = (two && !gated) ? at::empty({std::max<int64_t>(h_rows, 1), f}, opt) : Tensor();
-  int64_t cap = 1;
-  for (const Tile& t : tiles) cap = std::max(cap, t.rows);
-  const std::vector<int64_t> first = expert_tiles(tiles, n_exp);
-  const int64_t lanes = lanes_for(n_exp, tiles.size());
+  Tensor a_saved =
+      (two && !gated) ? at::empty({std::max<int64_t>(h_rows, 1), f}, opt) : Tensor();
   // one accumulator per thread when experts run in parallel (rows of different experts
   // scatter into the same output rows), summed at the end
   Tensor acc = at::zeros({lanes, n_out, d_out}, fopt);
@@ -404,20 +417,10 @@ std::vector<Tensor> backward_raw(const Tensor& go, const Tensor& x, const Tensor
                                  const Tensor& h, const Tensor& a_saved, int64_t act, bool gated,
                                  int64_t tile, bool need_x, bool need_w) {
   constexpr bool same = std::is_same<In, float>::value;
-  const int64_t n_exp = w1.size(0), d = x.size(1), F = w1.size(2);
-  const int64_t f = gated ? F / 2 : F;
-  const bool two = w2.has_value();
-  const int64_t d_out = two ? w2->size(2) : F;
-  std::vector<int64_t> order;
-  std::vector<Tile> tiles;
-  int64_t h_rows = 0;
-  layout(expert, n_exp, tile, order, tiles, h_rows);
+  const Plan p = plan(x, expert, w1, w2, gated, tile);  // the forward's layout, recomputed
+  const auto& [n_exp, d, F, f, d_out, h_rows, cap, lanes, two, order, first, tiles] = p;
   auto opt = x.options();
   auto fopt = opt.dtype(at::kFloat);
-  int64_t cap = 1;
-  for (const Tile& t : tiles) cap = std::max(cap, t.rows);
-  const std::vector<int64_t> first = expert_tiles(tiles, n_exp);
-  const int64_t lanes = lanes_for(n_exp, tiles.size());
   Tensor gxacc = need_x ? at::zeros({lanes, x.size(0), d}, fopt) : Tensor();
   Tensor ggate = at::zeros({gate.size(0)}, fopt);
   Tensor gw1 = at::zeros({n_exp, d, F}, fopt);
