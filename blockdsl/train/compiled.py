@@ -18,7 +18,8 @@ from torch import nn
 # Measured on this CPU (2 cores, quiet; torch 2.13; benchmarks/compile.py, medians of
 # interleaved rounds, eager/compiled step time; table in README "Taking a model
 # elsewhere"): dense models 1.03-1.35x (tiny GPT fp32 1.24, bf16 1.35; 10.7M GPT fp32 1.03,
-# bf16 1.29), MoE models 0.68-0.91x (the traceable "sort" dispatch replaces "bmm");
+# bf16 1.29), MoE models 0.68-0.91x (the traceable "sort" dispatch replaces "bmm", and
+# now the faster "fused");
 # compiling took 3-26 s warm, 19-70 s cold, which a run of the default 300 steps does not
 # earn back (~550 steps at the tiny GPT's best case): off on CPU.
 MEASURED = {"cpu": False}
