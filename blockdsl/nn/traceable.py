@@ -1,12 +1,12 @@
 """Make a lowered model traceable as one graph: `torch.export` and `torch.compile(fullgraph=True)`.
 
 Everything in a `BlockModel` traces as it is (the aux-loss collector is a plain stack,
-RoPE tables are built from the input's shape, `ModelOutput` is a pytree node) except two
+RoPE tables are built from the input's shape, `ModelOutput` is a pytree node) except three
 MoE dispatch backends, which size their work on the host: "fused" is a C++ extension
-function (no fake implementation; its layout is computed from the data), "bmm" reads the per-expert
-loads (`.tolist()`) to lay out its slot grid unless the routing bounds them, and "loop"
-skips empty experts with a Python `if`. Both are data-dependent control flow a tracer
-cannot follow. "sort" runs inside the custom op `blockdsl::expert_ffn` (its fake
+function (no fake implementation; its layout is computed from the data; the fused top-k
+router goes with it), "bmm" reads the per-expert loads (`.tolist()`) to lay out its slot
+grid unless the routing bounds them, and "loop" skips empty experts with a Python `if`.
+All three are data-dependent work a tracer cannot follow. "sort" runs inside the custom op `blockdsl::expert_ffn` (its fake
 implementation gives the output shape without the data), so a traced model keeps the
 expert loop as one opaque op, forward and backward. `auto` is also replaced, because
 choosing among backends probes `torch._grouped_mm` with real tensors, which a tracer
